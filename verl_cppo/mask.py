@@ -1,0 +1,200 @@
+"""The CPPO trust-region mask (arXiv 2606.10968, Algorithm 1), pure torch, no verl.
+
+For one response with per-token divergence D_t (t = 1..T, 1-based positions counting every response token,
+masked interior tokens included):
+
+    w_t = clamp(1 - (1 - w_min) (t - 1) / (H - 1), w_min, 1)          position weight, H = horizon
+    Z_t = w_t D_t,   S_t = sum_{j<=t} Z_j,   W_t = sum_{j<=t} w_j          over valid tokens only
+    c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1})                 token threshold under the budget
+    keep_t = toward_mu_t  or  Z_t <= c_t                                 toward_mu_t: A_t (rho_t - 1) <= 0
+
+So the first token gets the full delta, later tokens a looser delta / w_t, and once the weighted running
+average of D exceeds delta_b the threshold shrinks (possibly below 0) until small-D tokens restore it.
+delta_b is fixed or calibrated per response from a quantile of its D. The soft gate replaces 0/1 by
+min(1, 1/x_t), x_t = max(Z_t / delta, S_t / (delta + delta_b W_{t-1})).
+
+The pieces are separate functions so that the sharded path (shard-local rows, global prefix sums from a
+distributed scan) reuses ``position_weights`` and ``prefix_gate`` unchanged. All tensors are [B, T] rows
+that start at column 0 unless noted; everything here runs without gradient.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CPPOMask",
+    "MaskParams",
+    "calibrated_delta_b",
+    "cppo_mask",
+    "exclusive_cumsum",
+    "position_weights",
+    "prefix_gate",
+    "response_lengths",
+    "row_quantile",
+    "shuffled_positions",
+]
+
+
+class MaskParams(Protocol):
+    """The fields of ``verl_cppo.config.CPPOConfig`` that the mask reads (documented there)."""
+
+    delta: float
+    w_min: float
+    delta_b: float
+    delta_b_quantile: float | None
+    delta_b_scale: float
+    delta_b_max_mult: float
+    position_horizon: int | None
+    gate: str
+    position_weight: bool
+    prefix_budget: bool
+
+
+class CPPOMask(NamedTuple):
+    weight: torch.Tensor  # [B, T] gate weight in [0, 1] (hard: 0/1); 0 wherever `valid` is False
+    masked: torch.Tensor  # [B, T] bool, valid away-moving tokens the hard rule rejects (Z_t > c_t)
+    masked_by_budget: torch.Tensor  # [B, T] bool, the masked tokens with Z_t <= delta (the budget rejected them)
+    delta_b: torch.Tensor  # [B] delta_b in effect for each response
+
+
+def response_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Position (1-based) of each row's last True entry, 0 for an empty row. mask [B, T] -> [B] int64."""
+    cols = torch.arange(1, mask.shape[-1] + 1, device=mask.device)  # [T]
+    return (mask.long() * cols).amax(dim=-1) if mask.shape[-1] > 0 else mask.new_zeros(mask.shape[:-1]).long()
+
+
+def shuffled_positions(lengths: torch.Tensor, width: int, generator: torch.Generator | None = None):
+    """1-based positions with each row's first `lengths[b]` positions randomly permuted (shuffle ablation).
+
+    lengths [B] int64 -> positions [B, width] int64; columns at or past the length keep their own position.
+    """
+    cols = torch.arange(width, device=lengths.device)  # [T]
+    inside = cols < lengths[:, None]  # [B, T]
+    keys = torch.rand(lengths.shape[0], width, device=lengths.device, generator=generator)  # [B, T]
+    keys = torch.where(inside, keys, 2.0 + cols.to(keys.dtype))  # outside columns sort last, in order
+    order = keys.argsort(dim=-1)  # [B, T]: order[b, i] = the column that gets position i + 1
+    positions = torch.empty_like(order)
+    positions.scatter_(-1, order, (cols + 1).expand_as(order).contiguous())  # [B, T]
+    return positions
+
+
+def position_weights(positions: torch.Tensor, horizon: torch.Tensor | float, w_min: float) -> torch.Tensor:
+    """w_t = 1 - (1 - w_min)(t - 1)/(H - 1) clamped to [w_min, 1]; H <= 1 gives w = 1 at t = 1.
+
+    positions [B, T] (1-based, float), horizon [B, 1] or a number -> [B, T] in positions' dtype.
+    """
+    span = horizon - 1
+    span = span.clamp(min=1) if isinstance(span, torch.Tensor) else max(span, 1)
+    return (1 - (1 - w_min) * (positions - 1) / span).clamp(w_min, 1.0)
+
+
+def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """sum_{j<t} x_j along the last dim, as a shifted inclusive scan (exactly the sequential partial sums)."""
+    return F.pad(torch.cumsum(x, dim=-1)[..., :-1], (1, 0))
+
+
+def row_quantile(values: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row torch.quantile(values[b][valid[b]], q) with linear interpolation; NaN-free, 0 for empty rows.
+
+    values [B, T] float, valid [B, T] bool -> [B].
+    """
+    count = valid.sum(dim=-1)  # [B]
+    ordered = torch.where(valid, values, torch.inf).sort(dim=-1).values  # [B, T], valid entries first
+    rank = q * (count - 1).clamp(min=0).to(values.dtype)  # [B]
+    below = rank.floor().long()  # [B]
+    above = rank.ceil().long()  # [B]
+    v_below = ordered.gather(-1, below[:, None]).squeeze(-1)  # [B]
+    v_above = ordered.gather(-1, above[:, None]).squeeze(-1)  # [B]
+    quant = torch.lerp(v_below, v_above, rank - below.to(values.dtype))  # [B]
+    return torch.where(count > 0, quant, torch.zeros_like(quant))
+
+
+def calibrated_delta_b(div: torch.Tensor, valid: torch.Tensor, params: MaskParams) -> torch.Tensor:
+    """clamp(k * quantile_q(D), delta_b, max_mult * delta_b) per response; delta_b for empty rows.
+
+    div [B, T], valid [B, T] bool -> [B]. Fixed delta_b when params.delta_b_quantile is None.
+    """
+    floor = params.delta_b
+    if params.delta_b_quantile is None or div.shape[-1] == 0:
+        return torch.full(div.shape[:-1], floor, dtype=div.dtype, device=div.device)
+    quant = row_quantile(div, valid, params.delta_b_quantile)  # [B]
+    calibrated = (params.delta_b_scale * quant).clamp(floor, params.delta_b_max_mult * floor)  # [B]
+    return torch.where(valid.any(dim=-1), calibrated, torch.full_like(calibrated, floor))
+
+
+def prefix_gate(
+    z: torch.Tensor,
+    s_excl: torch.Tensor,
+    w_excl: torch.Tensor,
+    delta_b: torch.Tensor,
+    toward_mu: torch.Tensor,
+    valid: torch.Tensor,
+    params: MaskParams,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The keep rule from the weighted divergence Z and its exclusive prefix sums S_{t-1}, W_{t-1}.
+
+    z, s_excl, w_excl [B, T] float; delta_b [B]; toward_mu, valid [B, T] bool.
+    Returns (weight [B, T] float, masked [B, T] bool, masked_by_budget [B, T] bool).
+    """
+    delta = params.delta
+    over_token = z > delta  # [B, T] the position-weighted threshold alone rejects
+    if params.prefix_budget:
+        allowance = delta + delta_b[:, None] * w_excl  # [B, T] delta + delta_b W_{t-1}
+        over_budget = z > allowance - s_excl  # [B, T] Z_t > delta + delta_b W_{t-1} - S_{t-1}
+        rejected = over_token | over_budget  # [B, T] Z_t > c_t
+    else:
+        rejected = over_token
+    masked = valid & ~toward_mu & rejected  # [B, T]
+    keep = valid & ~masked  # [B, T]
+    if params.gate == "hard":
+        weight = keep.to(z.dtype)
+    else:
+        x = z / delta  # [B, T]
+        if params.prefix_budget:
+            x = torch.maximum(x, (s_excl + z) / allowance)  # S_t / (delta + delta_b W_{t-1})
+        soft = torch.where(keep, 1.0, 1.0 / x.clamp(min=1.0))  # [B, T] exactly 1 wherever hard keeps
+        weight = torch.where(valid, soft, 0.0)
+    return weight, masked, masked & ~over_token
+
+
+@torch.no_grad()
+def cppo_mask(
+    div: torch.Tensor,
+    valid: torch.Tensor,
+    toward_mu: torch.Tensor,
+    params: MaskParams,
+    *,
+    lengths: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> CPPOMask:
+    """CPPO mask for [B, T] rows (Algorithm 1 of the paper).
+
+    div [B, T] float: D_t (any value off `valid`; it is zeroed there).
+    valid [B, T] bool: tokens that enter the prefix sums, the quantile and the loss.
+    toward_mu [B, T] bool: A_t (rho_t - 1) <= 0, never masked.
+    lengths [B] int64: each response's own length H (default: last valid position).
+    positions [B, T]: 1-based positions for the weights (default: column + 1; the shuffle ablation permutes).
+    """
+    width = div.shape[-1]
+    div = torch.where(valid, div, 0.0)  # [B, T]
+    if lengths is None:
+        lengths = response_lengths(valid)  # [B]
+    if params.position_weight:
+        if positions is None:
+            positions = torch.arange(1, width + 1, device=div.device)[None, :]  # [1, T]
+        positions = positions.to(div.dtype)
+        horizon = params.position_horizon if params.position_horizon is not None else lengths[:, None].to(div.dtype)
+        weights = position_weights(positions, horizon, params.w_min)  # [B, T] or [1, T]
+        weights = torch.where(valid, weights, 0.0)  # [B, T]
+    else:
+        weights = valid.to(div.dtype)  # [B, T]
+    z = weights * div  # [B, T] Z_t
+    delta_b = calibrated_delta_b(div, valid, params)  # [B]
+    weight, masked, by_budget = prefix_gate(
+        z, exclusive_cumsum(z), exclusive_cumsum(weights), delta_b, toward_mu, valid, params
+    )
+    return CPPOMask(weight, masked, by_budget, delta_b)
