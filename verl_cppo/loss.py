@@ -1,0 +1,209 @@
+"""The verl adapter: the registered policy loss ``cppo``.
+
+verl's ``ppo_loss`` (verl/workers/utils/losses.py) calls it for every engine with gathered, right-padded
+[B, T] rows. It reads ``config.policy_loss.cppo`` (defaults for verl's plain PolicyLossConfig), builds the
+mask of ``verl_cppo.mask`` from the binary divergence, and returns DPPO's surrogate on the kept tokens:
+
+    L = - sum_t M_t * sg(min(rho_t, ratio_cap)) * A_t * log pi_t      aggregated by verl's agg_loss
+
+Tokens whose log-probs, advantages or IS weights are not finite are treated as masked (they enter neither
+the prefix sums nor the loss, and get exactly zero gradient) and reported as ``actor/cppo_nonfinite_frac``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, NamedTuple
+
+import torch
+from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
+
+from verl_cppo.config import CPPOConfig, cppo_config_of
+from verl_cppo.divergence import binary_divergence
+from verl_cppo.mask import CPPOMask, cppo_mask, response_lengths, shuffled_positions
+
+__all__ = ["METRIC_KEYS", "CPPOTerms", "compute_policy_loss_cppo", "cppo_token_losses"]
+
+logger = logging.getLogger(__name__)
+
+LOG_RATIO_BOUND = 20.0
+"""|log pi - log mu| is clamped to this before exp, as in verl's ratio-based losses."""
+
+METRIC_KEYS = (
+    "actor/cppo_masked_frac",  # rule-masked tokens / response tokens
+    "actor/cppo_masked_by_budget_share",  # of the masked tokens: rejected by the prefix budget
+    "actor/cppo_masked_by_token_share",  # of the masked tokens: rejected by the position-weighted threshold
+    "actor/cppo_delta_b_mean",  # mean delta_b in effect over non-empty responses
+    "actor/cppo_div_mean",  # mean D over valid tokens
+    "actor/cppo_rho_mean",  # mean rho = pi / mu over valid tokens
+    "actor/cppo_rho_max",
+    "actor/cppo_ratio_truncated_frac",  # valid tokens with rho > ratio_cap
+    "actor/cppo_nonfinite_frac",  # response tokens dropped for non-finite inputs
+    "actor/cppo_gate_weight_mean",  # mean gate weight over valid tokens (1 - masked share for the hard gate)
+    "actor/pg_clipfrac",  # = masked_frac, under verl's usual name
+    "actor/ppo_kl",  # mean log mu - log pi over valid tokens, as verl reports it
+)
+
+
+def _check_shapes(**tensors: torch.Tensor | None) -> None:
+    shape = tensors["log_prob"].shape
+    for name, t in tensors.items():
+        if t is not None and t.shape != shape:
+            raise ValueError(f"cppo loss: {name} has shape {tuple(t.shape)}, log_prob has {tuple(shape)}")
+    if len(shape) != 2:
+        raise ValueError(f"cppo loss: expected [batch, response_len] tensors, log_prob has shape {tuple(shape)}")
+
+
+def _finite_batch_info(global_batch_info: dict, mask: torch.Tensor) -> dict:
+    """verl's agg_loss divides by local counts when no global count is given; keep 0/0 from becoming NaN."""
+    info = dict(global_batch_info)
+    if info.get("batch_num_tokens") is None:
+        info["batch_num_tokens"] = mask.sum().clamp(min=1)
+    if info.get("global_batch_size") is None:
+        info["global_batch_size"] = mask.any(dim=-1).sum().clamp(min=1)
+    return info
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return num / den.clamp(min=1)
+
+
+class CPPOTerms(NamedTuple):
+    pg_losses: torch.Tensor  # [B, T] per-token loss, exactly 0 (and zero gradient) off the kept tokens
+    gate: CPPOMask  # the mask and its diagnostics
+    div: torch.Tensor  # [B, T] D_t (0 off `valid`)
+    rho: torch.Tensor  # [B, T] pi / mu from the clamped log-ratio
+    log_ratio: torch.Tensor  # [B, T] clamp(log pi - log mu, +-20)
+    valid: torch.Tensor  # [B, T] bool, response tokens with finite inputs
+    nonfinite: torch.Tensor  # [B, T] bool, response tokens dropped for non-finite inputs
+
+
+def cppo_token_losses(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    cfg: CPPOConfig,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> CPPOTerms:
+    """Per-token CPPO losses and mask for [B, T] rows; the registered loss aggregates them."""
+    _check_shapes(
+        log_prob=log_prob,
+        old_log_prob=old_log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
+        rollout_is_weights=rollout_is_weights,
+    )
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    response_mask = response_mask.bool()
+    finite = log_prob.isfinite() & old_log_prob.isfinite() & advantages.isfinite()  # [B, T]
+    if rollout_is_weights is not None:
+        finite &= rollout_is_weights.isfinite()
+    valid = response_mask & finite  # [B, T]
+
+    # Sanitise before anything enters the graph: where() routes exactly zero gradient to dropped entries.
+    log_pi = torch.where(valid, log_prob.to(dtype), 0.0)  # [B, T] with grad
+    log_mu = torch.where(valid, old_log_prob.to(dtype), 0.0)  # [B, T]
+    adv = torch.where(valid, advantages.to(dtype), 0.0)  # [B, T]
+
+    with torch.no_grad():
+        log_ratio = (log_pi.detach() - log_mu).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # [B, T]
+        rho = torch.exp(log_ratio)  # [B, T]
+        toward_mu = adv * (rho - 1) <= 0  # [B, T]
+        div = torch.where(valid, binary_divergence(cfg.divergence, log_pi.detach(), log_mu), 0.0)  # [B, T]
+        lengths = response_lengths(response_mask)  # [B] H counts interior holes and dropped tokens
+        positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
+        gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions)
+        coef = -adv * rho.clamp(max=cfg.ratio_cap)  # [B, T] -A_t sg(min(rho_t, cap))
+
+    pg_losses = torch.where(gate.weight > 0, coef * log_pi * gate.weight, 0.0)  # [B, T]
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * torch.where(valid, rollout_is_weights.to(dtype), 0.0)
+    return CPPOTerms(pg_losses, gate, div, rho, log_ratio, valid, response_mask & ~finite)
+
+
+@register_policy_loss("cppo")
+def compute_policy_loss_cppo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    **unused: Any,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """CPPO policy loss (arXiv 2606.10968) with verl's registered signature.
+
+    Args:
+        old_log_prob: [B, T] log mu(y_t) of the rollout policy (bypass mode: the rollout log-probs).
+        log_prob: [B, T] log pi(y_t) of the trained policy, with grad.
+        advantages: [B, T].
+        response_mask: [B, T] bool, response tokens that count (interior holes allowed).
+        loss_agg_mode: verl's aggregation mode, passed to ``agg_loss``.
+        config: the worker's actor config (``config.policy_loss.cppo``, ``config.global_batch_info``).
+        rollout_is_weights: [B, T] or None, multiplied into the per-token loss as verl's losses do.
+
+    Returns:
+        (loss: 0-dim float tensor, metrics: dict with the keys of METRIC_KEYS on every call)
+    """
+    cfg = cppo_config_of(config)
+    terms = cppo_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights)
+    response_mask = response_mask.bool()
+    batch_info = _finite_batch_info(getattr(config, "global_batch_info", None) or {}, response_mask)
+    pg_loss = agg_loss(loss_mat=terms.pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **batch_info)
+    return pg_loss, _metrics(pg_loss, terms, response_mask, cfg.ratio_cap)
+
+
+def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, 0.0).sum()  # no boolean indexing: it would sync the device
+
+
+@torch.no_grad()
+def _metrics(pg_loss: torch.Tensor, terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float) -> dict:
+    """All metrics in one device-to-host copy; raises if the loss is not finite."""
+    gate, div, rho, log_ratio, valid, nonfinite = terms[1:]
+    n_resp = response_mask.sum()
+    n_valid = valid.sum()
+    n_masked = gate.masked.sum()
+    n_by_budget = gate.masked_by_budget.sum()
+    nonempty = valid.any(dim=-1)  # [B]
+    masked_frac = _ratio(n_masked, n_resp)
+    stats = {
+        "actor/cppo_masked_frac": masked_frac,
+        "actor/cppo_masked_by_budget_share": _ratio(n_by_budget, n_masked),
+        "actor/cppo_masked_by_token_share": _ratio(n_masked - n_by_budget, n_masked),
+        "actor/cppo_delta_b_mean": _ratio(_masked_sum(gate.delta_b, nonempty), nonempty.sum()),
+        "actor/cppo_div_mean": _ratio(_masked_sum(div, valid), n_valid),
+        "actor/cppo_rho_mean": _ratio(_masked_sum(rho, valid), n_valid),
+        "actor/cppo_rho_max": torch.where(valid, rho, 0.0).amax() if rho.numel() else rho.new_zeros(()),
+        "actor/cppo_ratio_truncated_frac": _ratio((valid & (rho > ratio_cap)).sum(), n_valid),
+        "actor/cppo_nonfinite_frac": _ratio(nonfinite.sum(), n_resp),
+        "actor/cppo_gate_weight_mean": _ratio(gate.weight.sum(), n_valid),
+        "actor/pg_clipfrac": masked_frac,
+        "actor/ppo_kl": _ratio(_masked_sum(-log_ratio, valid), n_valid),
+    }
+    assert tuple(stats) == METRIC_KEYS
+    values = torch.stack([v.to(torch.float64) for v in stats.values()] + [pg_loss.detach().to(torch.float64)])
+    *metric_values, loss_value = values.tolist()
+    metrics = dict(zip(METRIC_KEYS, metric_values, strict=True))
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"cppo loss is {loss_value}; metrics of this micro-batch: {metrics}")
+    if metrics["actor/cppo_nonfinite_frac"] > 0:
+        _warn_nonfinite(metrics["actor/cppo_nonfinite_frac"])
+    return metrics
+
+
+_warned_nonfinite = False
+
+
+def _warn_nonfinite(frac: float) -> None:
+    global _warned_nonfinite
+    if not _warned_nonfinite:
+        _warned_nonfinite = True
+        logger.warning(
+            "cppo: %.4g of the response tokens had non-finite log-probs, advantages or IS weights and were masked; "
+            "later occurrences are only reported in actor/cppo_nonfinite_frac",
+            frac,
+        )

@@ -1,0 +1,55 @@
+"""How verl finds CPPO, and why a broken install cannot go unnoticed.
+
+``pyproject.toml`` declares the entry point ``verl.plugins: cppo = verl_cppo.plugin``, so ``import verl``
+imports this package in every process (driver, TaskRunner, Ray workers) unless VERL_USE_EXTERNAL_PLUGINS
+excludes it; ``actor_rollout_ref.model.external_lib=verl_cppo`` and the ``_target_`` of
+``CPPOPolicyLossConfig`` import it too. Importing the package calls ``register()`` once:
+
+* it imports ``verl_cppo.loss`` (which registers the policy loss ``cppo``) and installs the driver-side
+  configuration check (``verl_cppo.anchoring``);
+* if that fails, verl would log the exception at DEBUG and later stop with "Unsupported loss mode: cppo".
+  Instead the error is logged at ERROR with its traceback, and a stand-in ``cppo`` loss is registered that
+  raises a RuntimeError naming the original exception, then the exception propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["register"]
+
+logger = logging.getLogger("verl_cppo")
+
+_registered = False
+
+
+def register() -> None:
+    """Register the ``cppo`` policy loss with verl (idempotent); loud on failure."""
+    global _registered
+    if _registered:
+        return
+    try:
+        import verl_cppo.loss  # noqa: F401  (registers "cppo")
+        from verl_cppo.anchoring import install_driver_check
+
+        install_driver_check()
+    except Exception as exc:
+        logger.error(
+            "verl-cppo failed to load (%s: %s); loss_mode=cppo cannot run", type(exc).__name__, exc, exc_info=True
+        )
+        _register_broken(exc)
+        raise
+    _registered = True
+
+
+def _register_broken(exc: BaseException) -> None:
+    """Register a ``cppo`` loss that explains the failed import instead of verl's 'Unsupported loss mode'."""
+    try:
+        from verl.trainer.ppo.core_algos import register_policy_loss
+    except Exception:  # verl itself is broken: nothing to register into
+        return
+    reason = f"{type(exc).__name__}: {exc}"
+
+    @register_policy_loss("cppo")
+    def broken_cppo_loss(*args, **kwargs):
+        raise RuntimeError(f"verl-cppo is installed but failed to import ({reason}); see the ERROR logged at import")
