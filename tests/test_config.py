@@ -1,0 +1,179 @@
+"""CPPOConfig validation, and the Hydra form against verl 0.9.1's real config files (FSDP and Megatron)."""
+
+import math
+import textwrap
+
+import pytest
+from hydra.errors import ConfigCompositionException, InstantiationException
+from verl.utils.config import omega_conf_to_dataclass
+from verl.workers.config import FSDPActorConfig, McoreActorConfig, PolicyLossConfig
+
+from tests.verl_hydra import CPPO_TARGET, ENGINES, VERL_CONFIG_DIR, compose_trainer
+from verl_cppo import CPPOConfig, CPPOPolicyLossConfig
+from verl_cppo.config import cppo_config_of
+
+PAPER_DEFAULTS = {
+    "delta": 0.15,
+    "w_min": 0.8,
+    "delta_b": 0.02,
+    "delta_b_quantile": 0.9,
+    "delta_b_scale": 1.0,
+    "delta_b_max_mult": 2.0,
+    "position_horizon": None,
+    "divergence": "binary_tv",
+    "gate": "hard",
+    "ratio_cap": 20.0,
+    "position_weight": True,
+    "prefix_budget": True,
+    "shuffle_positions": False,
+}
+
+INVALID = [
+    ("delta", 0.0, r"\(0, inf\)"),
+    ("delta", -0.1, r"\(0, inf\)"),
+    ("delta", math.inf, r"\(0, inf\)"),
+    ("delta", "big", "a number"),
+    ("delta", math.nan, "a number"),
+    ("w_min", 0.0, r"\(0, 1\]"),
+    ("w_min", 1.01, r"\(0, 1\]"),
+    ("delta_b", -1e-3, r"\[0, inf\)"),
+    ("delta_b_quantile", 1.5, r"None or in \[0, 1\]"),
+    ("delta_b_quantile", -0.1, r"\[0, 1\]"),
+    ("delta_b_scale", 0, r"\(0, inf\)"),
+    ("delta_b_max_mult", 0.5, r"\[1, inf\)"),
+    ("position_horizon", 0, "None or an int >= 1"),
+    ("position_horizon", 8.5, "an int"),
+    ("position_horizon", True, "an int"),
+    ("divergence", "tv", "one of"),
+    ("gate", "medium", "one of"),
+    ("ratio_cap", 0.0, r"\(0, inf\]"),
+    ("ratio_cap", True, "a number"),
+    ("position_weight", "yes", "true or false"),
+    ("prefix_budget", 1, "true or false"),
+]
+
+
+def test_defaults_are_the_papers():
+    cfg = CPPOConfig()
+    assert {k: cfg[k] for k in PAPER_DEFAULTS} == PAPER_DEFAULTS
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), INVALID, ids=[f"{k}={v!r}" for k, v, _ in INVALID])
+def test_invalid_values_name_the_key_and_the_range(key, value, allowed):
+    with pytest.raises(ValueError, match=rf"cppo\.{key} must be .*{allowed}.*, got ") as info:
+        CPPOConfig(**{key: value})
+    assert str(info.value).endswith(f"got {value!r}")
+
+
+def test_topk_divergences_are_refused_until_supported():
+    for name in ("topk_tv", "topk_kl"):
+        with pytest.raises(ValueError, match=rf"cppo.divergence='{name}' needs mu's top-K log-probs"):
+            CPPOConfig(divergence=name)
+
+
+def test_shuffle_requires_position_weight():
+    with pytest.raises(ValueError, match=r"shuffle_positions=True requires cppo\.position_weight=True"):
+        CPPOConfig(shuffle_positions=True, position_weight=False)
+
+
+def test_ints_become_floats_and_config_is_frozen():
+    cfg = CPPOConfig(delta=1, ratio_cap=math.inf, delta_b=0)
+    assert isinstance(cfg.delta, float) and cfg.ratio_cap == math.inf
+    with pytest.raises(Exception, match="frozen"):
+        cfg.delta = 0.3
+
+
+def test_policy_loss_config_accepts_a_mapping_and_rejects_unknown_keys():
+    cfg = CPPOPolicyLossConfig(loss_mode="cppo", cppo={"delta": 0.3})
+    assert isinstance(cfg.cppo, CPPOConfig) and cfg.cppo.delta == 0.3
+    assert isinstance(cfg, PolicyLossConfig)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['detla'\]"):
+        CPPOPolicyLossConfig(cppo={"detla": 0.3})
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_loss_mode_alone_uses_the_defaults(engine):
+    cfg = compose_trainer(engine, ["actor_rollout_ref.actor.policy_loss.loss_mode=cppo"])
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    assert isinstance(actor, FSDPActorConfig if engine == "dp" else McoreActorConfig)
+    assert type(actor.policy_loss) is PolicyLossConfig and actor.policy_loss.loss_mode == "cppo"
+    assert cppo_config_of(actor) == CPPOConfig()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_field_is_settable_from_the_command_line(engine):
+    values = {
+        "delta": 0.2,
+        "w_min": 0.7,
+        "delta_b": 0.015,
+        "delta_b_quantile": None,
+        "delta_b_scale": 1.5,
+        "delta_b_max_mult": 5.0,
+        "position_horizon": 8192,
+        "divergence": "binary_kl",
+        "gate": "soft",
+        "ratio_cap": 10.0,
+        "position_weight": True,
+        "prefix_budget": False,
+        "shuffle_positions": True,
+    }
+    assert set(values) == set(PAPER_DEFAULTS)
+    as_cli = {k: "null" if v is None else str(v).lower() if isinstance(v, bool) else v for k, v in values.items()}
+    overrides = [CPPO_TARGET, "actor_rollout_ref.actor.policy_loss.loss_mode=cppo"] + [
+        f"+actor_rollout_ref.actor.policy_loss.cppo.{k}={v}" for k, v in as_cli.items()
+    ]
+    actor = omega_conf_to_dataclass(compose_trainer(engine, overrides).actor_rollout_ref.actor)
+    assert isinstance(actor.policy_loss, CPPOPolicyLossConfig)
+    assert {k: actor.policy_loss.cppo[k] for k in values} == values
+    assert cppo_config_of(actor) is actor.policy_loss.cppo
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_field_is_settable_from_yaml(engine, tmp_path):
+    (tmp_path / "my_cppo.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            hydra:
+              searchpath:
+                - file://{VERL_CONFIG_DIR}
+            defaults:
+              - ppo_trainer
+              - _self_
+            actor_rollout_ref:
+              actor:
+                policy_loss:
+                  _target_: verl_cppo.config.CPPOPolicyLossConfig
+                  loss_mode: cppo
+                  cppo:
+                    delta: 0.2
+                    w_min: 0.9
+                    delta_b_quantile: null
+                    position_horizon: 4096
+                    gate: soft
+            """
+        )
+    )
+    cfg = compose_trainer(engine, config_name="my_cppo", config_dir=str(tmp_path))
+    cppo = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor).policy_loss.cppo
+    assert (cppo.delta, cppo.w_min, cppo.delta_b_quantile, cppo.position_horizon, cppo.gate) == (
+        0.2,
+        0.9,
+        None,
+        4096,
+        "soft",
+    )
+    assert cppo.delta_b == 0.02  # untouched fields keep the defaults
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("key", "value", "allowed"), [("w_min", "1.5", r"\(0, 1\]"), ("gate", "medium", "one of")])
+def test_invalid_value_is_refused_at_instantiation_naming_key_and_range(engine, key, value, allowed):
+    cfg = compose_trainer(engine, [CPPO_TARGET, f"+actor_rollout_ref.actor.policy_loss.cppo.{key}={value}"])
+    with pytest.raises(InstantiationException, match=rf"cppo\.{key} must be .*{allowed}") as info:
+        omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    assert "full_key: actor_rollout_ref.actor.policy_loss" in str(info.value)
+
+
+def test_cppo_keys_without_the_plus_are_refused_by_hydra():
+    with pytest.raises(ConfigCompositionException, match=r"policy_loss\.cppo"):
+        compose_trainer("dp", [CPPO_TARGET, "actor_rollout_ref.actor.policy_loss.cppo.delta=0.2"])

@@ -1,0 +1,120 @@
+"""How verl finds the plugin: the entry point in fresh processes (driver and Ray worker), external_lib, and a
+broken install that must be loud instead of verl's late 'Unsupported loss mode: cppo'."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REGISTERED = "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R; print('cppo' in R, R.get('cppo'))"
+
+
+def _python(code: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+    proc_env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")}
+    proc_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=proc_env,
+    )
+
+
+def test_entry_point_is_declared():
+    eps = {ep.name: ep.value for ep in entry_points(group="verl.plugins")}
+    assert eps.get("cppo") == "verl_cppo.plugin"
+
+
+def test_import_verl_registers_cppo_in_a_fresh_process():
+    out = _python(f"import verl\n{REGISTERED}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("True <function compute_policy_loss_cppo")
+
+
+def test_plugins_off_then_external_lib_registers(tmp_path):
+    """actor_rollout_ref.model.external_lib is imported by HFModelConfig at the start of init_model."""
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = _python(
+        f"""
+        import verl
+        {REGISTERED}
+        from verl.workers.config import HFModelConfig
+        HFModelConfig(path={str(tmp_path)!r}, external_lib="verl_cppo", load_tokenizer=False)
+        {REGISTERED}
+        """,
+        VERL_USE_EXTERNAL_PLUGINS="none",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "False None"
+    assert out.stdout.splitlines()[1].startswith("True <function compute_policy_loss_cppo")
+
+
+def test_verl_use_external_modules_registers():
+    out = _python(f"import verl\n{REGISTERED}", VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="verl_cppo")
+    assert out.stdout.startswith("True"), out.stderr
+
+
+def test_broken_install_is_loud_and_never_unsupported_loss_mode():
+    """A missing module inside the package: verl swallows the entry-point error at DEBUG; we log an ERROR and
+    register a stand-in whose error names the original exception."""
+    out = _python(
+        """
+        import sys
+        sys.modules["verl_cppo.mask"] = None  # simulates a broken install of one of our modules
+        import verl
+        from verl.trainer.ppo.core_algos import get_policy_loss_fn
+        fn = get_policy_loss_fn("cppo")
+        try:
+            fn(old_log_prob=None, log_prob=None, advantages=None, response_mask=None)
+        except RuntimeError as exc:
+            print("RAISED", exc)
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert "verl-cppo failed to load (ModuleNotFoundError" in out.stderr
+    assert "ERROR" in out.stderr and "Traceback" in out.stderr
+    stand_in = "RAISED verl-cppo is installed but failed to import (ModuleNotFoundError: import of verl_cppo.mask"
+    assert stand_in in out.stdout
+    assert "Unsupported loss mode" not in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_ray_worker_process_has_cppo_registered():
+    """Ray workers import verl when they unpickle verl objects; the entry point registers cppo there too."""
+    out = _python(
+        """
+        import ray
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+        @ray.remote
+        def probe():
+            import os
+            import verl
+            from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+            return os.getpid(), "cppo" in POLICY_LOSS_REGISTRY
+
+        pid, registered = ray.get(probe.remote(), timeout=120)
+        print("WORKER", pid != __import__("os").getpid(), registered)
+        ray.shutdown()
+        """,
+        timeout=240,
+        RAY_DEDUP_LOGS="0",
+    )
+    assert "WORKER True True" in out.stdout, out.stderr[-3000:]
