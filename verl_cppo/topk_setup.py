@@ -94,18 +94,15 @@ def propagate_topk(config: Any) -> int:
     k = configured_topk(config)
     if k == 0:
         return 0
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf
 
     os.environ[ENV_TOPK] = str(k)
-    with open_dict(config):
-        ray_init = config.setdefault("ray_kwargs", {}).setdefault("ray_init", {})
-        runtime_env = ray_init.setdefault("runtime_env", {})
-        if runtime_env is None:
-            ray_init["runtime_env"] = runtime_env = {}
-        env_vars = runtime_env.setdefault("env_vars", {})
-        if env_vars is None:
-            runtime_env["env_vars"] = env_vars = {}
-        env_vars[ENV_TOPK] = str(k)
+    keys = ["ray_kwargs", "ray_init", "runtime_env", "env_vars"]
+    for depth in range(1, len(keys) + 1):  # a null node on the way (e.g. runtime_env: null) becomes {}
+        node = ".".join(keys[:depth])
+        if OmegaConf.select(config, node) is None:
+            OmegaConf.update(config, node, {}, force_add=True)
+    OmegaConf.update(config, f"{node}.{ENV_TOPK}", str(k), force_add=True)
     logger.info("verl-cppo: Top-K divergence with K=%d; %s=%d exported to the Ray job's runtime env", k, ENV_TOPK, k)
     return k
 
