@@ -275,3 +275,22 @@ def test_two_dp_ranks_match_the_batch_without_excluded_groups(tmp_path):
                 g = torch.tensor(g) / 2  # DDP / FSDP average over the 2 ranks
                 expected = ref_grads[b] if b in ref_grads else torch.zeros_like(g)
                 torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_every_epoch_of_verls_minibatch_iterator_sees_the_nominal_count():
+    """train_mini_batch re-slices the batch with tu.make_iterator for each of ppo_epochs: the hook must not
+    subtract twice (it edits the mini-batch, never the batch it was sliced from)."""
+    rows = make_rows([4, 4, 4, 4], [True, False, True, False], seed=2)
+    _, data = minibatch(rows, list(range(16)), global_batch_size=8)  # verl: ppo_mini_batch_size * n
+    seen = []
+    for mini in tu.make_iterator(data, mini_batch_size=8, epochs=3, seed=0, dataloader_kwargs={"shuffle": True}):
+        _, excluded = exclude_responses(mini)
+        seen.append(tu.get_non_tensor_data(mini, "global_batch_size", None) + excluded)
+        assert int(_row_sums_of(mini)[~mini[KEEP_FIELD]].sum()) == 0
+    assert seen == [8] * 6
+    assert tu.get_non_tensor_data(data, "global_batch_size", None) == 8
+    assert int(data["loss_mask"].values().sum()) == sum(int(m.sum()) for m in rows.response_mask)
+
+
+def _row_sums_of(mini):
+    return torch.stack([m.sum() for m in mini["loss_mask"].unbind()])
