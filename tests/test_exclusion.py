@@ -107,6 +107,9 @@ def test_dense_masks_v0_layout():
     expected = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1], [0, 0, 0]])
     assert torch.equal(data["loss_mask"], expected) and torch.equal(data["response_mask"], expected)
     assert tu.get_non_tensor_data(data, "global_batch_size", None) == 2
+    del data["loss_mask"]
+    with pytest.raises(KeyError, match=r"carries cppo_grpo_keep but no \['loss_mask'\]"):
+        exclude_responses(data)
 
 
 def test_v0_batch_through_verls_own_conversion():
@@ -199,6 +202,104 @@ def test_plugin_defers_the_hooks_to_the_first_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == f"[] {sorted(HOOKED)!r}"
+
+
+# ------------------------------------------------------------------------- the v1 trainer (TransferQueue)
+
+
+class InMemoryKV:
+    """TransferQueue 0.1.11's kv_batch_put / kv_batch_get semantics on a dict (its service needs Ray actors):
+    values stored per sample; on get, scalars stack densely to [B], other tensors to jagged nested tensors,
+    anything else to a NonTensorStack (transfer_queue/storage/managers/base.py)."""
+
+    def __init__(self):
+        self.samples = {}
+
+    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
+        from tensordict.tensorclass import NonTensorStack
+        from transfer_queue import KVBatchMeta
+
+        for name, column in fields.items():
+            values = column.tolist() if isinstance(column, NonTensorStack) else column.unbind(0)
+            for key, value in zip(keys, values):
+                self.samples.setdefault((partition_id, key), {})[name] = value
+        names = sorted(set.intersection(*(set(self.samples[(partition_id, k)]) for k in keys)))
+        return KVBatchMeta(keys=list(keys), tags=[{}] * len(keys), partition_id=partition_id, fields=names)
+
+    def kv_batch_get(self, keys, partition_id, select_fields=None):
+        from tensordict import TensorDict
+        from tensordict.tensorclass import NonTensorStack
+
+        stored = [self.samples[(partition_id, k)] for k in keys]
+        out = {}
+        for name in select_fields or list(stored[0]):
+            if name not in stored[0]:
+                continue
+            chunk = [s[name] for s in stored]
+            if not all(isinstance(v, torch.Tensor) for v in chunk):
+                out[name] = NonTensorStack(*chunk)
+            elif all(v.dim() == 0 for v in chunk):
+                out[name] = torch.stack(chunk)
+            else:
+                out[name] = torch.nested.as_nested_tensor(chunk, layout=torch.jagged)
+        return TensorDict(out, batch_size=[len(keys)])
+
+
+def test_v1_trainer_stores_the_keep_field_next_to_advantages(monkeypatch):
+    """verl's real PPOTrainer._compute_advantage (hooked) on a composed config, with TransferQueue's key-value
+    calls served from memory: the actor then gets KEEP_FIELD with the advantages, and the metrics are logged."""
+    import types
+
+    import numpy as np
+    import transfer_queue
+    from tensordict import TensorDict
+    from tensordict.tensorclass import NonTensorStack
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    from tests.test_advantage import reference_cppo_grpo
+    from tests.verl_hydra import compose_trainer
+
+    kv = InMemoryKV()
+    monkeypatch.setattr(transfer_queue, "kv_batch_put", kv.kv_batch_put)
+    monkeypatch.setattr(transfer_queue, "kv_batch_get", kv.kv_batch_get)
+
+    uids = ["a"] * 4 + ["b"] * 4 + ["c"] * 2 + ["d"]
+    scores = [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.3, 0.7, 0.5]
+    lengths = [3, 5, 2, 4, 6, 1, 3, 2, 4, 5, 2]
+    rm_scores = [torch.zeros(n) for n in lengths]
+    for r, s in zip(rm_scores, scores):
+        r[-1] = s
+    keys = [f"{u}_0_{i}" for i, u in enumerate(uids)]
+    ones = [torch.ones(n, dtype=torch.int64) for n in lengths]
+    rollout = TensorDict(
+        {
+            "uid": NonTensorStack(*uids),
+            "rm_scores": torch.nested.as_nested_tensor(rm_scores, layout=torch.jagged),
+            "response_mask": torch.nested.as_nested_tensor(ones, layout=torch.jagged),
+            "loss_mask": torch.nested.as_nested_tensor(ones, layout=torch.jagged),
+        },
+        batch_size=[len(keys)],
+    )
+    batch = transfer_queue.kv_batch_put(keys=keys, partition_id="train", fields=rollout)
+
+    trainer = types.SimpleNamespace(config=compose_trainer("dp", ["algorithm.adv_estimator=cppo_grpo"]))
+    metrics = {}
+    batch = PPOTrainer._compute_advantage(trainer, batch, metrics)
+
+    ref_adv, ref_kept = reference_cppo_grpo(scores, np.array(uids, dtype=object))
+    assert {"advantages", "returns", KEEP_FIELD} <= set(batch.fields)
+    got = transfer_queue.kv_batch_get(keys=batch.keys, partition_id="train", select_fields=["advantages", KEEP_FIELD])
+    assert got[KEEP_FIELD].tolist() == ref_kept
+    for row, adv, n in zip(got["advantages"].unbind(), ref_adv, lengths):
+        torch.testing.assert_close(row, torch.full((n,), adv), rtol=1e-6, atol=1e-7)
+    assert metrics == {"cppo_grpo/excluded_group_frac": 2 / 4, "cppo_grpo/excluded_response_frac": 5 / 11}
+
+    # what train_batch then does with the fetched mini-batch
+    mini = transfer_queue.kv_batch_get(keys=batch.keys, partition_id="train", select_fields=["loss_mask", KEEP_FIELD])
+    mini["response_mask"] = mini["loss_mask"].clone()
+    tu.assign_non_tensor(mini, global_batch_size=len(keys))
+    assert exclude_responses(mini) == (sum(n for n, k in zip(lengths, ref_kept) if k), 5)
+    assert tu.get_non_tensor_data(mini, "global_batch_size", None) == 6
 
 
 # ----------------------------------------------------------------------------------- two DP ranks (gloo)

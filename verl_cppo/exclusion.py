@@ -55,7 +55,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KEEP_FIELD = "cppo_grpo_keep"
-"""Batch field ([B] bool) that marks the responses the estimator kept; absent = nothing to exclude."""
+"""Batch field ([B] bool) that marks the responses the estimator kept; absent = nothing to exclude. One
+scalar per response: TransferQueue 0.1.11 stores it per sample and stacks scalars back densely to [B]."""
 
 HOOK_MARK = "__cppo_grpo_hook__"
 
@@ -145,7 +146,11 @@ def exclude_responses(data: Any, dp_group: Any = None, device: Any = "cpu") -> t
     """
     from verl.utils import tensordict_utils as tu
 
-    keep = data[KEEP_FIELD].reshape(-1).to(torch.bool)  # [b]
+    missing = [key for key in ("loss_mask", "response_mask") if key not in data.keys()]
+    if missing:
+        raise KeyError(f"cppo_grpo: the mini-batch carries {KEEP_FIELD} but no {missing}")
+    keep = data[KEEP_FIELD]
+    keep = (keep.values() if keep.is_nested else keep).reshape(-1).to(torch.bool)  # [b]
     loss_mask = data["loss_mask"]
     kept_tokens = torch.where(keep, _row_sums(loss_mask), 0).sum()
     counts = torch.stack([kept_tokens, (~keep).sum()]).to(device=device, dtype=torch.int64)  # [2]
