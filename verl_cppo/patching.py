@@ -177,5 +177,8 @@ def install_patches(diff_names: list[str], patch_dir: Path = PATCH_DIR) -> list[
             _FINDER.patches[patch.module] = patch
             modules.append(patch.module)
     if _FINDER not in sys.meta_path:
-        sys.meta_path.insert(0, _FINDER)
+        # Just before Python's path finder, not first: finders that delegate to the rest of sys.meta_path and
+        # wrap what they get (verl_cppo.post_import's, placed first) then wrap the patched module too.
+        at = next((i for i, f in enumerate(sys.meta_path) if f is importlib.machinery.PathFinder), 0)
+        sys.meta_path.insert(at, _FINDER)
     return modules
