@@ -97,6 +97,9 @@ _PROBE = textwrap.dedent("""\
            "rollout_topk_ids": torch.zeros(6, 3, dtype=torch.int32), "rollout_topk_log_probs": torch.zeros(6, 3)}}
     sample, _ = construct_minimal_padding_template(src, {{"status": "success"}}, eos_token_id=2)
     print("padding", tuple(sample["responses"].shape), sample["rollout_topk_ids"].tolist())
+    import verl.workers.engine_workers as ew, verl.trainer.ppo.v1.trainer_base as tb
+    print("cppo_grpo hooks", hasattr(ew.TrainingWorker.train_batch, "__cppo_grpo_hook__"),
+          hasattr(tb.PPOTrainer._compute_advantage, "__cppo_grpo_hook__"))
     if "VERL_CPPO_TOPK" not in os.environ:  # a patched module imported before the finder: refused loudly
         os.environ["VERL_CPPO_TOPK"] = "4"
         from verl_cppo.topk_setup import install_topk_runtime
@@ -114,10 +117,16 @@ def probes():
 def test_patched_only_in_topk_processes(probes):
     on, off = probes
     assert on.returncode == 0, on.stderr[-3000:]
-    assert [line for line in on.stdout.splitlines() if line.endswith(" True")] == [
+    assert [line for line in on.stdout.splitlines() if line.startswith("verl.")] == [
         f"{m} True" for m in PATCHED if not m.endswith(("vllm_async_server", "async_sglang_server"))
     ]
-    assert len([line for line in off.stdout.splitlines() if line.endswith(" False")]) == 6, off.stdout
+    assert len([line for line in off.stdout.splitlines() if line.startswith("verl.") and line.endswith(" False")]) == 6
+
+
+def test_section_2_hooks_still_wrap_the_patched_modules(probes):
+    """issue 6's post-import hooks wrap functions of two modules the Top-K diffs patch (patches/README.md)."""
+    on, _ = probes
+    assert "cppo_grpo hooks True True" in on.stdout
 
 
 def test_patched_padding_template_gives_empty_rows(probes):
