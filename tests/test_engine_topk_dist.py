@@ -1,6 +1,6 @@
 """The engine hook's D is the same under verl's sharding as unsharded (gloo, multi-process; see
-tests/topk_dist_worker.py): FSDP Ulysses SP, Megatron vocab-parallel TP, zig-zag CP, and TP x CP (megatron-core's
-parallel_state on gloo, verl's own preprocess_thd_engine / postprocess_thd_engine)."""
+tests/topk_dist_worker.py): FSDP Ulysses SP; Megatron vocab-parallel TP, zig-zag CP, TP x CP in THD and in BSHD
+(megatron-core's parallel_state on gloo, verl's own pre/postprocess_{thd,bshd}_engine)."""
 
 import json
 import os
@@ -31,7 +31,7 @@ def sharded_results(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ulysses", "tp", "cp", "tp_cp"])
+@pytest.mark.parametrize("mode", ["ulysses", "tp", "cp", "tp_cp", "bshd"])
 def test_sharded_hook_equals_unsharded(mode, sharded_results):
     r = sharded_results
     assert r[f"{mode}/tv_nonzero"] > 0 and r[f"{mode}/kl_nonzero"] > 0

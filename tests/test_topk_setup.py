@@ -56,6 +56,11 @@ def test_unservable_topk_launches_are_refused(overrides, engine, rollout, messag
     assert any(message in e for e in errors), errors
 
 
+def test_invalid_k_is_refused_in_the_driver():
+    with pytest.raises(ValueError, match=r"cppo.topk must be an int >= 1, got 0"):
+        configured_topk(_config("dp", "+actor_rollout_ref.actor.policy_loss.cppo.topk=0"))
+
+
 def test_more_than_twenty_top_logprobs():
     k32 = "+actor_rollout_ref.actor.policy_loss.cppo.topk=32"
     assert (

@@ -11,6 +11,7 @@ with the engine's own gather:
             gathered with postprocess_thd_engine
   cp        Megatron CP=2 (zig-zag), THD: this rank's sequence chunks, postprocess_thd_engine
   tp_cp     Megatron TP=2 x CP=2
+  bshd      Megatron TP=2 x CP=2, BSHD: preprocess_bshd_engine / postprocess_bshd_engine
 
 Rank 0 writes the max abs difference per mode to OUT. Every rank uses every collective's output.
 """
@@ -26,14 +27,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from megatron.core import parallel_state as mpu
-from verl.models.mcore.util import postprocess_thd_engine, preprocess_thd_engine
+from verl.models.mcore.util import (
+    postprocess_bshd_engine,
+    postprocess_thd_engine,
+    preprocess_bshd_engine,
+    preprocess_thd_engine,
+)
 from verl.utils.ulysses import gather_outputs_and_unpad, set_ulysses_sequence_parallel_group, slice_input_tensor
 
 from tests.topk_reference import topk_micro_batch
 from tests.verl_inputs import actor_config
 from verl_cppo.engine_hook import TOPK_DIV_KEY, ppo_loss_with_topk
 
-MODES = ("ulysses", "tp", "cp", "tp_cp")
+MODES = ("ulysses", "tp", "cp", "tp_cp", "bshd")
 WORLD = 4
 
 
@@ -78,10 +84,18 @@ def _sharded(mode, sp_group, cfg, data, logits, key, hook):
         finally:
             set_ulysses_sequence_parallel_group(None)
 
-    tp, cp = {"tp": (2, 1), "cp": (1, 2), "tp_cp": (2, 2)}[mode]
+    tp, cp = {"tp": (2, 1), "cp": (1, 2), "tp_cp": (2, 2), "bshd": (2, 2)}[mode]
     mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     try:
         nested_logits = torch.nested.nested_tensor_from_jagged(logits, offsets=offsets)
+        if mode == "bshd":
+            padded, _, _ = preprocess_bshd_engine(nested_logits, pre_process=True)  # (B, S/cp, V), CP shard
+            _, attention_mask, _ = preprocess_bshd_engine(data["input_ids"], pre_process=True)
+            shard = padded.shape[-1] // tp
+            tp_rank = mpu.get_tensor_model_parallel_rank()
+            local = padded[..., tp_rank * shard : (tp_rank + 1) * shard]
+            div = hook(cfg, student_logits=local, data=data, data_format="bshd")[key]  # (B, S/cp)
+            return postprocess_bshd_engine(div, attention_mask).values()
         packed, _, _ = preprocess_thd_engine(nested_logits, pre_process=True)  # (1, rows, V), CP shard
         _, params_ids, _ = preprocess_thd_engine(data["input_ids"], pre_process=True)
         shard = packed.shape[-1] // tp

@@ -44,7 +44,10 @@ def configured_topk(config: Any) -> int:
     cppo = policy_loss.get("cppo", None) or {}
     if cppo.get("divergence", "binary_tv") not in TOPK_DIVERGENCES:
         return 0
-    return int(cppo.get("topk", 20))
+    k = cppo.get("topk", 20)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"cppo.topk must be an int >= 1, got {k!r}")
+    return k
 
 
 def check_topk_config(config: Any) -> list[str]:
