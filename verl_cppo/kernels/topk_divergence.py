@@ -138,7 +138,7 @@ def row_statistics_triton(
         )
     n, v = logits.shape
     j = ids.shape[1]
-    ids = ids.long()
+    ids = ids.long().contiguous()  # [N, J]
     shift = torch.empty(n, dtype=torch.float32, device=logits.device)  # [N]
     s = torch.empty(n, dtype=torch.float64, device=logits.device)  # [N]
     z = torch.empty(n, j, dtype=torch.float32, device=logits.device)  # [N, J]
