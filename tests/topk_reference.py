@@ -1,43 +1,17 @@
-"""Float64 full-vocabulary reference of the Top-K divergences, and a generator of engine micro-batches with
-mu's top-K, written as plain loops over Python floats (shares no code with verl_cppo).
+"""Engine micro-batches with mu's top-K, and the float64 full-vocabulary reference D of each response token
+(``tests.reference_topk.reference_topk_row``, the repository's one loop reference of the Top-K formulas).
 
-A''_t = mu's top-K ids U {sampled id} U {other}; p(a) for a in A' from a full softmax (pi) or the rollout's
-log-probs (mu: the top-K log-probs, and the sampled token's own log-prob when it is outside the top-K); "other"
-holds 1 - sum over A' (at least 0). TV = 1/2 sum |p_mu - p_pi|, KL = sum p_mu log(p_mu / p_pi).
+mu's logits are pi's plus noise and each response token is sampled from mu, so sampled tokens fall inside and
+outside mu's top-K. Shares no code with verl_cppo.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 
-
-def ref_topk_divergence(pi_logits_row, sampled: int, topk_ids, topk_logprobs, mu_sampled_logprob: float, kind: str):
-    """D of one token, float64 from a full log-softmax of ``pi_logits_row`` [V]."""
-    row = [float(x) for x in pi_logits_row]
-    top = max(row)
-    lse = top + math.log(sum(math.exp(x - top) for x in row))
-    p_mu, p_pi = {}, {}
-    for a, lp in zip(topk_ids, topk_logprobs):
-        a = int(a)
-        if a >= 0:
-            p_mu[a] = math.exp(float(lp))
-            p_pi[a] = math.exp(row[a] - lse)
-    if sampled not in p_mu:
-        p_mu[sampled] = math.exp(mu_sampled_logprob)
-        p_pi[sampled] = math.exp(row[sampled] - lse)
-    other_mu = max(0.0, 1.0 - sum(p_mu.values()))
-    other_pi = max(0.0, 1.0 - sum(p_pi.values()))
-    if kind == "tv":
-        return 0.5 * (sum(abs(p_mu[a] - p_pi[a]) for a in p_mu) + abs(other_mu - other_pi))
-    assert kind == "kl"
-    d = sum(p_mu[a] * math.log(p_mu[a] / p_pi[a]) for a in p_mu if p_mu[a] > 0)
-    if other_mu > 0:
-        d += other_mu * math.log(other_mu / other_pi)
-    return d
+from tests.reference_topk import reference_topk_row
 
 
 def _nested(rows):
@@ -50,7 +24,7 @@ def topk_micro_batch(gen: torch.Generator, prompt_lens, resp_lens, *, vocab=40, 
     mu's logits are pi's plus noise; each response token is sampled from mu, so it lies inside or outside mu's
     top-k. Returns (data, pi_logits [nnz, V] float64, ref) where ref holds [B, T] padded rows (T = longest
     response): ``old`` = log mu(sampled) (bypass mode: old_log_probs = rollout_log_probs), ``new`` = log pi,
-    ``adv``, ``mask`` and the inputs of ``ref_topk_divergence`` per response token.
+    ``adv``, ``mask`` and the inputs of ``reference_topk_row`` per response token.
     """
     batch, width = len(prompt_lens), max(resp_lens)
     seqs, pi_rows = [], []
@@ -82,7 +56,7 @@ def topk_micro_batch(gen: torch.Generator, prompt_lens, resp_lens, *, vocab=40, 
             ref["old"][b, t] = mus[t]
             ref["new"][b, t] = pi_lp[row, resp[t]]
             ref["mask"][b, t] = bool(mask[t])
-            ref["rows"][b][t] = (pi[row], int(resp[t]), ids[t].tolist(), lps[t].tolist(), mus[t])
+            ref["rows"][b][t] = (pi[row].tolist(), int(resp[t]), ids[t].tolist(), lps[t].tolist(), mus[t])
         seqs.append(seq), pi_rows.append(pi), prompts.append(prompt), responses.append(resp), masks.append(mask)
         topk_ids.append(torch.stack(ids)), topk_lps.append(torch.stack(lps))
         mu_sampled.append(torch.tensor(mus, dtype=torch.float32))
@@ -112,7 +86,7 @@ def ref_divergences(ref, kind: str) -> torch.Tensor:
     for b, row in enumerate(ref["rows"]):
         for t, entry in enumerate(row):
             if entry is not None:
-                out[b, t] = ref_topk_divergence(*entry, kind)
+                out[b, t] = reference_topk_row(*entry, kind)
     return out
 
 

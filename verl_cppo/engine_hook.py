@@ -33,25 +33,16 @@ from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
 from verl_cppo.config import TOPK_DIVERGENCES, cppo_config_of
+from verl_cppo.divergence import topk_divergence
 from verl_cppo.rollout_topk import ENV_TOPK, TOPK_IDS, TOPK_LOG_PROBS
 from verl_cppo.topk_loss import topk_divergence_channel
 
-__all__ = ["TOPK_DIV_KEY", "full_sequence_topk_inputs", "ppo_loss_with_topk", "resolve_topk_divergence"]
+__all__ = ["TOPK_DIV_KEY", "full_sequence_topk_inputs", "ppo_loss_with_topk", "shard_topk_divergence"]
 
 TOPK_DIV_KEY = "cppo_topk_div"
 """model_output key of the per-token Top-K divergence (nested like log_probs after the engine's gather)."""
 
 _KIND = {"topk_tv": "tv", "topk_kl": "kl"}
-
-
-def resolve_topk_divergence():
-    """``verl_cppo.divergence.topk_divergence`` (issue 7a), or the float64 stand-in until it is merged."""
-    from verl_cppo import divergence
-
-    fn = getattr(divergence, "topk_divergence", None)
-    if fn is None:
-        from verl_cppo._topk_shim import topk_divergence as fn
-    return fn
 
 
 def ppo_loss_with_topk(config: Any, model_output: dict | None = None, data: Any = None, dp_group=None, **hook):
@@ -171,7 +162,7 @@ def shard_topk_divergence(config: Any, logits: torch.Tensor, data: Any, data_for
                 f"{tuple(logits.shape)} (unsupported sequence layout: FP8 padding, pad_to_length or dynamic CP?)"
             )
     k = shard["ids"].shape[-1]
-    div = resolve_topk_divergence()(
+    div = topk_divergence(
         logits.reshape(-1, logits.shape[-1]),
         shard["sampled"].reshape(-1),
         shard["ids"].reshape(-1, k),
