@@ -49,6 +49,7 @@ def test_k_is_read_from_the_policy_loss_node():
         (["actor_rollout_ref.actor.megatron.dynamic_context_parallel=true"], "megatron", "sglang", "dynamic_context"),
         (["distillation.enabled=true"], "dp", "sglang", "distillation.enabled=True"),
         ([], "dp", "trtllm", "rollout.name='trtllm'"),
+        ([], "torchtitan", "vllm", "actor strategy='torchtitan'"),
     ],
 )
 def test_unservable_topk_launches_are_refused(overrides, engine, rollout, message):

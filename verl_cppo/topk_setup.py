@@ -64,6 +64,9 @@ def check_topk_config(config: Any) -> list[str]:
         )
     if not _get(config, "actor_rollout_ref.rollout.calculate_log_probs", True):
         errors.append(f"{where} needs the rollout log-probs: set actor_rollout_ref.rollout.calculate_log_probs=True")
+    strategy = _get(config, "actor_rollout_ref.actor.strategy")
+    if strategy not in ("fsdp", "fsdp2", "megatron"):
+        errors.append(f"{where} computes D in the FSDP and Megatron engines only; actor strategy={strategy!r}")
     rollout = _get(config, "actor_rollout_ref.rollout.name")
     if rollout not in ("vllm", "sglang"):
         errors.append(
