@@ -52,10 +52,8 @@ def _aime_raw(tmp_path):
 
 def test_conversion_schema_and_dedup(tmp_path):
     out = tmp_path / "out"
-    code = prepare_data.main(
-        ["--out-dir", str(out), "--datasets", "dapo", "aime2026"]
-        + ["--source", f"dapo={_dapo_raw(tmp_path)}", "--source", f"aime2026={_aime_raw(tmp_path)}"]
-    )
+    sources = ["--source", f"dapo={_dapo_raw(tmp_path)}", "--source", f"aime2026={_aime_raw(tmp_path)}"]
+    code = prepare_data.main(["--out-dir", str(out), "--datasets", "dapo", "aime2026", *sources])
     assert code == 0
     dapo = pd.read_parquet(out / "dapo-math-17k.parquet")
     assert len(dapo) == 2  # 6 raw rows, 2 distinct source ids
