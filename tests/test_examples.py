@@ -169,8 +169,8 @@ def test_paper_settings(name):
 # ------------------------------------------------------------------------------- methods and overrides
 
 
-# The METHOD switch is engine-independent (common.sh); every method on the FSDP script, the non-CPPO losses on
-# the Megatron one (its CPPO run is test_paper_settings).
+# The METHOD switch is engine-independent (common.sh): every method on the FSDP script, the non-CPPO losses on
+# the Megatron one (METHOD=cppo, the default, is test_paper_settings).
 METHOD_RUNS = [(FSDP_SCRIPT, m) for m in METHODS] + [
     (MEGATRON_SCRIPT, "dppo_tv"),
     (MEGATRON_SCRIPT, "grpo_clip_higher"),
@@ -221,27 +221,42 @@ def test_trailing_arguments_override_the_script():
     assert config.trainer.total_epochs == 1 and config.data.train_batch_size == 32
 
 
-# a misspelled or wrong override in any part of the launch, and the error that names it
-TYPOS = [
+# Misspelled or wrong overrides in every part of the launch, and the error that names each. Hydra stops at the
+# first composition error and the anchoring check applies only to loss_mode=cppo, so those run one by one; the
+# dry run reports every other problem of a list at once, so the rest share one run (which also shows that one
+# problem does not hide another).
+SINGLE_TYPOS = [
     ("actor_rollout_ref.actor.ppo_mini_batch_sz=32", "Could not override 'actor_rollout_ref.actor.ppo_mini_batch_sz'"),
     ("+actor_rollout_ref.actor.policy_loss.cppo.dleta=0.1", "unknown key(s) ['dleta']"),
-    ("actor_rollout_ref.actor.policy_loss.cppo.w_min=1.5", "cppo.w_min must be in (0, 1], got 1.5"),
     ("+actor_rollout_ref.actor.policy_loss.cppo.w_min=0.5", "Could not append to config. An item is already at"),
+    ("trainer.nnodes=two", "trainer.nnodes='two' must be a positive integer"),
+    ("algorithm.rollout_correction.bypass_mode=False", "bypass_mode=False makes old_log_prob"),
+]
+VALUE_TYPOS = [
+    ("actor_rollout_ref.actor.policy_loss.cppo.w_min=1.5", "cppo.w_min must be in (0, 1], got 1.5"),
     ("actor_rollout_ref.actor.policy_loss.loss_mode=cpo", "loss_mode='cpo' is not a registered policy loss"),
     ("algorithm.adv_estimator=grpo_cppo", "algorithm.adv_estimator='grpo_cppo' is not a registered advantage"),
-    ("reward.custom_reward_function.name=compute_scor", "compute_scor"),
+    ("reward.custom_reward_function.name=compute_scor", "object_name='compute_scor'"),
     ("actor_rollout_ref.rollout.name=vlm", "rollout.name='vlm' is not one of"),
-    ("algorithm.rollout_correction.bypass_mode=False", "bypass_mode=False makes old_log_prob"),
     ("trainer.n_gpus_per_node=6", "does not split over 6 data-parallel ranks"),
     ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu=4096", "cannot hold one sequence"),
-    ("trainer.nnodes=two", "trainer.nnodes='two' must be a positive integer"),
 ]
 
 
-@pytest.mark.parametrize(("override", "message"), TYPOS)
+@pytest.mark.parametrize(("override", "message"), SINGLE_TYPOS)
 def test_a_typo_fails_the_dry_run(override, message):
     report = dry_run.dry_run([*_overrides(FSDP_SCRIPT), override])
     assert any(message in error for error in report.errors), report.errors
+
+
+@pytest.fixture(scope="module")
+def value_typos_report():
+    return dry_run.dry_run([*_overrides(FSDP_SCRIPT), *(override for override, _ in VALUE_TYPOS)])
+
+
+@pytest.mark.parametrize(("override", "message"), VALUE_TYPOS)
+def test_a_value_typo_fails_the_dry_run(value_typos_report, override, message):
+    assert any(message in error for error in value_typos_report.errors), value_typos_report.errors
 
 
 def test_a_typo_fails_the_script(script_dry_runs):
@@ -333,3 +348,44 @@ def test_runtime_env_makes_the_plugin_importable_on_a_bare_worker(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == f"True {unpacked / 'verl_cppo' / '__init__.py'}"
+
+
+@pytest.fixture
+def local_model(tmp_path):
+    """A tiny Qwen2 checkpoint directory (config + a word-level tokenizer), as MODEL_PATH=<local dir>."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(62)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>").save_pretrained(tmp_path)
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+def test_local_model_and_reference_configs_are_built(local_model):
+    """With a local checkpoint the model config is built (importing external_lib); with a KL term the ref
+    config is built with the worker's key renames."""
+    report = dry_run.dry_run(
+        _overrides(FSDP_SCRIPT, "actor_rollout_ref.actor.use_kl_loss=True", MODEL_PATH=local_model)
+    )
+    assert report.errors == []
+    assert {"model", "ref"} <= set(report.built)
+    assert report.built["model"].local_path == local_model
+    report = dry_run.dry_run(
+        _overrides(FSDP_SCRIPT, "actor_rollout_ref.model.external_lib=verl_cpo", MODEL_PATH=local_model)
+    )
+    assert any(e.startswith("model config:") and "verl_cpo" in e for e in report.errors), report.errors
