@@ -145,16 +145,6 @@ def check_names(config: DictConfig, report: Report) -> None:
             config.reward.custom_reward_function.path = path
 
 
-def _dp_and_model_parallel(actor: DictConfig, n_gpus: int) -> tuple[int, int, int, str]:
-    """(data-parallel size, sequence split factor, pipeline size, description) of the actor engine."""
-    if actor.strategy == "megatron":
-        m = actor.megatron
-        tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
-        return n_gpus // (tp * pp * cp), cp, pp, f"Megatron TP={tp} PP={pp} CP={cp} EP={m.expert_model_parallel_size}"
-    sp = max(actor.fsdp_config.ulysses_sequence_parallel_size, actor.get("ulysses_sequence_parallel_size", 1))
-    return n_gpus // sp, sp, 1, f"{actor.strategy.upper()} Ulysses SP={sp}"
-
-
 LAYOUT_SIZES = [
     "trainer.n_gpus_per_node",
     "trainer.nnodes",
@@ -168,37 +158,48 @@ LAYOUT_SIZES = [
     "actor_rollout_ref.rollout.data_parallel_size",
     "actor_rollout_ref.rollout.pipeline_model_parallel_size",
 ]
-"""Keys the layout arithmetic uses; verl's YAML does not type them, so "two" would compose."""
+"""Keys the layout arithmetic uses (plus the engine's parallel sizes); verl's YAML does not type them."""
+
+
+def _engine_size_keys(actor: DictConfig) -> list[str]:
+    if actor.strategy == "megatron":
+        names = ["tensor_model", "pipeline_model", "context", "expert_model"]
+        return [f"actor_rollout_ref.actor.megatron.{name}_parallel_size" for name in names]
+    return ["actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size"]
 
 
 def check_layout(config: DictConfig, report: Report) -> None:
-    """Divisibility and size checks verl makes only on the GPUs (or skips under dynamic batch sizes)."""
-    bad = [
-        f"{key}={OmegaConf.select(config, key)!r} must be a positive integer"
-        for key in LAYOUT_SIZES
-        if not isinstance(OmegaConf.select(config, key), int) or OmegaConf.select(config, key) < 1
-    ]
-    if bad:
-        report.errors.extend(bad)
-        return
+    """Divisibility and size checks verl makes only on the GPUs (or skips under dynamic batch sizes).
+
+    Megatron: GPUs = DP x TP x PP x CP, and the expert layout EP x ETP must divide GPUs / PP (ETP defaults to
+    TP). FSDP: GPUs = DP x Ulysses SP. A mini-batch (prompts x n responses) is split evenly over DP ranks, a
+    rollout replica spans rollout TP x DP x PP GPUs, and one sequence must fit the per-GPU token budget times
+    the sequence split (SP or CP), as verl's rearrange_micro_batches asserts.
+    """
     trainer, data, arr = config.trainer, config.data, config.actor_rollout_ref
-    actor, rollout = arr.actor, arr.rollout
+    actor, rollout, errors = arr.actor, arr.rollout, report.errors
+    keys = [*LAYOUT_SIZES, *_engine_size_keys(actor)]
+    values = {key: OmegaConf.select(config, key) for key in keys}
+    bad = [f"{k}={v!r} must be a positive integer" for k, v in values.items() if not isinstance(v, int) or v < 1]
+    if bad:
+        errors.extend(bad)
+        return
     n_gpus = trainer.n_gpus_per_node * trainer.nnodes
-    errors = report.errors
 
     if actor.strategy == "megatron":
         m = actor.megatron
-        mp = m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size
-        if n_gpus % mp:
-            errors.append(f"{n_gpus} GPUs are not divisible by Megatron TP x PP x CP = {mp}")
-        expert = m.expert_model_parallel_size * (m.expert_tensor_parallel_size or m.tensor_model_parallel_size)
-        if (n_gpus // m.pipeline_model_parallel_size) % expert:
-            errors.append(f"{n_gpus} GPUs / PP are not divisible by Megatron EP x ETP = {expert}")
+        tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
+        ep, etp = m.expert_model_parallel_size, m.expert_tensor_parallel_size or tp
+        if n_gpus % (tp * pp * cp):
+            errors.append(f"{n_gpus} GPUs are not divisible by Megatron TP x PP x CP = {tp * pp * cp}")
+        if (n_gpus // pp) % (ep * etp):
+            errors.append(f"{n_gpus} GPUs / PP={pp} are not divisible by Megatron EP x ETP = {ep * etp}")
+        dp, seq_split, engine = n_gpus // (tp * pp * cp), cp, f"Megatron TP={tp} PP={pp} CP={cp} EP={ep} ETP={etp}"
     else:
         sp = max(actor.fsdp_config.ulysses_sequence_parallel_size, actor.get("ulysses_sequence_parallel_size", 1))
         if n_gpus % sp:
             errors.append(f"{n_gpus} GPUs are not divisible by the Ulysses SP size {sp}")
-    dp, seq_split, _, engine = _dp_and_model_parallel(actor, n_gpus)
+        dp, seq_split, engine = n_gpus // sp, sp, f"{actor.strategy.upper()} Ulysses SP={sp}"
 
     replica = rollout.tensor_model_parallel_size * rollout.data_parallel_size * rollout.pipeline_model_parallel_size
     if n_gpus % replica:
@@ -212,21 +213,24 @@ def check_layout(config: DictConfig, report: Report) -> None:
     if actor.use_dynamic_bsz != rollout.log_prob_use_dynamic_bsz:
         errors.append("actor.use_dynamic_bsz and rollout.log_prob_use_dynamic_bsz must be equal (worker assertion)")
     longest = data.max_prompt_length + data.max_response_length
-    if actor.use_dynamic_bsz and actor.ppo_max_token_len_per_gpu * seq_split < longest:
-        errors.append(
-            f"actor.ppo_max_token_len_per_gpu={actor.ppo_max_token_len_per_gpu} x sequence split {seq_split} "
-            f"cannot hold one sequence of max_prompt_length + max_response_length = {longest} tokens"
-        )
-    if rollout.log_prob_use_dynamic_bsz and rollout.log_prob_max_token_len_per_gpu * seq_split < longest:
-        errors.append(
-            f"rollout.log_prob_max_token_len_per_gpu={rollout.log_prob_max_token_len_per_gpu} x sequence split "
-            f"{seq_split} cannot hold one sequence of {longest} tokens"
-        )
-    updates = batch // mini * actor.ppo_epochs if batch % mini == 0 else None
+    budgets = [
+        ("actor.ppo_max_token_len_per_gpu", actor.use_dynamic_bsz, actor.ppo_max_token_len_per_gpu),
+        (
+            "rollout.log_prob_max_token_len_per_gpu",
+            rollout.log_prob_use_dynamic_bsz,
+            rollout.log_prob_max_token_len_per_gpu,
+        ),
+    ]
+    for name, dynamic, budget in budgets:
+        if dynamic and budget * seq_split < longest:
+            errors.append(
+                f"{name}={budget} x sequence split {seq_split} cannot hold one sequence of "
+                f"max_prompt_length + max_response_length = {longest} tokens"
+            )
+    updates = batch // mini * actor.ppo_epochs if batch % mini == 0 else "not whole"
     report.notes.append(
         f"layout: {trainer.nnodes} node(s) x {trainer.n_gpus_per_node} GPUs = {n_gpus}; actor {engine}, "
-        f"data-parallel {dp}; rollout TP={rollout.tensor_model_parallel_size}, "
-        f"{n_gpus // replica if replica else '?'} replicas"
+        f"data-parallel {dp}; rollout TP={rollout.tensor_model_parallel_size}, {n_gpus // replica} replicas"
     )
     report.notes.append(
         f"batch: {batch} prompts x {n} responses per rollout, mini-batch {mini} prompts, "

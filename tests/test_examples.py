@@ -389,3 +389,12 @@ def test_local_model_and_reference_configs_are_built(local_model):
         _overrides(FSDP_SCRIPT, "actor_rollout_ref.model.external_lib=verl_cpo", MODEL_PATH=local_model)
     )
     assert any(e.startswith("model config:") and "verl_cpo" in e for e in report.errors), report.errors
+
+
+def test_megatron_context_parallel_and_a_bad_tensor_parallel_size():
+    report = dry_run.dry_run(_overrides(MEGATRON_SCRIPT, CP_SIZE="2"))
+    assert report.errors == []
+    assert report.built["actor"].megatron.context_parallel_size == 2
+    assert any("CP=2 EP=8 ETP=1, data-parallel 4" in note for note in report.notes), report.notes
+    report = dry_run.dry_run(_overrides(MEGATRON_SCRIPT, ACTOR_TP="3"))
+    assert "32 GPUs are not divisible by Megatron TP x PP x CP = 3" in report.errors
