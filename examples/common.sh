@@ -130,7 +130,8 @@ cppo_common_overrides() {
         "data.max_response_length=${MAX_RESPONSE_LENGTH}"
         data.filter_overlong_prompts=True
         data.truncation=error
-        # outcome advantage (group mean-centred, no std division, zero-variance groups excluded), no KL
+        # outcome advantage: cppo_grpo's defaults are the paper's (group mean-centred, no std division,
+        # zero-variance groups excluded); norm_adv_by_std_in_grpo is read only by ADV_ESTIMATOR=grpo. No KL.
         "algorithm.adv_estimator=${ADV_ESTIMATOR}"
         algorithm.norm_adv_by_std_in_grpo=False
         algorithm.use_kl_in_reward=False

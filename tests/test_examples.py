@@ -393,3 +393,12 @@ def test_megatron_context_parallel_and_a_bad_tensor_parallel_size():
     assert any("CP=2 EP=8 ETP=1, data-parallel 4" in note for note in report.notes), report.notes
     report = dry_run.dry_run(_overrides(MEGATRON_SCRIPT, ACTOR_TP="3"))
     assert "32 GPUs are not divisible by Megatron TP x PP x CP = 3" in report.errors
+
+
+def test_cppo_grpo_settings_reach_the_algorithm_config_and_a_typo_fails():
+    target = "algorithm._target_=verl_cppo.algo_config.CPPOAlgoConfig"
+    report = dry_run.dry_run([*_overrides(FSDP_SCRIPT), target, "+algorithm.cppo_grpo.norm_adv_by_std=true"])
+    assert report.errors == []
+    assert report.built["algorithm"].cppo_grpo.norm_adv_by_std is True
+    report = dry_run.dry_run([*_overrides(FSDP_SCRIPT), target, "+algorithm.cppo_grpo.norm_by_std=true"])
+    assert any("algorithm.cppo_grpo has unknown key(s) ['norm_by_std']" in e for e in report.errors), report.errors
