@@ -57,10 +57,12 @@ WORKING_DIR=${WORKING_DIR:-${REPO_ROOT}}
 RUNTIME_ENV=${RUNTIME_ENV:-${EXAMPLES_DIR}/runtime_env.yaml}
 PYTHON=${PYTHON:-python3}
 
-# "a,b,c" -> "['a','b','c']" (Hydra list of quoted strings)
+# "a,b,c" -> "['a','b','c']" (Hydra list of quoted strings; no globbing of the items)
 cppo_hydra_list() {
-    local IFS=, item out=""
-    for item in $1; do out+="${out:+,}'${item}'"; done
+    local -a items
+    local item out=""
+    IFS=, read -ra items <<<"$1"
+    for item in "${items[@]}"; do out+="${out:+,}'${item}'"; done
     printf "[%s]" "${out}"
 }
 
