@@ -1,0 +1,399 @@
+"""The CPPO mask and loss on shard-local tokens: a distributed prefix scan and an exact distributed quantile.
+
+When a response is split across the ranks of a sequence-parallel group (Ulysses, Megatron CP), CPPO needs
+per token the response's *global* exclusive prefix sums S_{t-1} = sum_{j<t} w_j D_j and W_{t-1} = sum_{j<t}
+w_j, the token's global position t, the response's global length H and, for calibrated delta_b, the exact
+quantile of the response's D values. verl 0.9.1 gets them by all-gathering every per-token log-prob to every
+rank (O(tokens) per rank, and the whole loss recomputed on every rank). Here each rank keeps its shard
+(``verl_cppo.shard_layout`` says where each local token sits) and exchanges only per-response scalars:
+
+1. one all_gather of a [B, K, 9] table: for each response and each of the K pieces this rank holds, the
+   mask count, the last mask position, the valid count, the min / max key of D (below), and four moments
+   (sum 1, sum (t-1), sum D, sum (t-1) D over valid tokens). With H known, w_t = 1 - a (t-1) and
+   a = (1 - w_min) / max(H - 1, 1) (never clamped on valid tokens, t <= H), so a piece's sum of w is
+   m0 - a m1 and its sum of w D is m2 - a m3, and a response's prefix offsets are an exclusive cumsum
+   over its pieces. With a fixed horizon (or no position weight) w is local and the moments are the
+   plain sums of w and w D. The within-piece part is a local scan, in float64.
+2. calibrated delta_b only: the exact q-quantile of D (torch.quantile's linear interpolation) without
+   gathering D. D >= 0, so the IEEE bit pattern of D is an order-preserving integer key. For each response
+   the two order statistics floor(q (n-1)) and ceil(q (n-1)) are found by a radix search over keys: start
+   from the global [min, max] key of step 1, cut the bracket into 2^radix_bits equal key intervals, all_gather
+   the local int32 counts per interval, keep the interval holding the target rank. The two targets share
+   one histogram while their brackets coincide (nearly always until the last round), closed brackets send
+   nothing. The bracket shrinks 2^radix_bits-fold per round: at most ceil(31 / radix_bits) rounds for float32
+   D (63 / radix_bits for float64), fewer when a response's D range is narrow; the result is the sorted value
+   bit for bit. radix_bits = 1 is the plain bisection on counts.
+3. one all_gather of the metric sums (``loss._metrics``), so every rank reports the gathered metrics.
+
+Messages per call: 1 + R + 1 (R quantile rounds, 0 with fixed delta_b). Bytes a rank sends per call:
+8 * 9 * B * K (scan) + at most 4 * 2 * B * 2^radix_bits per round (quantile) + 8 * 12 (metrics), and it
+receives (world - 1) times that: O(responses x ranks), nothing proportional to tokens. K = pieces per rank
+(1 for Ulysses, 2 for the zigzag layouts).
+
+Loss and gradient. The per-token coefficients are computed without gradient, so the gathered loss L is a
+sum over tokens, L = sum_r L_r with L_r this rank's tokens' share (global normalisers from step 1). Each rank
+returns ``L_r + (L - L_r).detach()``: the value is the gathered loss, the gradient is that of L_r, which is
+exactly the gradient the gathered computation sends into this rank's own log-probs (the gather keeps
+autograd only on the local shard). Megatron's 2-tuple loss path multiplies the returned loss by cp_size and
+averages gradients over DP x CP, as it does for the gathered loss, so the parameter gradient is unchanged;
+its per-token (3-tuple) path scales every rank's loss by the same constants, which commutes too. An engine
+that gets its x sp from the gather's backward (Ulysses' ``Gather.backward``) must multiply by sp itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from verl.trainer.ppo.core_algos import agg_loss
+
+from verl_cppo.mask import CPPOMask, MaskParams, position_weights, prefix_gate
+from verl_cppo.shard_layout import ShardLayout
+
+__all__ = ["CommStats", "ShardContext", "ShardScan", "shard_prefix_scan", "shard_quantile"]
+
+
+@dataclass
+class CommStats:
+    """Collectives issued through a ShardContext (a rank's view)."""
+
+    messages: int = 0
+    bytes_sent: int = 0  # this rank's payload, summed over collectives
+    bytes_received: int = 0  # the other ranks' payloads it receives
+    log: list = field(default_factory=list)  # (tag, bytes sent) per collective
+
+
+def _all_gather(x: torch.Tensor, group, stats: CommStats | None, tag: str) -> torch.Tensor:
+    """[*] -> [world, *]; a group of None (or of size 1) communicates nothing."""
+    world = dist.get_world_size(group) if group is not None else 1
+    if world == 1:
+        return x[None]
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous(), group=group)
+    if stats is not None:
+        nbytes = x.numel() * x.element_size()
+        stats.messages += 1
+        stats.bytes_sent += nbytes
+        stats.bytes_received += (world - 1) * nbytes
+        stats.log.append((tag, nbytes))
+    return torch.stack(out)
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if group is not None else 0
+
+
+@dataclass
+class ShardScan:
+    """Per-token global quantities of a shard ([N], flat local order) and per-response tables ([B])."""
+
+    s_excl: torch.Tensor  # [N] float64 sum_{j<t} w_j D_j over the response's valid tokens
+    w_excl: torch.Tensor  # [N] float64 sum_{j<t} w_j
+    weight: torch.Tensor  # [N] w_t on valid tokens, 0 elsewhere (div's dtype)
+    position: torch.Tensor  # [N] int64 global 1-based position, 0 outside responses
+    length: torch.Tensor  # [N] int64 horizon H of the token's weights, 0 outside responses
+    lengths: torch.Tensor  # [B] int64 position of each response's last mask token, 0 if none
+    n_mask: torch.Tensor  # [B] int64 response-mask tokens of each response
+    n_valid: torch.Tensor  # [B] int64 valid tokens of each response
+    key_min: torch.Tensor  # [B] int64 smallest key of D over the response's valid tokens
+    key_max: torch.Tensor  # [B] int64 largest
+    keys: torch.Tensor  # [N] int64 keys of D (0 off valid)
+    valid: torch.Tensor  # [N] bool valid tokens inside responses
+
+
+def _keys(div: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 keys of non-negative floats (their IEEE bit patterns)."""
+    if div.dtype == torch.float64:
+        return (div + 0.0).view(torch.int64)  # + 0.0 turns -0.0 into +0.0
+    if div.dtype == torch.float32:
+        return (div + 0.0).view(torch.int32).long()
+    raise TypeError(f"sharded quantile: div must be float32 or float64, got {div.dtype}")
+
+
+def _values(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return keys.view(torch.float64) if dtype == torch.float64 else keys.int().view(torch.float32)
+
+
+def _cell_table(cell, ncell, *columns, reduce="sum"):
+    """Scatter per-token columns [N] into [ncell, C] by cell (tokens with cell -1 ignored)."""
+    keep = cell >= 0
+    idx = cell[keep]
+    rows = []
+    for col in columns:
+        col = col[keep]
+        init = {"sum": 0, "amax": torch.iinfo(torch.int64).min, "amin": torch.iinfo(torch.int64).max}[reduce]
+        out = torch.full((ncell,), init, dtype=col.dtype, device=col.device)
+        out = out.scatter_add(0, idx, col) if reduce == "sum" else out.scatter_reduce(0, idx, col, reduce)
+        rows.append(out)
+    return torch.stack(rows, dim=-1)  # [ncell, C]
+
+
+def _segmented_exclusive_cumsum(x: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """sum of x over the earlier tokens of the same contiguous run of `cell`, float64. x, cell: [N]."""
+    x = x.double()
+    excl = torch.cumsum(x, 0) - x  # [N]
+    if x.numel() == 0:
+        return excl
+    start = torch.cat([cell.new_ones(1, dtype=torch.bool), cell[1:] != cell[:-1]])  # [N]
+    run = torch.cumsum(start.long(), 0) - 1  # [N]
+    return excl - excl[start][run]
+
+
+def shard_prefix_scan(
+    div: torch.Tensor,
+    valid: torch.Tensor,
+    in_mask: torch.Tensor,
+    layout: ShardLayout,
+    group=None,
+    *,
+    w_min: float,
+    position_horizon: int | None = None,
+    position_weight: bool = True,
+    stats: CommStats | None = None,
+) -> ShardScan:
+    """Global exclusive prefix sums of w*D and w for every local token, with positions and lengths.
+
+    div [N] float (D >= 0; any value off `valid`), valid [N] bool (tokens in the sums and the quantile),
+    in_mask [N] bool (response-mask tokens: H = position of the last one), all flat in the layout's order.
+    One all_gather of [B, K, 9] int64 (float64 sums bit-cast).
+    """
+    n_rows, n_pieces = layout.num_rows, layout.num_pieces
+    cell = layout.cell  # [N]
+    pos = layout.position  # [N]
+    dtype = div.dtype
+    valid = valid & (cell >= 0)
+    in_mask = in_mask & (cell >= 0)
+    div = torch.where(valid, div, 0.0)  # [N]
+    if bool((div < 0).any()):
+        raise ValueError(f"sharded CPPO mask: divergences must be >= 0, got min {float(div.min())}")
+    keys = _keys(div)  # [N]
+    own_length = position_weight and position_horizon is None
+    if own_length:  # w depends on the global H: send moments
+        local_w = None
+        tm1 = (pos - 1).clamp(min=0).double()
+        moments = (valid.double(), tm1 * valid, div.double(), tm1 * div.double())
+    else:
+        w = position_weights(pos.to(dtype), position_horizon, w_min) if position_weight else torch.ones_like(div)
+        local_w = torch.where(valid, w, 0.0)  # [N]
+        zeros = torch.zeros_like(div, dtype=torch.float64)
+        moments = (local_w.double(), zeros, (local_w * div).double(), zeros)
+    ncell = n_rows * n_pieces
+    counts = _cell_table(cell, ncell, in_mask.long(), valid.long())  # [cells, 2]
+    last = _cell_table(cell, ncell, torch.where(in_mask, pos, 0), reduce="amax").clamp(min=0)  # [cells, 1]
+    big = torch.iinfo(torch.int64).max
+    kmin = _cell_table(cell, ncell, torch.where(valid, keys, big), reduce="amin")  # [cells, 1]
+    kmax = _cell_table(cell, ncell, torch.where(valid, keys, -1), reduce="amax")  # [cells, 1]
+    sums = _cell_table(cell, ncell, *moments).view(torch.int64)  # [cells, 4] float64 bits
+    table = torch.cat([counts, last, kmin, kmax, sums], dim=-1).view(n_rows, n_pieces, 9)  # [B, P, 9]
+    mine = layout.rank_pieces[_rank(group)].to(table.device)  # [K]
+    gathered = _all_gather(table[:, mine], group, stats, "scan")  # [world, B, K, 9]
+    full = table.new_zeros(n_rows, n_pieces, 9)
+    for r in range(gathered.shape[0]):  # each piece is held by exactly one rank
+        full[:, layout.rank_pieces[r].to(table.device)] = gathered[r]
+    n_mask, n_valid = full[..., 0].sum(-1), full[..., 1].sum(-1)  # [B]
+    lengths = full[..., 2].amax(-1)  # [B]
+    key_min, key_max = full[..., 3].amin(-1), full[..., 4].amax(-1)  # [B]
+    m = full[..., 5:].contiguous().view(torch.float64)  # [B, P, 4]
+
+    row = layout.row.clamp(min=0)  # [N]
+    if own_length:
+        span = (lengths - 1).clamp(min=1).double()  # [B]
+        slope = (1 - w_min) / span  # [B]
+        piece_w = m[..., 0] - slope[:, None] * m[..., 1]  # [B, P]
+        piece_z = m[..., 2] - slope[:, None] * m[..., 3]  # [B, P]
+        length_tok = lengths[row]  # [N]
+        w = position_weights(pos.to(dtype), length_tok.to(dtype), w_min)  # [N] as mask.cppo_mask computes it
+        local_w = torch.where(valid, w, 0.0)  # [N]
+    else:
+        piece_w, piece_z = m[..., 0], m[..., 2]
+        length_tok = lengths[row] if position_horizon is None else torch.full_like(row, position_horizon)
+    off_w = torch.cumsum(piece_w, -1) - piece_w  # [B, P] exclusive over pieces
+    off_z = torch.cumsum(piece_z, -1) - piece_z
+    flat_cell = cell.clamp(min=0)
+    s_excl = off_z.reshape(-1)[flat_cell] + _segmented_exclusive_cumsum(local_w * div, cell)  # [N]
+    w_excl = off_w.reshape(-1)[flat_cell] + _segmented_exclusive_cumsum(local_w, cell)  # [N]
+    inside = cell >= 0
+    return ShardScan(
+        s_excl=torch.where(inside, s_excl, 0.0),
+        w_excl=torch.where(inside, w_excl, 0.0),
+        weight=local_w,
+        position=pos,
+        length=torch.where(inside, length_tok, 0),
+        lengths=lengths,
+        n_mask=n_mask,
+        n_valid=n_valid,
+        key_min=key_min,
+        key_max=key_max,
+        keys=keys,
+        valid=valid,
+    )
+
+
+def shard_quantile(
+    scan: ShardScan,
+    layout: ShardLayout,
+    q: float,
+    dtype: torch.dtype,
+    group=None,
+    *,
+    radix_bits: int = 4,
+    stats: CommStats | None = None,
+) -> torch.Tensor:
+    """Exact per-response torch.quantile(D[valid], q) (linear interpolation) by a radix search on key counts.
+
+    Returns [B] in `dtype`, 0 for responses without valid tokens; identical on every rank of the group.
+    """
+    n = scan.n_valid  # [B]
+    rank = q * (n - 1).clamp(min=0).to(dtype)  # [B] exactly as mask.row_quantile
+    below_i, above_i = rank.floor().long(), rank.ceil().long()  # [B]
+    target = torch.stack([below_i, above_i], -1)  # [B, 2]
+    empty = n == 0
+    lo = torch.where(empty, 0, scan.key_min)[:, None].repeat(1, 2)  # [B, 2] bracket of each target's key
+    hi = torch.where(empty, 0, scan.key_max)[:, None].repeat(1, 2)
+    before = torch.zeros_like(lo)  # [B, 2] values with key < lo
+    parts = 1 << radix_bits
+    row = layout.row.clamp(min=0)
+    keys, valid = scan.keys, scan.valid
+    dev = keys.device
+    ladder = torch.arange(parts, device=dev)
+    while True:
+        open_ = lo < hi  # [B, 2]; the same on every rank: brackets come from gathered counts
+        if not bool(open_.any()):
+            break
+        # One histogram per distinct open bracket: the upper target shares the lower one's until they part.
+        shared = open_.all(-1) & (lo[:, 0] == lo[:, 1]) & (hi[:, 0] == hi[:, 1])  # [B]
+        own = open_ & torch.stack([torch.ones_like(shared), ~shared], -1)  # [B, 2]
+        n_slots = int(own.sum())
+        slot = torch.full_like(lo, -1)
+        slot[own] = torch.arange(n_slots, device=dev)
+        slot[:, 1] = torch.where(shared, slot[:, 0], slot[:, 1])
+        width = (hi - lo) // parts + 1  # [B, 2] ceil((hi - lo + 1) / parts)
+        tlo, thi, tw = lo[row], hi[row], width[row]  # [N, 2]
+        inside = (valid[:, None] & own[row]) & (keys[:, None] >= tlo) & (keys[:, None] <= thi)  # [N, 2]
+        idx = slot[row] * parts + torch.where(inside, (keys[:, None] - tlo) // tw, 0)  # [N, 2]
+        local = torch.zeros(n_slots * parts, dtype=torch.int32, device=dev)
+        local.scatter_add_(0, idx[inside], torch.ones_like(idx[inside], dtype=torch.int32))
+        counts = _all_gather(local, group, stats, "quantile").sum(0, dtype=torch.int64).view(n_slots, parts)
+        counts = counts[slot.clamp(min=0)]  # [B, 2, parts] (meaningless where the bracket is closed)
+        cum = before[..., None] + torch.cumsum(counts, -1)  # [B, 2, parts]
+        j = (cum <= target[..., None]).sum(-1).clamp(max=parts - 1)  # [B, 2] interval holding the target
+        before = torch.where(open_, before + (counts * (ladder < j[..., None])).sum(-1), before)
+        new_lo = lo + j * width
+        hi = torch.where(open_, torch.minimum(new_lo + width - 1, hi), hi)
+        lo = torch.where(open_, new_lo, lo)
+    values = _values(lo, dtype)  # [B, 2]
+    quant = torch.lerp(values[:, 0], values[:, 1], rank - below_i.to(dtype))  # [B]
+    return torch.where(empty, torch.zeros_like(quant), quant)
+
+
+@dataclass
+class ShardContext:
+    """What the ``cppo`` loss needs to run on shard-local rows: this rank's layout and its group.
+
+    Pass it as ``shard=`` to ``verl_cppo.loss.compute_policy_loss_cppo``; the tensors then hold this
+    rank's tokens ([R, L], flattened row-major in the layout's order). group=None means world size 1.
+    """
+
+    layout: ShardLayout
+    group: object = None
+    radix_bits: int = 4
+    stats: CommStats = field(default_factory=CommStats)
+    scan: ShardScan | None = None
+    delta_b: torch.Tensor | None = None  # [B]
+    whole: torch.Tensor | None = None  # the gathered loss value (set by reduce_metric_sums)
+
+    @property
+    def nonempty(self) -> torch.Tensor:
+        """[B] bool: responses with at least one valid token (global)."""
+        return self.scan.n_valid > 0
+
+    def cppo_mask(self, div, valid, toward_mu, params: MaskParams, response_mask) -> CPPOMask:
+        """``mask.cppo_mask`` for shard-local tokens (any shape, flattened in layout order)."""
+        if params.shuffle_positions:
+            raise ValueError("cppo.shuffle_positions=True cannot run on shard-local rows (a global permutation)")
+        shape = div.shape
+        if self.layout.row.device != div.device:
+            self.layout = self.layout.to(div.device)
+        div, valid, toward_mu = div.reshape(-1), valid.reshape(-1), toward_mu.reshape(-1)
+        if div.numel() != self.layout.row.numel():
+            raise ValueError(
+                f"shard-local cppo loss: inputs have {div.numel()} tokens, the layout {self.layout.row.numel()}"
+            )
+        scan = shard_prefix_scan(
+            div,
+            valid,
+            response_mask.reshape(-1).bool(),
+            self.layout,
+            self.group,
+            w_min=params.w_min,
+            position_horizon=params.position_horizon,
+            position_weight=params.position_weight,
+            stats=self.stats,
+        )
+        valid = scan.valid
+        floor = params.delta_b
+        if params.delta_b_quantile is None:
+            delta_b = torch.full((self.layout.num_rows,), floor, dtype=div.dtype, device=div.device)
+        else:  # as mask.calibrated_delta_b, with the exact sharded quantile
+            quant = shard_quantile(
+                scan,
+                self.layout,
+                params.delta_b_quantile,
+                div.dtype,
+                self.group,
+                radix_bits=self.radix_bits,
+                stats=self.stats,
+            )
+            calibrated = (params.delta_b_scale * quant).clamp(floor, params.delta_b_max_mult * floor)
+            delta_b = torch.where(scan.n_valid > 0, calibrated, torch.full_like(calibrated, floor))
+        div = torch.where(valid, div, 0.0)
+        z = scan.weight * div  # [N]
+        col = lambda x: x[:, None]  # noqa: E731  each token its own [1]-wide row for prefix_gate
+        weight, masked, by_budget = prefix_gate(
+            col(z),
+            col(scan.s_excl.to(div.dtype)),
+            col(scan.w_excl.to(div.dtype)),
+            delta_b[self.layout.row.clamp(min=0)],
+            col(toward_mu),
+            col(valid),
+            params,
+        )
+        self.scan, self.delta_b = scan, delta_b
+        return CPPOMask(weight.view(shape), masked.view(shape), by_budget.view(shape), delta_b)
+
+    def agg_loss(self, loss_mat, loss_mask, loss_agg_mode: str, global_batch_info: dict) -> torch.Tensor:
+        """This rank's share of verl's agg_loss over the gathered rows (sums to it over the group).
+
+        verl's agg_loss is linear in the per-token losses once the normalisers are global, so it runs on
+        the local tokens with the gathered counts; seq-mean-token-mean's per-response token count is
+        folded into the tokens (x (n_local_row + 1e-8) / (n_response + 1e-8)).
+        """
+        scan = self.scan
+        info = dict(global_batch_info)
+        if info.get("batch_num_tokens") is None:
+            info["batch_num_tokens"] = scan.n_mask.sum().clamp(min=1)
+        if info.get("global_batch_size") is None:
+            info["global_batch_size"] = (scan.n_mask > 0).sum().clamp(min=1)
+        if loss_agg_mode == "seq-mean-token-sum-norm" and info.get("loss_scale_factor") is None:
+            info["loss_scale_factor"] = self.layout.width
+        if loss_agg_mode == "seq-mean-token-mean":
+            row = self.layout.row.clamp(min=0).view(loss_mat.shape)
+            # the denominators exactly as agg_loss forms them (an int64 count + 1e-8 is a float32 tensor)
+            den_local = loss_mask.sum(dim=-1, keepdim=True) + 1e-8  # [R, 1]
+            den_response = scan.n_mask[row] + 1e-8  # [R, L] the gathered row's count
+            scale = den_local.to(loss_mat.dtype) / den_response.to(loss_mat.dtype)  # [R, L]
+            loss_mat = torch.where(loss_mask, loss_mat * scale, 0.0)
+        return agg_loss(loss_mat=loss_mat, loss_mask=loss_mask, loss_agg_mode=loss_agg_mode, **info)
+
+    def reduce_metric_sums(self, sums: torch.Tensor, maximum: torch.Tensor):
+        """Sum the metric numerators/denominators [K] (last entry: this rank's loss) and max `maximum`."""
+        both = torch.cat([sums.double(), maximum.double().reshape(1)])
+        gathered = _all_gather(both, self.group, self.stats, "metrics")  # [world, K + 1]
+        total = gathered[:, :-1].sum(0)
+        self.whole = total[-1]
+        return total, gathered[:, -1].amax()
+
+    def whole_loss(self, local: torch.Tensor) -> torch.Tensor:
+        """Value: the gathered loss; gradient: that of this rank's share (see the module docstring)."""
+        return local + (self.whole.to(local.dtype) - local).detach()
