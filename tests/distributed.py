@@ -21,6 +21,17 @@ import torch.distributed as dist
 COLLECTIVE_TIMEOUT_S = 60
 
 
+def _plain(x):
+    """Tensors as nested lists: a tensor sent through the queue would outlive the child's shared memory."""
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_plain(v) for v in x)
+    return x
+
+
 def _child(fn, rank, world, store_path, queue, args):
     try:
         torch.set_num_threads(1)
@@ -35,7 +46,7 @@ def _child(fn, rank, world, store_path, queue, args):
             result = fn(rank, world, *args)
         finally:
             dist.destroy_process_group()
-        queue.put((rank, "ok", result))
+        queue.put((rank, "ok", _plain(result)))
     except BaseException:  # report everything (assertion errors included) to the parent
         queue.put((rank, "error", traceback.format_exc()))
 

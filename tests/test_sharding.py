@@ -65,17 +65,28 @@ def _check_loss(case, shard, group, setting, mode, dtype):
     cfg = actor_config(mode, cppo=setting)
     new = case.new.clone().requires_grad_(True)
     ref_loss, ref_metrics = compute_policy_loss_cppo(
-        old_log_prob=case.old, log_prob=new, advantages=case.adv, response_mask=case.mask,
-        loss_agg_mode=mode, config=cfg, rollout_is_weights=case.is_weights,
-    )  # fmt: skip
+        old_log_prob=case.old,
+        log_prob=new,
+        advantages=case.adv,
+        response_mask=case.mask,
+        loss_agg_mode=mode,
+        config=cfg,
+        rollout_is_weights=case.is_weights,
+    )
     ref_loss.backward()
     t = shard.tensors
     local_new = t["new"].clone().requires_grad_(True)
     ctx = ShardContext(shard.layout, group)
     loss, metrics = compute_policy_loss_cppo(
-        old_log_prob=t["old"], log_prob=local_new, advantages=t["adv"], response_mask=t["mask"],
-        loss_agg_mode=mode, config=cfg, rollout_is_weights=t.get("is_weights"), shard=ctx,
-    )  # fmt: skip
+        old_log_prob=t["old"],
+        log_prob=local_new,
+        advantages=t["adv"],
+        response_mask=t["mask"],
+        loss_agg_mode=mode,
+        config=cfg,
+        rollout_is_weights=t.get("is_weights"),
+        shard=ctx,
+    )
     loss.backward()
     tol = _tol(dtype)
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), **tol, msg=lambda m: f"{m} ({setting}, {mode})")
@@ -159,9 +170,14 @@ def test_world_size_one_is_the_ordinary_path(mode, gen):
         for shard in (None, ShardContext(single_rank_layout(old.shape))):
             x = new.clone().requires_grad_(True)
             loss, metrics = compute_policy_loss_cppo(
-                old_log_prob=old, log_prob=x, advantages=adv, response_mask=mask, loss_agg_mode=mode,
-                config=cfg, shard=shard,
-            )  # fmt: skip
+                old_log_prob=old,
+                log_prob=x,
+                advantages=adv,
+                response_mask=mask,
+                loss_agg_mode=mode,
+                config=cfg,
+                shard=shard,
+            )
             loss.backward()
             out.append((loss.detach(), x.grad, metrics))
         (loss_a, grad_a, met_a), (loss_b, grad_b, met_b) = out
@@ -177,6 +193,10 @@ def test_shuffle_positions_is_refused_on_shards(gen):
     cfg = actor_config("token-mean", cppo={"shuffle_positions": True})
     with pytest.raises(ValueError, match="shuffle_positions"):
         compute_policy_loss_cppo(
-            old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask, config=cfg,
+            old_log_prob=old,
+            log_prob=new,
+            advantages=adv,
+            response_mask=mask,
+            config=cfg,
             shard=ShardContext(single_rank_layout(old.shape)),
-        )  # fmt: skip
+        )

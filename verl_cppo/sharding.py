@@ -397,3 +397,9 @@ class ShardContext:
     def whole_loss(self, local: torch.Tensor) -> torch.Tensor:
         """Value: the gathered loss; gradient: that of this rank's share (see the module docstring)."""
         return local + (self.whole.to(local.dtype) - local).detach()
+
+    def whole_losses(self, locals_: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``whole_loss`` for several local shares (extra loss terms), reduced in one message."""
+        shares = torch.stack([x.detach().double().reshape(()) for x in locals_])
+        total = _all_gather(shares, self.group, self.stats, "extra").sum(0)  # [K]
+        return [x + (t.to(x.dtype) - x).detach() for x, t in zip(locals_, total, strict=True)]
