@@ -25,6 +25,7 @@ the hook and ``patches/megatron_shard_local_loss.diff`` is the equivalent change
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import logging
@@ -39,7 +40,17 @@ from verl_cppo.loss import compute_policy_loss_cppo
 from verl_cppo.shard_layout import ShardLayout, zigzag_thd_layout
 from verl_cppo.sharding import ShardContext
 
-__all__ = ["ShardLocalOutput", "install", "installed", "shard_local_ppo_loss", "thd_response_layout", "uninstall"]
+__all__ = [
+    "ShardLocalOutput",
+    "install",
+    "installed",
+    "keep_shard_or_postprocess_thd",
+    "route_shard_local",
+    "shard_local_ppo_loss",
+    "shard_local_scope",
+    "thd_response_layout",
+    "uninstall",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,24 +99,29 @@ def _shard_local_reason(engine, loss_function, forward_only: bool) -> str | None
     return None
 
 
-def _forward_backward_batch(self, data, loss_function, forward_only=False):
-    reason = _shard_local_reason(self, loss_function, forward_only)
+@contextlib.contextmanager
+def shard_local_scope(engine, loss_function, forward_only: bool):
+    """Around Megatron's schedule in ``forward_backward_batch``: keep shards for this batch if it qualifies."""
+    reason = _shard_local_reason(engine, loss_function, forward_only)
     if reason:
         _warn_once(reason)
     token = _ACTIVE.set(reason is None)
     try:
-        return _ORIGINALS["forward_backward_batch"](self, data, loss_function, forward_only=forward_only)
+        yield
     finally:
         _ACTIVE.reset(token)
 
 
-def _postprocess_thd_engine(
+def keep_shard_or_postprocess_thd(
     output, packed_seq_params, input_ids, batch_size, post_process=True, local_cp_size=None, cp_layout="zigzag"
 ):
-    if _ACTIVE.get() and post_process and local_cp_size is None and cp_layout == "zigzag":
+    """verl's ``postprocess_thd_engine``, except inside ``shard_local_scope``: this rank's shard, not gathered."""
+    from verl.models.mcore.util import postprocess_thd_engine
+
+    if _ACTIVE.get() and post_process:
         from megatron.core import parallel_state as mpu
 
-        if mpu.get_context_parallel_world_size() > 1:
+        if local_cp_size is None and cp_layout == "zigzag" and mpu.get_context_parallel_world_size() > 1:
             return ShardLocalOutput(
                 local=output,
                 cu_seqlens_padded=packed_seq_params.cu_seqlens_q_padded,
@@ -113,24 +129,33 @@ def _postprocess_thd_engine(
                 cp_size=mpu.get_context_parallel_world_size(),
                 group=mpu.get_context_parallel_group(),
             )
-    if _ACTIVE.get() and post_process:
         _warn_once(f"CP layout {cp_layout!r} / dynamic CP is not supported")
-    return _ORIGINALS["postprocess_thd_engine"](
+    return postprocess_thd_engine(
         output, packed_seq_params, input_ids, batch_size, post_process, local_cp_size, cp_layout
     )
 
 
-def _postprocess_micro_batch_func(self, output, data, forward_only, loss_function, local_cp_size=None):
-    original = _ORIGINALS["postprocess_micro_batch_func"]
-    shards = {k: v for k, v in output.items() if isinstance(v, ShardLocalOutput)} if isinstance(output, dict) else {}
-    if not shards:
-        return original(self, output, data, forward_only, loss_function, local_cp_size=local_cp_size)
-    if len(shards) != len(output):
+def route_shard_local(output, loss_function):
+    """In ``postprocess_micro_batch_func``: shard-local outputs go to ``shard_local_ppo_loss`` instead of
+    ``ppo_loss``; returns (output, loss_function) to use. Training drops model_output, so none is kept."""
+    if not isinstance(output, dict) or not any(isinstance(v, ShardLocalOutput) for v in output.values()):
+        return output, loss_function
+    if not all(isinstance(v, ShardLocalOutput) for v in output.values()):
         raise RuntimeError(f"verl_cppo shard-local loss: mixed gathered/shard-local outputs {sorted(output)}")
     config = loss_function.keywords["config"]
-    shard_loss = functools.partial(shard_local_ppo_loss, config=config, outputs=shards)
-    # Training drops model_output (TrainingWorker.train_batch), so nothing per-token is reported back.
-    return original(self, {}, data, forward_only, shard_loss, local_cp_size=local_cp_size)
+    return {}, functools.partial(shard_local_ppo_loss, config=config, outputs=dict(output))
+
+
+def _forward_backward_batch(self, data, loss_function, forward_only=False):
+    with shard_local_scope(self, loss_function, forward_only):
+        return _ORIGINALS["forward_backward_batch"](self, data, loss_function, forward_only=forward_only)
+
+
+def _postprocess_micro_batch_func(self, output, data, forward_only, loss_function, local_cp_size=None):
+    output, loss_function = route_shard_local(output, loss_function)
+    return _ORIGINALS["postprocess_micro_batch_func"](
+        self, output, data, forward_only, loss_function, local_cp_size=local_cp_size
+    )
 
 
 def install() -> None:
@@ -145,7 +170,7 @@ def install() -> None:
     _ORIGINALS["postprocess_thd_engine"] = model_forward.postprocess_thd_engine
     MegatronEngine.forward_backward_batch = _forward_backward_batch
     MegatronEngineWithLMHead.postprocess_micro_batch_func = _postprocess_micro_batch_func
-    model_forward.postprocess_thd_engine = _postprocess_thd_engine
+    model_forward.postprocess_thd_engine = keep_shard_or_postprocess_thd
 
 
 def uninstall() -> None:
