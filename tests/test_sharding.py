@@ -59,6 +59,11 @@ def _check_scan(case, shard, group, rank):
     for q, bits in ((0.9, 4), (0.0, 4), (1.0, 4), (0.37, 4), (0.9, 1)):
         quant = shard_quantile(scan, shard.layout, q, div.dtype, group, radix_bits=bits, stats=stats)
         assert torch.equal(quant, row_quantile(div, valid, q)), (rank, q, bits, quant, row_quantile(div, valid, q))
+    tied = (div * 6).round() / 6  # a handful of distinct values: ties inside and across ranks
+    scan = shard_prefix_scan(local(tied), local(valid), local(case.mask), shard.layout, group, w_min=0.8)
+    for q in (0.9, 0.5, 0.1):
+        quant = shard_quantile(scan, shard.layout, q, div.dtype, group)
+        assert torch.equal(quant, row_quantile(tied, valid, q)), (rank, q, quant, row_quantile(tied, valid, q))
 
 
 def _check_loss(case, shard, group, setting, mode, dtype):
@@ -102,7 +107,8 @@ def _check_loss(case, shard, group, setting, mode, dtype):
     tags = [tag for tag, _ in ctx.stats.log]
     assert tags == ["scan"] + ["quantile"] * (len(tags) - 2) + ["metrics"] if world > 1 else tags == []
     for tag, nbytes in ctx.stats.log:
-        limit = {"scan": 8 * 9 * batch * per_rank, "quantile": 4 * 2 * batch * 16, "metrics": 8 * 12}[tag]
+        wire = 4 if dtype == torch.float32 else 8  # bytes of a count or key on the wire
+        limit = {"scan": 8 * 9 * batch * per_rank, "quantile": wire * 2 * batch * 16, "metrics": 8 * 12}[tag]
         assert nbytes == limit if tag != "quantile" else 0 < nbytes <= limit, (tag, nbytes, limit)
     assert ctx.stats.bytes_received == (world - 1) * ctx.stats.bytes_sent
     if cfg.policy_loss.cppo.delta_b_quantile is None:

@@ -18,17 +18,18 @@ rank (O(tokens) per rank, and the whole loss recomputed on every rank). Here eac
    gathering D. D >= 0, so the IEEE bit pattern of D is an order-preserving integer key. For each response
    the two order statistics floor(q (n-1)) and ceil(q (n-1)) are found by a radix search over keys: start
    from the global [min, max] key of step 1, cut the bracket into 2^radix_bits equal key intervals, all_gather
-   the local int32 counts per interval, keep the interval holding the target rank. The two targets share
-   one histogram while their brackets coincide (nearly always until the last round), closed brackets send
-   nothing. The bracket shrinks 2^radix_bits-fold per round: at most ceil(31 / radix_bits) rounds for float32
-   D (63 / radix_bits for float64), fewer when a response's D range is narrow; the result is the sorted value
-   bit for bit. radix_bits = 1 is the plain bisection on counts.
+   the local counts per interval, keep the interval holding the target rank. Once a bracket holds at most
+   2^radix_bits values (globally), the ranks send those values instead (same payload size) and the target is
+   read off the sorted union. The two targets share one bracket until they part; closed brackets send
+   nothing. A bracket shrinks 2^radix_bits-fold per round, so at most ceil(31 / radix_bits) rounds for
+   float32 D (63 / radix_bits for float64), in practice 3-5; the result is the sorted value bit for bit.
+   radix_bits = 1 is a bisection on counts.
 3. one all_gather of the metric sums (``loss._metrics``), so every rank reports the gathered metrics.
 
 Messages per call: 1 + R + 1 (R quantile rounds, 0 with fixed delta_b). Bytes a rank sends per call:
-8 * 9 * B * K (scan) + at most 4 * 2 * B * 2^radix_bits per round (quantile) + 8 * 12 (metrics), and it
-receives (world - 1) times that: O(responses x ranks), nothing proportional to tokens. K = pieces per rank
-(1 for Ulysses, 2 for the zigzag layouts).
+8 * 9 * B * K (scan) + at most w * 2 * B * 2^radix_bits per quantile round (w = 4 for float32 D, 8 for float64)
++ 8 * 12 (metrics), and it receives (world - 1) times that: O(responses x ranks), nothing proportional to
+tokens. K = pieces per rank (1 for Ulysses, 2 for the zigzag layouts).
 
 Loss and gradient. The per-token coefficients are computed without gradient, so the gathered loss L is a
 sum over tokens, L = sum_r L_r with L_r this rank's tokens' share (global normalisers from step 1). Each rank
@@ -230,6 +231,15 @@ def shard_prefix_scan(
     )
 
 
+def _slots(selected: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Number the selected (response, target) brackets; a shared upper target reuses the lower one's slot."""
+    count = int(selected.sum())
+    slot = torch.full(selected.shape, -1, dtype=torch.long, device=selected.device)
+    slot[selected] = torch.arange(count, device=selected.device)
+    slot[:, 1] = torch.where(shared, slot[:, 0], slot[:, 1])
+    return slot, count
+
+
 def shard_quantile(
     scan: ShardScan,
     layout: ShardLayout,
@@ -242,7 +252,10 @@ def shard_quantile(
 ) -> torch.Tensor:
     """Exact per-response torch.quantile(D[valid], q) (linear interpolation) by a radix search on key counts.
 
-    Returns [B] in `dtype`, 0 for responses without valid tokens; identical on every rank of the group.
+    Each round, every open bracket either sends 2^radix_bits interval counts or, once it holds at most
+    2^radix_bits values (globally), the values themselves (padded to 2^radix_bits), which closes it: both
+    payloads are the same size. Returns [B] in `dtype`, 0 for responses without valid tokens; identical on
+    every rank of the group.
     """
     n = scan.n_valid  # [B]
     rank = q * (n - 1).clamp(min=0).to(dtype)  # [B] exactly as mask.row_quantile
@@ -252,7 +265,10 @@ def shard_quantile(
     lo = torch.where(empty, 0, scan.key_min)[:, None].repeat(1, 2)  # [B, 2] bracket of each target's key
     hi = torch.where(empty, 0, scan.key_max)[:, None].repeat(1, 2)
     before = torch.zeros_like(lo)  # [B, 2] values with key < lo
+    inside_n = torch.where(empty, 0, n)[:, None].repeat(1, 2)  # [B, 2] values with lo <= key <= hi
     parts = 1 << radix_bits
+    wire = torch.int32 if dtype == torch.float32 else torch.int64  # float32 keys and all counts fit int32
+    pad = torch.iinfo(wire).max
     row = layout.row.clamp(min=0)
     keys, valid = scan.keys, scan.valid
     dev = keys.device
@@ -261,27 +277,48 @@ def shard_quantile(
         open_ = lo < hi  # [B, 2]; the same on every rank: brackets come from gathered counts
         if not bool(open_.any()):
             break
-        # One histogram per distinct open bracket: the upper target shares the lower one's until they part.
+        # One payload per distinct open bracket: the upper target shares the lower one's until they part.
         shared = open_.all(-1) & (lo[:, 0] == lo[:, 1]) & (hi[:, 0] == hi[:, 1])  # [B]
         own = open_ & torch.stack([torch.ones_like(shared), ~shared], -1)  # [B, 2]
-        n_slots = int(own.sum())
-        slot = torch.full_like(lo, -1)
-        slot[own] = torch.arange(n_slots, device=dev)
-        slot[:, 1] = torch.where(shared, slot[:, 0], slot[:, 1])
+        few = inside_n <= parts  # [B, 2] brackets small enough to send their values
+        slot_h, n_hist = _slots(own & ~few, shared)
+        slot_v, n_vals = _slots(own & few, shared)
+        tlo, thi = lo[row], hi[row]  # [N, 2]
+        in_bracket = valid[:, None] & (keys[:, None] >= tlo) & (keys[:, None] <= thi)  # [N, 2]
         width = (hi - lo) // parts + 1  # [B, 2] ceil((hi - lo + 1) / parts)
-        tlo, thi, tw = lo[row], hi[row], width[row]  # [N, 2]
-        inside = (valid[:, None] & own[row]) & (keys[:, None] >= tlo) & (keys[:, None] <= thi)  # [N, 2]
-        idx = slot[row] * parts + torch.where(inside, (keys[:, None] - tlo) // tw, 0)  # [N, 2]
-        local = torch.zeros(n_slots * parts, dtype=torch.int32, device=dev)
-        local.scatter_add_(0, idx[inside], torch.ones_like(idx[inside], dtype=torch.int32))
-        counts = _all_gather(local, group, stats, "quantile").sum(0, dtype=torch.int64).view(n_slots, parts)
-        counts = counts[slot.clamp(min=0)]  # [B, 2, parts] (meaningless where the bracket is closed)
+        hist = in_bracket & (own & ~few)[row]  # [N, 2] token counted in its target's histogram
+        idx = slot_h[row] * parts + torch.where(hist, (keys[:, None] - tlo) // width[row], 0)  # [N, 2]
+        local_h = torch.zeros(n_hist * parts, dtype=wire, device=dev)
+        local_h.scatter_add_(0, idx[hist], torch.ones_like(idx[hist], dtype=wire))
+        vals = in_bracket & (own & few)[row]  # [N, 2] token sent as a value
+        v_slot, v_key = slot_v[row][vals], keys[:, None].expand(-1, 2)[vals]  # [M]
+        order = torch.argsort(v_slot, stable=True)
+        v_slot, v_key = v_slot[order], v_key[order]
+        first = torch.searchsorted(v_slot, v_slot)  # [M] index of each slot's first entry
+        local_v = torch.full((n_vals * parts,), pad, dtype=wire, device=dev)
+        local_v[v_slot * parts + torch.arange(v_slot.numel(), device=dev) - first] = v_key.to(wire)
+        got = _all_gather(torch.cat([local_h, local_v]), group, stats, "quantile")  # [world, (H + V) * parts]
+        counts = got[:, : n_hist * parts].sum(0, dtype=torch.int64).view(n_hist, parts)  # [H, parts]
+        counts = counts[slot_h.clamp(min=0)] if n_hist else lo.new_zeros(*lo.shape, parts)  # [B, 2, parts]
+        world = got.shape[0]
+        values = got[:, n_hist * parts :].reshape(world, n_vals, parts).transpose(0, 1).reshape(n_vals, world * parts)
+        values = values.long().sort(-1).values  # [V, world * parts] ascending, pads last
+        values = values[slot_v.clamp(min=0)] if n_vals else lo.new_zeros(*lo.shape, 1)  # [B, 2, world * parts]
+        # histogram brackets: keep the interval holding the target
         cum = before[..., None] + torch.cumsum(counts, -1)  # [B, 2, parts]
-        j = (cum <= target[..., None]).sum(-1).clamp(max=parts - 1)  # [B, 2] interval holding the target
-        before = torch.where(open_, before + (counts * (ladder < j[..., None])).sum(-1), before)
+        j = (cum <= target[..., None]).sum(-1).clamp(max=parts - 1)  # [B, 2]
+        step = open_ & ~few
         new_lo = lo + j * width
-        hi = torch.where(open_, torch.minimum(new_lo + width - 1, hi), hi)
-        lo = torch.where(open_, new_lo, lo)
+        new_hi = torch.minimum(new_lo + width - 1, hi)
+        new_n = counts.gather(-1, j[..., None]).squeeze(-1)
+        before = torch.where(step, before + (counts * (ladder < j[..., None])).sum(-1), before)
+        # value brackets: the target is the (target - before)-th of the gathered values
+        pick = (target - before).clamp(0, values.shape[-1] - 1)
+        exact = values.gather(-1, pick[..., None]).squeeze(-1)  # [B, 2]
+        done = open_ & few
+        lo = torch.where(step, new_lo, torch.where(done, exact, lo))
+        hi = torch.where(step, new_hi, torch.where(done, exact, hi))
+        inside_n = torch.where(step, new_n, inside_n)
     values = _values(lo, dtype)  # [B, 2]
     quant = torch.lerp(values[:, 0], values[:, 1], rank - below_i.to(dtype))  # [B]
     return torch.where(empty, torch.zeros_like(quant), quant)
