@@ -36,6 +36,7 @@ from verl.trainer.ppo.core_algos import kl_penalty
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 
+from verl_cppo.config import cppo_config_of
 from verl_cppo.loss import compute_policy_loss_cppo
 from verl_cppo.shard_layout import ShardLayout, zigzag_thd_layout
 from verl_cppo.sharding import ShardContext
@@ -96,6 +97,8 @@ def _shard_local_reason(engine, loss_function, forward_only: bool) -> str | None
         return "use_fused_kernels=True is not supported"
     if cfg.dynamic_context_parallel:
         return "dynamic_context_parallel=True is not supported"
+    if cppo_config_of(loss_function.keywords["config"]).shuffle_positions:
+        return "cppo.shuffle_positions needs whole responses"
     return None
 
 
