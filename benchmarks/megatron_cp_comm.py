@@ -31,7 +31,7 @@ from tests.distributed import run_ranks
 from tests.verl_inputs import actor_config
 from verl_cppo.loss import compute_policy_loss_cppo
 from verl_cppo.shard_layout import zigzag_thd_layout
-from verl_cppo.sharding import ShardContext
+from verl_cppo.shard_loss import ShardContext
 
 # (name, prompt length range, response length range, tokens per micro-batch: ppo_max_token_len_per_gpu)
 SETTINGS = [

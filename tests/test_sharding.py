@@ -7,7 +7,7 @@ responses) and checks against the gathered rows on the same rank:
   * the distributed scan (global exclusive prefix sums of w*D and w, lengths) against ``mask``'s functions on
     the gathered rows, and the distributed quantile against ``row_quantile`` bit for bit;
   * the registered loss with ``shard=``: loss value, every metric, and the gradient on each local token;
-  * the bytes and messages sent, against the formula in ``verl_cppo.sharding``'s docstring.
+  * the bytes and messages sent, against the formulas in ``verl_cppo.sharding``'s docstring.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from verl_cppo.divergence import binary_tv
 from verl_cppo.loss import compute_policy_loss_cppo
 from verl_cppo.mask import exclusive_cumsum, position_weights, response_lengths, row_quantile
 from verl_cppo.shard_layout import single_rank_layout
-from verl_cppo.sharding import CommStats, ShardContext, shard_prefix_scan, shard_quantile
+from verl_cppo.shard_loss import ShardContext
+from verl_cppo.sharding import CommStats, shard_prefix_scan, shard_quantile
 
 SETTINGS = [
     {},

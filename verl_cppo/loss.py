@@ -24,7 +24,7 @@ from verl_cppo.divergence import binary_divergence
 from verl_cppo.mask import CPPOMask, cppo_mask, response_lengths, shuffled_positions
 
 if TYPE_CHECKING:
-    from verl_cppo.sharding import ShardContext
+    from verl_cppo.shard_loss import ShardContext
 
 __all__ = ["METRIC_KEYS", "CPPOTerms", "compute_policy_loss_cppo", "cppo_token_losses"]
 
@@ -155,7 +155,7 @@ def compute_policy_loss_cppo(
         loss_agg_mode: verl's aggregation mode, passed to ``agg_loss``.
         config: the worker's actor config (``config.policy_loss.cppo``, ``config.global_batch_info``).
         rollout_is_weights: [B, T] or None, multiplied into the per-token loss as verl's losses do.
-        shard: None for gathered rows (every verl engine in 0.9.1). A ``verl_cppo.sharding.ShardContext``
+        shard: None for gathered rows (every verl engine in 0.9.1). A ``verl_cppo.shard_loss.ShardContext``
             when the tensors are this rank's shard-local tokens: the returned loss then has the gathered
             loss's value and, w.r.t. this rank's log-probs, its gradient; metrics are the gathered ones.
 
@@ -165,7 +165,7 @@ def compute_policy_loss_cppo(
     cfg = cppo_config_of(config)
     terms = cppo_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights, shard)
     response_mask = response_mask.bool()
-    if shard is not None:  # shard-local tokens: this rank's share of the gathered loss (verl_cppo.sharding)
+    if shard is not None:  # shard-local tokens: this rank's share of the gathered loss (verl_cppo.shard_loss)
         local = shard.agg_loss(terms.pg_losses, response_mask, loss_agg_mode, getattr(config, "global_batch_info", {}))
         metrics = _metrics(local, terms, response_mask, cfg.ratio_cap, shard)
         return shard.whole_loss(local), metrics

@@ -9,11 +9,11 @@ rank. With this hook installed, a *training* micro-batch (``forward_only=False``
   ([1, sum_b S_b / cp], a ``ShardLocalOutput``) instead of gathering;
 * ``MegatronEngineWithLMHead.postprocess_micro_batch_func`` runs verl's own code with ``shard_local_ppo_loss``
   in place of ``ppo_loss``: it cuts the side inputs (old log-probs, advantages, masks, IS weights, ref
-  log-probs) to the same tokens and calls the ``cppo`` loss with a ``verl_cppo.sharding.ShardContext``.
+  log-probs) to the same tokens and calls the ``cppo`` loss with a ``verl_cppo.shard_loss.ShardContext``.
 
 The returned loss has the gathered loss's value and, w.r.t. this rank's log-probs, its gradient, so verl's
 scaling (x num_micro_batch; Megatron's x cp_size and DP x CP gradient average, or the per-token 3-tuple
-path) gives the same parameter gradient as the gathered path (see ``verl_cppo.sharding``). Every other case
+path) gives the same parameter gradient as the gathered path (see ``verl_cppo.shard_loss``). Every other case
 runs verl's gathered path unchanged: forward-only passes (log-prob computation), other losses, BSHD, fused
 kernels, dynamic CP, the contiguous CP layout, CP = 1; for the ones a user might expect to be shard-local a
 warning is logged once.
@@ -39,7 +39,7 @@ from verl.utils.metric import AggregationType, Metric
 from verl_cppo.config import cppo_config_of
 from verl_cppo.loss import compute_policy_loss_cppo
 from verl_cppo.shard_layout import ShardLayout, zigzag_thd_layout
-from verl_cppo.sharding import ShardContext
+from verl_cppo.shard_loss import ShardContext
 
 __all__ = [
     "ShardLocalOutput",
