@@ -50,6 +50,7 @@ def test_k_is_read_from_the_policy_loss_node():
         (["distillation.enabled=true"], "dp", "sglang", "distillation.enabled=True"),
         ([], "dp", "trtllm", "rollout.name='trtllm'"),
         ([], "torchtitan", "vllm", "actor strategy='torchtitan'"),
+        (["actor_rollout_ref.model.external_lib=verl_cppo.megatron_shard_local"], "megatron", "vllm", "shard-local"),
     ],
 )
 def test_unservable_topk_launches_are_refused(overrides, engine, rollout, message):

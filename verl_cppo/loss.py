@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
@@ -23,6 +23,9 @@ from verl_cppo.config import TOPK_DIVERGENCES, CPPOConfig, cppo_config_of
 from verl_cppo.divergence import KL_MAX, binary_divergence
 from verl_cppo.mask import CPPOMask, cppo_mask, response_lengths, shuffled_positions
 from verl_cppo.topk_loss import topk_divergence_input
+
+if TYPE_CHECKING:
+    from verl_cppo.shard_loss import ShardContext
 
 __all__ = ["METRIC_KEYS", "CPPOTerms", "compute_policy_loss_cppo", "cppo_token_losses"]
 
@@ -87,12 +90,14 @@ def cppo_token_losses(
     response_mask: torch.Tensor,
     cfg: CPPOConfig,
     rollout_is_weights: torch.Tensor | None = None,
+    shard: ShardContext | None = None,
     topk_divergence: torch.Tensor | None = None,
 ) -> CPPOTerms:
     """Per-token CPPO losses and mask for [B, T] rows; the registered loss aggregates them.
 
-    ``topk_divergence`` [B, T] is D for ``divergence=topk_*`` (see ``verl_cppo.topk_loss``); unused otherwise.
-    """
+    With ``shard`` the tensors are one rank's shard-local tokens of a sequence-parallel group (any 2-D shape,
+    flattened in ``shard.layout``'s order) and the mask uses global prefix sums (``verl_cppo.sharding``).
+    ``topk_divergence`` [B, T] is D for ``divergence=topk_*`` (see ``verl_cppo.topk_loss``); unused otherwise."""
     _check_shapes(
         log_prob=log_prob,
         old_log_prob=old_log_prob,
@@ -125,9 +130,12 @@ def cppo_token_losses(
             div = torch.where(valid, topk_divergence.to(dtype).nan_to_num(posinf=KL_MAX).clamp(0.0, KL_MAX), 0.0)
         else:
             div = torch.where(valid, binary_divergence(cfg.divergence, log_pi.detach(), log_mu), 0.0)  # [B, T]
-        lengths = response_lengths(response_mask)  # [B] H counts interior holes and dropped tokens
-        positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
-        gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions)
+        if shard is None:
+            lengths = response_lengths(response_mask)  # [B] H counts interior holes and dropped tokens
+            positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
+            gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions)
+        else:  # shard-local tokens: global positions, lengths, prefix sums and quantiles (verl_cppo.sharding)
+            gate = shard.cppo_mask(div, valid, toward_mu, cfg, response_mask)
         coef = -adv * rho.clamp(max=cfg.ratio_cap)  # [B, T] -A_t sg(min(rho_t, cap))
 
     pg_losses = torch.where(gate.weight > 0, coef * log_pi * gate.weight, 0.0)  # [B, T]
@@ -145,6 +153,7 @@ def compute_policy_loss_cppo(
     loss_agg_mode: str = "token-mean",
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
+    shard: ShardContext | None = None,
     **unused: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CPPO policy loss (arXiv 2606.10968) with verl's registered signature.
@@ -157,6 +166,9 @@ def compute_policy_loss_cppo(
         loss_agg_mode: verl's aggregation mode, passed to ``agg_loss``.
         config: the worker's actor config (``config.policy_loss.cppo``, ``config.global_batch_info``).
         rollout_is_weights: [B, T] or None, multiplied into the per-token loss as verl's losses do.
+        shard: None for gathered rows (every verl engine in 0.9.1). A ``verl_cppo.shard_loss.ShardContext``
+            when the tensors are this rank's shard-local tokens: the returned loss then has the gathered
+            loss's value and, w.r.t. this rank's log-probs, its gradient; metrics are the gathered ones.
         **unused: ``topk_divergence`` [B, T], D of ``divergence=topk_*`` (else taken from the engine hook's
             channel, ``verl_cppo.topk_loss``); other keywords are ignored.
 
@@ -165,8 +177,14 @@ def compute_policy_loss_cppo(
     """
     cfg = cppo_config_of(config)
     topk_div = unused.get("topk_divergence")  # Top-K divergences (issue 7): [B, T], see verl_cppo.topk_loss
-    terms = cppo_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights, topk_div)
+    terms = cppo_token_losses(
+        old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights, shard, topk_divergence=topk_div
+    )
     response_mask = response_mask.bool()
+    if shard is not None:  # shard-local tokens: this rank's share of the gathered loss (verl_cppo.shard_loss)
+        local = shard.agg_loss(terms.pg_losses, response_mask, loss_agg_mode, getattr(config, "global_batch_info", {}))
+        metrics = _metrics(local, terms, response_mask, cfg.ratio_cap, shard)
+        return shard.whole_loss(local), metrics
     batch_info = _finite_batch_info(getattr(config, "global_batch_info", None) or {}, response_mask)
     pg_loss = agg_loss(loss_mat=terms.pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **batch_info)
     return pg_loss, _metrics(pg_loss, terms, response_mask, cfg.ratio_cap)
@@ -177,31 +195,57 @@ def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _metrics(pg_loss: torch.Tensor, terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float) -> dict:
-    """All metrics in one device-to-host copy; raises if the loss is not finite."""
+def _metrics(
+    pg_loss: torch.Tensor, terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float, shard=None
+) -> dict:
+    """All metrics in one device-to-host copy; raises if the loss is not finite.
+
+    Every metric is a ratio of sums over tokens (or responses); with ``shard`` the token sums are reduced
+    over the group before the ratios are formed, so each rank reports the gathered values."""
     gate, div, rho, log_ratio, valid, nonfinite = terms[1:]
-    n_resp = response_mask.sum()
-    n_valid = valid.sum()
-    n_masked = gate.masked.sum()
-    n_by_budget = gate.masked_by_budget.sum()
+    token_sums = torch.stack(
+        [
+            x.to(torch.float64)
+            for x in (
+                response_mask.sum(),
+                valid.sum(),
+                gate.masked.sum(),
+                gate.masked_by_budget.sum(),
+                _masked_sum(div, valid),
+                _masked_sum(rho, valid),
+                (valid & (rho > ratio_cap)).sum(),
+                nonfinite.sum(),
+                gate.weight.sum(),
+                _masked_sum(-log_ratio, valid),
+                pg_loss.detach(),
+            )
+        ]
+    )
+    rho_max = torch.where(valid, rho, 0.0).amax() if rho.numel() else rho.new_zeros(())
     nonempty = valid.any(dim=-1)  # [B]
+    if shard is not None:  # sum over the group; per-response values are already global ([B] on every rank)
+        token_sums, rho_max = shard.reduce_metric_sums(token_sums, rho_max)
+        nonempty = shard.nonempty
+    n_resp, n_valid, n_masked, n_by_budget, div_sum, rho_sum, n_truncated, n_nonfinite, gate_sum, kl_sum, loss = (
+        token_sums.unbind()
+    )
     masked_frac = _ratio(n_masked, n_resp)
     stats = {
         "actor/cppo_masked_frac": masked_frac,
         "actor/cppo_masked_by_budget_share": _ratio(n_by_budget, n_masked),
         "actor/cppo_masked_by_token_share": _ratio(n_masked - n_by_budget, n_masked),
         "actor/cppo_delta_b_mean": _ratio(_masked_sum(gate.delta_b, nonempty), nonempty.sum()),
-        "actor/cppo_div_mean": _ratio(_masked_sum(div, valid), n_valid),
-        "actor/cppo_rho_mean": _ratio(_masked_sum(rho, valid), n_valid),
-        "actor/cppo_rho_max": torch.where(valid, rho, 0.0).amax() if rho.numel() else rho.new_zeros(()),
-        "actor/cppo_ratio_truncated_frac": _ratio((valid & (rho > ratio_cap)).sum(), n_valid),
-        "actor/cppo_nonfinite_frac": _ratio(nonfinite.sum(), n_resp),
-        "actor/cppo_gate_weight_mean": _ratio(gate.weight.sum(), n_valid),
+        "actor/cppo_div_mean": _ratio(div_sum, n_valid),
+        "actor/cppo_rho_mean": _ratio(rho_sum, n_valid),
+        "actor/cppo_rho_max": rho_max,
+        "actor/cppo_ratio_truncated_frac": _ratio(n_truncated, n_valid),
+        "actor/cppo_nonfinite_frac": _ratio(n_nonfinite, n_resp),
+        "actor/cppo_gate_weight_mean": _ratio(gate_sum, n_valid),
         "actor/pg_clipfrac": masked_frac,
-        "actor/ppo_kl": _ratio(_masked_sum(-log_ratio, valid), n_valid),
+        "actor/ppo_kl": _ratio(kl_sum, n_valid),
     }
     assert tuple(stats) == METRIC_KEYS
-    values = torch.stack([v.to(torch.float64) for v in stats.values()] + [pg_loss.detach().to(torch.float64)])
+    values = torch.stack([v.to(torch.float64) for v in stats.values()] + [loss.to(torch.float64)])
     *metric_values, loss_value = values.tolist()
     metrics = dict(zip(METRIC_KEYS, metric_values, strict=True))
     if not math.isfinite(loss_value):

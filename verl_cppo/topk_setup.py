@@ -89,6 +89,13 @@ def check_topk_config(config: Any) -> list[str]:
     for key, reason in refused.items():
         if _get(config, key, False):
             errors.append(f"{where} does not support {key}=True ({reason}); set it to False")
+    external = _get(config, "actor_rollout_ref.model.external_lib", None) or []
+    external = [external] if isinstance(external, str) else list(external)
+    if "verl_cppo.megatron_shard_local" in external:
+        errors.append(
+            f"{where} needs the engine's gathered per-token outputs; the shard-local Megatron CP loss "
+            "(actor_rollout_ref.model.external_lib=verl_cppo.megatron_shard_local) does not carry D: remove it"
+        )
     preset = os.environ.get(ENV_TOPK)
     if preset and preset != str(k):
         errors.append(f"{ENV_TOPK}={preset} is set in the environment but cppo.topk={k}; unset it")
