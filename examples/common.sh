@@ -19,9 +19,9 @@ REPO_ROOT=$(cd "${EXAMPLES_DIR}/.." && pwd)
 #   dppo_tv                  verl's built-in DPPO binary-TV, threshold DELTA (the paper's DPPO row uses Top-K TV)
 #   grpo_clip_higher         GRPO / PPO ratio clip with clip-higher 0.2 / 0.28
 METHOD=${METHOD:-cppo}
-# Per-token divergence of CPPO. The paper's main tables use topk_tv (K=20), which needs mu's top-K log-probs
-# from the rollout; until verl-cppo's Top-K support lands, CPPOConfig refuses topk_* and the default is
-# binary_tv (the paper's ablation finds it about equal).
+# Per-token divergence of CPPO. The paper's main tables use topk_tv (K=TOPK=20): the rollout then returns mu's
+# top-K log-probs and the engine computes D on pi's logits (README "Top-K divergences"). The default stays
+# binary_tv (the paper's ablation finds it about equal) until the Top-K path has run on GPUs.
 DIVERGENCE=${DIVERGENCE:-binary_tv}
 TOPK=${TOPK:-20}
 W_MIN=${W_MIN:-0.8}
@@ -113,9 +113,11 @@ cppo_method_overrides() {
     )
     case "${DIVERGENCE}" in
         topk_*)
-            # Top-K divergences need mu's top-K log-probs from the rollout. The rollout keys that request them
-            # (K = TOPK) come with verl-cppo's Top-K support; list them here when it lands.
-            TOPK_ARGS=()
+            # K of the Top-K divergence; the driver exports it to every Ray process (rollout servers included).
+            TOPK_ARGS=("+${loss}.cppo.topk=${TOPK}")
+            if [ "${TOPK}" -gt 20 ]; then  # vLLM returns at most max_logprobs (default 20) log-probs per token
+                TOPK_ARGS+=("+actor_rollout_ref.rollout.engine_kwargs.vllm.max_logprobs=${TOPK}")
+            fi
             METHOD_ARGS+=("${TOPK_ARGS[@]}")
             ;;
     esac

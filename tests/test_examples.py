@@ -268,10 +268,18 @@ def test_unknown_method_and_launcher_are_refused():
     assert out.returncode != 0 and "LAUNCHER=slurm is not one of" in out.stderr
 
 
-def test_topk_divergence_is_refused_until_supported():
-    """DIVERGENCE=topk_tv is the paper's main setting; the loss refuses it with a clear message for now."""
-    report = dry_run.dry_run(_overrides(FSDP_SCRIPT, DIVERGENCE="topk_tv"))
-    assert any("needs mu's top-K log-probs from the rollout" in e for e in report.errors), report.errors
+def test_topk_divergence_passes_the_driver_checks():
+    """DIVERGENCE=topk_tv, the paper's main setting: the launch passes the driver's Top-K checks and K reaches
+    the Ray job's runtime env (README "Top-K divergences")."""
+    previous = os.environ.pop("VERL_CPPO_TOPK", None)
+    try:
+        report = dry_run.dry_run(_overrides(FSDP_SCRIPT, DIVERGENCE="topk_tv"))
+    finally:  # the driver check exports K to this process too
+        os.environ.pop("VERL_CPPO_TOPK", None)
+        if previous is not None:
+            os.environ["VERL_CPPO_TOPK"] = previous
+    assert report.errors == [], report.errors
+    assert report.config.ray_kwargs.ray_init.runtime_env.env_vars["VERL_CPPO_TOPK"] == "20"
 
 
 # ------------------------------------------------------------------------------------------ launchers

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
-from verl_cppo.config import CPPOConfig, cppo_config_of
-from verl_cppo.divergence import binary_divergence
+from verl_cppo.config import TOPK_DIVERGENCES, CPPOConfig, cppo_config_of
+from verl_cppo.divergence import KL_MAX, binary_divergence
 from verl_cppo.mask import CPPOMask, cppo_mask, response_lengths, shuffled_positions
+from verl_cppo.topk_loss import topk_divergence_input
 
 if TYPE_CHECKING:
     from verl_cppo.shard_loss import ShardContext
@@ -90,11 +91,13 @@ def cppo_token_losses(
     cfg: CPPOConfig,
     rollout_is_weights: torch.Tensor | None = None,
     shard: ShardContext | None = None,
+    topk_divergence: torch.Tensor | None = None,
 ) -> CPPOTerms:
     """Per-token CPPO losses and mask for [B, T] rows; the registered loss aggregates them.
 
     With ``shard`` the tensors are one rank's shard-local tokens of a sequence-parallel group (any 2-D shape,
-    flattened in ``shard.layout``'s order) and the mask uses global prefix sums (``verl_cppo.sharding``)."""
+    flattened in ``shard.layout``'s order) and the mask uses global prefix sums (``verl_cppo.sharding``).
+    ``topk_divergence`` [B, T] is D for ``divergence=topk_*`` (see ``verl_cppo.topk_loss``); unused otherwise."""
     _check_shapes(
         log_prob=log_prob,
         old_log_prob=old_log_prob,
@@ -107,6 +110,11 @@ def cppo_token_losses(
     finite = log_prob.isfinite() & old_log_prob.isfinite() & advantages.isfinite()  # [B, T]
     if rollout_is_weights is not None:
         finite &= rollout_is_weights.isfinite()
+    # --- Top-K divergences (issue 7): D comes from the engine, not from the sampled token's log-probs -------
+    if cfg.divergence in TOPK_DIVERGENCES:
+        topk_divergence = topk_divergence_input(topk_divergence, log_prob, cfg.divergence)
+        finite &= ~topk_divergence.isnan()  # +inf (KL) is a huge divergence, capped below, not missing data
+    # --- end Top-K divergences ---------------------------------------------------------------------------------
     valid = response_mask & finite  # [B, T]
 
     # Sanitise before anything enters the graph: where() routes exactly zero gradient to dropped entries.
@@ -118,7 +126,10 @@ def cppo_token_losses(
         log_ratio = (log_pi.detach() - log_mu).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # [B, T]
         rho = torch.exp(log_ratio)  # [B, T]
         toward_mu = adv * (rho - 1) <= 0  # [B, T]
-        div = torch.where(valid, binary_divergence(cfg.divergence, log_pi.detach(), log_mu), 0.0)  # [B, T]
+        if cfg.divergence in TOPK_DIVERGENCES:  # Top-K divergences (issue 7), capped like binary_kl
+            div = torch.where(valid, topk_divergence.to(dtype).nan_to_num(posinf=KL_MAX).clamp(0.0, KL_MAX), 0.0)
+        else:
+            div = torch.where(valid, binary_divergence(cfg.divergence, log_pi.detach(), log_mu), 0.0)  # [B, T]
         if shard is None:
             lengths = response_lengths(response_mask)  # [B] H counts interior holes and dropped tokens
             positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
@@ -158,12 +169,17 @@ def compute_policy_loss_cppo(
         shard: None for gathered rows (every verl engine in 0.9.1). A ``verl_cppo.shard_loss.ShardContext``
             when the tensors are this rank's shard-local tokens: the returned loss then has the gathered
             loss's value and, w.r.t. this rank's log-probs, its gradient; metrics are the gathered ones.
+        **unused: ``topk_divergence`` [B, T], D of ``divergence=topk_*`` (else taken from the engine hook's
+            channel, ``verl_cppo.topk_loss``); other keywords are ignored.
 
     Returns:
         (loss: 0-dim float tensor, metrics: dict with the keys of METRIC_KEYS on every call)
     """
     cfg = cppo_config_of(config)
-    terms = cppo_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights, shard)
+    topk_div = unused.get("topk_divergence")  # Top-K divergences (issue 7): [B, T], see verl_cppo.topk_loss
+    terms = cppo_token_losses(
+        old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights, shard, topk_divergence=topk_div
+    )
     response_mask = response_mask.bool()
     if shard is not None:  # shard-local tokens: this rank's share of the gathered loss (verl_cppo.shard_loss)
         local = shard.agg_loss(terms.pg_losses, response_mask, loss_agg_mode, getattr(config, "global_batch_info", {}))
