@@ -21,9 +21,10 @@ from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
 from verl_cppo.config import CPPOConfig, cppo_config_of
 from verl_cppo.divergence import binary_divergence
-from verl_cppo.mask import CPPOMask, cppo_mask, response_lengths, shuffled_positions
+from verl_cppo.kernels import use_triton
+from verl_cppo.mask import CPPOMask, as_float, cppo_mask, response_lengths, shuffled_positions
 
-__all__ = ["METRIC_KEYS", "CPPOTerms", "compute_policy_loss_cppo", "cppo_token_losses"]
+__all__ = ["METRIC_KEYS", "STAT_NAMES", "CPPOTerms", "compute_policy_loss_cppo", "cppo_token_losses", "torch_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +56,14 @@ def _check_shapes(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"cppo loss: expected [batch, response_len] tensors, log_prob has shape {tuple(shape)}")
 
 
-def _finite_batch_info(global_batch_info: dict, mask: torch.Tensor) -> dict:
+def _finite_batch_info(global_batch_info: dict, mask: torch.Tensor, loss_agg_mode: str) -> dict:
     """verl's agg_loss divides by local counts when no global count is given; keep 0/0 from becoming NaN."""
     info = dict(global_batch_info)
-    if info.get("batch_num_tokens") is None:
+    if loss_agg_mode == "token-mean" and info.get("batch_num_tokens") is None:
         info["batch_num_tokens"] = mask.sum().clamp(min=1)
-    if info.get("global_batch_size") is None:
+    if loss_agg_mode.startswith("seq-mean") and info.get("global_batch_size") is None:
         info["global_batch_size"] = mask.any(dim=-1).sum().clamp(min=1)
     return info
-
-
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return num / den.clamp(min=1)
 
 
 class CPPOTerms(NamedTuple):
@@ -79,6 +76,36 @@ class CPPOTerms(NamedTuple):
     nonfinite: torch.Tensor  # [B, T] bool, response tokens dropped for non-finite inputs
 
 
+def _all_finite(*tensors: torch.Tensor | None) -> bool:
+    """True when every entry is finite: an inf or NaN anywhere makes the sum non-finite (one sync on GPU).
+
+    A sum that overflows only sends the caller down the sanitising path, which is exact for any input."""
+    total = sum(t.sum(dtype=torch.float64) for t in tensors if t is not None)
+    return bool(torch.isfinite(torch.as_tensor(total)))
+
+
+class _LinearInLogProb(torch.autograd.Function):
+    """loss_t = coef_t * value_t (* w_t) with coef and w detached: the backward is grad * coef (* w).
+
+    log_prob [B, T] carries the graph; value [B, T] is its detached (sanitised) copy in the compute dtype;
+    is_weights [B, T] or None. The forward multiplies in verl's order ((coef * log pi) * IS weight)."""
+
+    @staticmethod
+    def forward(ctx, log_prob, coef, value, is_weights):
+        ctx.grad_dtype = log_prob.dtype
+        out = coef * value  # [B, T]
+        if is_weights is not None:
+            out.mul_(is_weights)
+            coef = coef * is_weights
+        ctx.save_for_backward(coef)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (coef,) = ctx.saved_tensors
+        return (grad * coef).to(ctx.grad_dtype), None, None, None
+
+
 def cppo_token_losses(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -87,7 +114,7 @@ def cppo_token_losses(
     cfg: CPPOConfig,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> CPPOTerms:
-    """Per-token CPPO losses and mask for [B, T] rows; the registered loss aggregates them."""
+    """Per-token CPPO losses and mask for [B, T] rows (the torch path); the registered loss aggregates them."""
     _check_shapes(
         log_prob=log_prob,
         old_log_prob=old_log_prob,
@@ -97,30 +124,34 @@ def cppo_token_losses(
     )
     dtype = torch.promote_types(log_prob.dtype, torch.float32)
     response_mask = response_mask.bool()
-    finite = log_prob.isfinite() & old_log_prob.isfinite() & advantages.isfinite()  # [B, T]
-    if rollout_is_weights is not None:
-        finite &= rollout_is_weights.isfinite()
-    valid = response_mask & finite  # [B, T]
-
-    # Sanitise before anything enters the graph: where() routes exactly zero gradient to dropped entries.
-    log_pi = torch.where(valid, log_prob.to(dtype), 0.0)  # [B, T] with grad
-    log_mu = torch.where(valid, old_log_prob.to(dtype), 0.0)  # [B, T]
-    adv = torch.where(valid, advantages.to(dtype), 0.0)  # [B, T]
-
+    is_weights = rollout_is_weights
     with torch.no_grad():
-        log_ratio = (log_pi.detach() - log_mu).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # [B, T]
+        log_pi, log_mu, adv = log_prob.detach().to(dtype), old_log_prob.to(dtype), advantages.to(dtype)
+        if is_weights is not None:
+            is_weights = is_weights.to(dtype)
+        if _all_finite(log_pi, log_mu, adv, is_weights):
+            valid = response_mask  # [B, T]
+            nonfinite = torch.zeros_like(response_mask)
+        else:  # zero every entry that is not valid, so that no inf or NaN reaches a sum or a product
+            finite = log_pi.isfinite() & log_mu.isfinite() & adv.isfinite()  # [B, T]
+            if is_weights is not None:
+                finite &= is_weights.isfinite()
+            valid = response_mask & finite  # [B, T]
+            nonfinite = response_mask & ~finite  # [B, T]
+            log_pi, log_mu, adv = (torch.where(valid, x, 0.0) for x in (log_pi, log_mu, adv))
+            if is_weights is not None:
+                is_weights = torch.where(valid, is_weights, 0.0)
+        log_ratio = (log_pi - log_mu).clamp_(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # [B, T]
         rho = torch.exp(log_ratio)  # [B, T]
-        toward_mu = adv * (rho - 1) <= 0  # [B, T]
-        div = torch.where(valid, binary_divergence(cfg.divergence, log_pi.detach(), log_mu), 0.0)  # [B, T]
+        toward_mu = (rho - 1).mul_(adv) <= 0  # [B, T] A_t (rho_t - 1) <= 0
+        div = binary_divergence(cfg.divergence, log_pi, log_mu).mul_(as_float(valid, dtype))  # [B, T] 0 off valid
         lengths = response_lengths(response_mask)  # [B] H counts interior holes and dropped tokens
         positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
         gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions)
-        coef = -adv * rho.clamp(max=cfg.ratio_cap)  # [B, T] -A_t sg(min(rho_t, cap))
+        coef = rho.clamp(max=cfg.ratio_cap).mul_(adv).mul_(gate.weight).neg_()  # [B, T] -w_t sg(min(rho, cap)) A_t
 
-    pg_losses = torch.where(gate.weight > 0, coef * log_pi * gate.weight, 0.0)  # [B, T]
-    if rollout_is_weights is not None:
-        pg_losses = pg_losses * torch.where(valid, rollout_is_weights.to(dtype), 0.0)
-    return CPPOTerms(pg_losses, gate, div, rho, log_ratio, valid, response_mask & ~finite)
+    pg_losses = _LinearInLogProb.apply(log_prob, coef, log_pi, is_weights)  # [B, T] d/d log pi = coef (* IS)
+    return CPPOTerms(pg_losses, gate, div, rho, log_ratio, valid, nonfinite)
 
 
 @register_policy_loss("cppo")
@@ -149,45 +180,87 @@ def compute_policy_loss_cppo(
         (loss: 0-dim float tensor, metrics: dict with the keys of METRIC_KEYS on every call)
     """
     cfg = cppo_config_of(config)
-    terms = cppo_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights)
     response_mask = response_mask.bool()
-    batch_info = _finite_batch_info(getattr(config, "global_batch_info", None) or {}, response_mask)
-    pg_loss = agg_loss(loss_mat=terms.pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **batch_info)
-    return pg_loss, _metrics(pg_loss, terms, response_mask, cfg.ratio_cap)
+    if use_triton(cfg.kernel, log_prob):  # the fused kernel: same per-token losses, per-row statistics
+        from verl_cppo.kernels.cppo_triton import fused_cppo_token_losses
+
+        pg_losses, stats = fused_cppo_token_losses(
+            old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights
+        )
+    else:
+        terms = cppo_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights)
+        pg_losses, stats = terms.pg_losses, torch_stats(terms, response_mask, cfg.ratio_cap)
+    info = getattr(config, "global_batch_info", None) or {}
+    batch_info = _finite_batch_info(info, response_mask, loss_agg_mode)
+    pg_loss = agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **batch_info)
+    return pg_loss, _metrics(pg_loss, stats)
 
 
-def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, x, 0.0).sum()  # no boolean indexing: it would sync the device
+STAT_NAMES = (
+    "response_tokens",
+    "valid_tokens",
+    "masked",
+    "masked_by_budget",
+    "div_sum",
+    "rho_sum",
+    "rho_max",
+    "ratio_truncated",
+    "gate_weight_sum",
+    "neg_log_ratio_sum",
+    "delta_b_sum",  # over responses with at least one valid token
+    "nonempty_responses",
+)
+"""The sums the metrics are formed from, in this order (``torch_stats`` and the fused kernel's row stats)."""
 
 
 @torch.no_grad()
-def _metrics(pg_loss: torch.Tensor, terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float) -> dict:
-    """All metrics in one device-to-host copy; raises if the loss is not finite."""
-    gate, div, rho, log_ratio, valid, nonfinite = terms[1:]
-    n_resp = response_mask.sum()
-    n_valid = valid.sum()
-    n_masked = gate.masked.sum()
-    n_by_budget = gate.masked_by_budget.sum()
-    nonempty = valid.any(dim=-1)  # [B]
-    masked_frac = _ratio(n_masked, n_resp)
-    stats = {
+def torch_stats(terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float) -> torch.Tensor:
+    """The STAT_NAMES sums of the torch path as one [len(STAT_NAMES)] float64 tensor (no host sync)."""
+    gate, div, rho, log_ratio, valid = terms[1:6]
+    dtype = rho.dtype
+    validf = as_float(valid, dtype)  # [B, T]
+    rho_v = rho * validf  # [B, T] 0 off valid
+    per_row = validf.sum(dim=-1)  # [B] valid tokens per response
+    nonempty = as_float(per_row > 0, dtype)  # [B]
+    sums = [
+        as_float(response_mask, dtype).sum(),
+        per_row.sum(),
+        as_float(gate.masked, dtype).sum(),
+        as_float(gate.masked_by_budget, dtype).sum(),
+        div.sum(),
+        rho_v.sum(),
+        rho_v.amax() if rho_v.numel() else rho_v.new_zeros(()),
+        as_float(rho_v > ratio_cap, dtype).sum(),
+        gate.weight.sum(),
+        -torch.dot(log_ratio.reshape(-1), validf.reshape(-1)),
+        torch.dot(gate.delta_b, nonempty),
+        nonempty.sum(),
+    ]
+    return torch.stack(sums).to(torch.float64)
+
+
+def _metrics(pg_loss: torch.Tensor, stats: torch.Tensor) -> dict:
+    """All metrics from the STAT_NAMES sums in one device-to-host copy; raises if the loss is not finite."""
+    values = torch.cat([stats.to(torch.float64), pg_loss.detach().to(torch.float64).reshape(1)]).tolist()
+    *sums, loss_value = values
+    s = dict(zip(STAT_NAMES, sums, strict=True))
+    n_resp, n_valid, n_masked = s["response_tokens"], s["valid_tokens"], s["masked"]
+    masked_frac = n_masked / max(n_resp, 1.0)
+    metrics = {
         "actor/cppo_masked_frac": masked_frac,
-        "actor/cppo_masked_by_budget_share": _ratio(n_by_budget, n_masked),
-        "actor/cppo_masked_by_token_share": _ratio(n_masked - n_by_budget, n_masked),
-        "actor/cppo_delta_b_mean": _ratio(_masked_sum(gate.delta_b, nonempty), nonempty.sum()),
-        "actor/cppo_div_mean": _ratio(_masked_sum(div, valid), n_valid),
-        "actor/cppo_rho_mean": _ratio(_masked_sum(rho, valid), n_valid),
-        "actor/cppo_rho_max": torch.where(valid, rho, 0.0).amax() if rho.numel() else rho.new_zeros(()),
-        "actor/cppo_ratio_truncated_frac": _ratio((valid & (rho > ratio_cap)).sum(), n_valid),
-        "actor/cppo_nonfinite_frac": _ratio(nonfinite.sum(), n_resp),
-        "actor/cppo_gate_weight_mean": _ratio(gate.weight.sum(), n_valid),
+        "actor/cppo_masked_by_budget_share": s["masked_by_budget"] / max(n_masked, 1.0),
+        "actor/cppo_masked_by_token_share": (n_masked - s["masked_by_budget"]) / max(n_masked, 1.0),
+        "actor/cppo_delta_b_mean": s["delta_b_sum"] / max(s["nonempty_responses"], 1.0),
+        "actor/cppo_div_mean": s["div_sum"] / max(n_valid, 1.0),
+        "actor/cppo_rho_mean": s["rho_sum"] / max(n_valid, 1.0),
+        "actor/cppo_rho_max": s["rho_max"],
+        "actor/cppo_ratio_truncated_frac": s["ratio_truncated"] / max(n_valid, 1.0),
+        "actor/cppo_nonfinite_frac": (n_resp - n_valid) / max(n_resp, 1.0),
+        "actor/cppo_gate_weight_mean": s["gate_weight_sum"] / max(n_valid, 1.0),
         "actor/pg_clipfrac": masked_frac,
-        "actor/ppo_kl": _ratio(_masked_sum(-log_ratio, valid), n_valid),
+        "actor/ppo_kl": s["neg_log_ratio_sum"] / max(n_valid, 1.0),
     }
-    assert tuple(stats) == METRIC_KEYS
-    values = torch.stack([v.to(torch.float64) for v in stats.values()] + [pg_loss.detach().to(torch.float64)])
-    *metric_values, loss_value = values.tolist()
-    metrics = dict(zip(METRIC_KEYS, metric_values, strict=True))
+    assert tuple(metrics) == METRIC_KEYS
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"cppo loss is {loss_value}; metrics of this micro-batch: {metrics}")
     if metrics["actor/cppo_nonfinite_frac"] > 0:

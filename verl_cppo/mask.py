@@ -28,9 +28,11 @@ import torch.nn.functional as F
 __all__ = [
     "CPPOMask",
     "MaskParams",
+    "as_float",
     "calibrated_delta_b",
     "cppo_mask",
     "exclusive_cumsum",
+    "hard_gate",
     "position_weights",
     "prefix_gate",
     "response_lengths",
@@ -61,10 +63,19 @@ class CPPOMask(NamedTuple):
     delta_b: torch.Tensor  # [B] delta_b in effect for each response
 
 
+def as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as 0/1 floats (through a uint8 view: several times faster than bool -> float on CPU)."""
+    return mask.view(torch.uint8).to(dtype) if mask.dtype == torch.bool else mask.to(dtype)
+
+
 def response_lengths(mask: torch.Tensor) -> torch.Tensor:
     """Position (1-based) of each row's last True entry, 0 for an empty row. mask [B, T] -> [B] int64."""
-    cols = torch.arange(1, mask.shape[-1] + 1, device=mask.device)  # [T]
-    return (mask.long() * cols).amax(dim=-1) if mask.shape[-1] > 0 else mask.new_zeros(mask.shape[:-1]).long()
+    width = mask.shape[-1]
+    if width == 0:
+        return mask.new_zeros(mask.shape[:-1], dtype=torch.long)
+    dtype = torch.float32 if width < 2**24 else torch.float64  # column numbers are exact in this dtype
+    cols = torch.arange(1, width + 1, device=mask.device, dtype=dtype)  # [T]
+    return (as_float(mask.bool(), dtype) * cols).amax(dim=-1).long()
 
 
 def shuffled_positions(lengths: torch.Tensor, width: int, generator: torch.Generator | None = None):
@@ -94,22 +105,40 @@ def position_weights(positions: torch.Tensor, horizon: torch.Tensor | float, w_m
 
 def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     """sum_{j<t} x_j along the last dim, as a shifted inclusive scan (exactly the sequential partial sums)."""
-    return F.pad(torch.cumsum(x, dim=-1)[..., :-1], (1, 0))
+    if not x.is_floating_point() or x.shape[-1] == 0:
+        return F.pad(torch.cumsum(x, dim=-1)[..., :-1], (1, 0))
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out[..., 0] = 0
+    torch.cumsum(x[..., :-1], dim=-1, out=out[..., 1:])  # written in place: no padded copy
+    return out
 
 
 def row_quantile(values: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
     """Per-row torch.quantile(values[b][valid[b]], q) with linear interpolation; NaN-free, 0 for empty rows.
 
-    values [B, T] float, valid [B, T] bool -> [B].
+    values [B, T] float (finite where valid), valid [B, T] bool -> [B]. Exact, by selection instead of a
+    sort: row b needs its order statistics of rank below_b = floor(q (n_b - 1)) and below_b + 1. Prepending
+    k - below_b entries of -inf (and k - (k - below_b) of +inf; invalid entries become +inf) moves every
+    row's rank-below_b value to the same column k = max_b below_b, so one kthvalue serves all rows.
     """
+    batch, width = values.shape
     count = valid.sum(dim=-1)  # [B]
-    ordered = torch.where(valid, values, torch.inf).sort(dim=-1).values  # [B, T], valid entries first
-    rank = q * (count - 1).clamp(min=0).to(values.dtype)  # [B]
-    below = rank.floor().long()  # [B]
-    above = rank.ceil().long()  # [B]
-    v_below = ordered.gather(-1, below[:, None]).squeeze(-1)  # [B]
-    v_above = ordered.gather(-1, above[:, None]).squeeze(-1)  # [B]
-    quant = torch.lerp(v_below, v_above, rank - below.to(values.dtype))  # [B]
+    rank = q * (count - 1).clamp(min=0).to(values.dtype)  # [B] as torch.quantile computes it
+    below = rank.floor()  # [B]
+    if width == 0 or batch == 0:
+        return torch.zeros_like(rank)
+    k = int(below.max())  # one host sync: kthvalue takes a Python k
+    cols = torch.arange(k, device=values.device, dtype=values.dtype)  # [k]
+    lead = values.new_full((batch, k), torch.inf).masked_fill_(cols < (k - below)[:, None], -torch.inf)  # [B, k]
+    filled = torch.cat([lead, torch.where(valid, values, torch.inf)], dim=-1)  # [B, k + T]
+    v_below = filled.kthvalue(k + 1, dim=-1).values  # [B] rank below_b among row b's valid values
+    frac = rank - below  # [B]
+    if width > 1 and bool((frac > 0).any()):
+        v_above = filled.kthvalue(k + 2, dim=-1).values  # [B] rank below_b + 1 (used where frac > 0)
+        v_above = torch.where(frac > 0, v_above, v_below)
+    else:
+        v_above = v_below
+    quant = torch.lerp(v_below, v_above, frac)  # [B]
     return torch.where(count > 0, quant, torch.zeros_like(quant))
 
 
@@ -117,13 +146,26 @@ def calibrated_delta_b(div: torch.Tensor, valid: torch.Tensor, params: MaskParam
     """clamp(k * quantile_q(D), delta_b, max_mult * delta_b) per response; delta_b for empty rows.
 
     div [B, T], valid [B, T] bool -> [B]. Fixed delta_b when params.delta_b_quantile is None.
+    The clamp usually decides the value: a row whose (k-scaled) order statistic of rank ceil(q (n - 1)) is
+    <= delta_b gets delta_b, one whose rank floor(q (n - 1)) is >= the cap gets the cap, and both are
+    decided by counting. Only when some row lies strictly inside is the exact quantile selected.
     """
     floor = params.delta_b
-    if params.delta_b_quantile is None or div.shape[-1] == 0:
+    cap = params.delta_b_max_mult * floor
+    if params.delta_b_quantile is None or div.shape[-1] == 0 or cap == floor:
         return torch.full(div.shape[:-1], floor, dtype=div.dtype, device=div.device)
+    scaled = div if params.delta_b_scale == 1.0 else params.delta_b_scale * div  # [B, T]
+    count = valid.sum(dim=-1)  # [B]
+    rank = params.delta_b_quantile * (count - 1).clamp(min=0).to(div.dtype)  # [B]
+    n_low = (valid & (scaled <= floor)).sum(dim=-1)  # [B] values that clamp to the floor
+    n_under_cap = (valid & (scaled < cap)).sum(dim=-1)  # [B]
+    at_floor = (n_low > rank.ceil()) | (count == 0)  # [B] order statistic ceil(rank) <= floor
+    at_cap = n_under_cap <= rank.floor()  # [B] order statistic floor(rank) >= cap
+    if bool((at_floor | at_cap).all()):
+        return torch.full_like(rank, cap).masked_fill_(at_floor, floor)
     quant = row_quantile(div, valid, params.delta_b_quantile)  # [B]
-    calibrated = (params.delta_b_scale * quant).clamp(floor, params.delta_b_max_mult * floor)  # [B]
-    return torch.where(valid.any(dim=-1), calibrated, torch.full_like(calibrated, floor))
+    calibrated = (params.delta_b_scale * quant).clamp(floor, cap)  # [B]
+    return torch.where(count > 0, calibrated, torch.full_like(calibrated, floor))
 
 
 def prefix_gate(
@@ -161,6 +203,32 @@ def prefix_gate(
     return weight, masked, masked & ~over_token
 
 
+def hard_gate(
+    z: torch.Tensor,
+    weights: torch.Tensor,
+    delta_b: torch.Tensor,
+    toward_mu: torch.Tensor,
+    valid: torch.Tensor,
+    params: MaskParams,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hard keep rule from Z and the weights, with ONE prefix scan.
+
+    c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1}) = delta + min(0, sum_{j<t} (delta_b w_j - Z_j)):
+    the same threshold as ``prefix_gate`` (which takes S and W separately, e.g. from a distributed scan),
+    up to rounding in the last bits. z, weights [B, T] (0 off `valid`); delta_b [B]; toward_mu, valid
+    [B, T] bool. Returns (weight [B, T] 0/1 float, masked [B, T] bool, masked_by_budget [B, T] bool).
+    """
+    over_token = z > params.delta  # [B, T]
+    if params.prefix_budget:
+        room = exclusive_cumsum(delta_b[:, None] * weights - z).clamp_(max=0.0)  # [B, T] min(0, budget left)
+        rejected = z > room.add_(params.delta)  # [B, T] Z_t > c_t
+    else:
+        rejected = over_token
+    masked = rejected & valid & ~toward_mu  # [B, T]
+    weight = as_float(valid & ~masked, z.dtype)  # [B, T]
+    return weight, masked, masked & ~over_token
+
+
 @torch.no_grad()
 def cppo_mask(
     div: torch.Tensor,
@@ -181,20 +249,24 @@ def cppo_mask(
     """
     width = div.shape[-1]
     div = torch.where(valid, div, 0.0)  # [B, T]
-    if lengths is None:
-        lengths = response_lengths(valid)  # [B]
     if params.position_weight:
         if positions is None:
-            positions = torch.arange(1, width + 1, device=div.device)[None, :]  # [1, T]
+            positions = torch.arange(1, width + 1, device=div.device, dtype=div.dtype)[None, :]  # [1, T]
         positions = positions.to(div.dtype)
-        horizon = params.position_horizon if params.position_horizon is not None else lengths[:, None].to(div.dtype)
+        if params.position_horizon is not None:
+            horizon = params.position_horizon
+        else:
+            lengths = response_lengths(valid) if lengths is None else lengths
+            horizon = lengths[:, None].to(div.dtype)  # [B, 1]
         weights = position_weights(positions, horizon, params.w_min)  # [B, T] or [1, T]
         weights = torch.where(valid, weights, 0.0)  # [B, T]
     else:
-        weights = valid.to(div.dtype)  # [B, T]
+        weights = as_float(valid, div.dtype)  # [B, T]
     z = weights * div  # [B, T] Z_t
     delta_b = calibrated_delta_b(div, valid, params)  # [B]
-    weight, masked, by_budget = prefix_gate(
-        z, exclusive_cumsum(z), exclusive_cumsum(weights), delta_b, toward_mu, valid, params
-    )
+    if params.gate == "hard":
+        weight, masked, by_budget = hard_gate(z, weights, delta_b, toward_mu, valid, params)
+    else:
+        s_excl, w_excl = exclusive_cumsum(z), exclusive_cumsum(weights)
+        weight, masked, by_budget = prefix_gate(z, s_excl, w_excl, delta_b, toward_mu, valid, params)
     return CPPOMask(weight, masked, by_budget, delta_b)

@@ -1,0 +1,450 @@
+"""The CPPO mask and loss fused into one Triton program per response (forward), and its backward.
+
+The torch path (``verl_cppo.loss.cppo_token_losses`` over ``verl_cppo.mask``) is the reference; this kernel
+computes the same per-token losses and the same per-row sums for the metrics, in three steps per row:
+
+  pass 1     validity (response mask and finite inputs), the response's length, D_t (stored in the
+             coefficient buffer, -1 off valid), the valid count, and the two counts that decide a calibrated
+             delta_b whenever the clamp binds (quantile <= delta_b, or >= the cap);
+  select     only for a row whose quantile lies strictly inside the clamp: its two order statistics by
+             bisection on the bit patterns of D (non-negative floats order like their integer bits), one
+             counting pass per bit, no sort;
+  pass 2     blocks of the row with running prefix sums carried across blocks: weights, Z, the threshold,
+             the gate, the coefficient -w_t sg(min(rho_t, cap)) A_t (times the IS weight, overwriting D), the
+             per-token loss coefficient * log pi, and the row's metric sums.
+
+d loss_t / d log pi_t is the coefficient, so the backward is one multiply and nothing else is saved.
+Scalars travel in a tensor of the compute dtype (Triton passes Python floats as fp32), so float64 inputs
+are computed in float64 throughout, which is how the tests compare the kernel with the float64 reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from verl_cppo.config import CPPOConfig
+from verl_cppo.divergence import KL_MAX
+from verl_cppo.kernels import interpreting
+from verl_cppo.loss import LOG_RATIO_BOUND, STAT_NAMES, _check_shapes
+from verl_cppo.mask import response_lengths, shuffled_positions
+
+__all__ = ["fused_cppo_token_losses"]
+
+N_STATS = len(STAT_NAMES)
+RHO_MAX = STAT_NAMES.index("rho_max")
+assert STAT_NAMES[:4] == ("response_tokens", "valid_tokens", "masked", "masked_by_budget") and N_STATS == 12
+_KL_MAX = tl.constexpr(KL_MAX)
+_LOG_RATIO_BOUND = tl.constexpr(LOG_RATIO_BOUND)
+
+
+@triton.jit
+def _expm1(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.expm1(x)
+    u = tl.exp(x)  # Kahan: (u - 1) x / log u is accurate wherever exp and log are
+    um1 = u - 1.0
+    return tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, um1 * x / tl.log(tl.where(u == 1.0, 2.0, u))))
+
+
+@triton.jit
+def _log1p(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.log1p(x)
+    u = 1.0 + x  # Goldberg: log(u) x / (u - 1)
+    return tl.where(u == 1.0, x, tl.log(u) * x / tl.where(u == 1.0, 1.0, u - 1.0))
+
+
+@triton.jit
+def _log1mexp(x, LIBDEVICE: tl.constexpr):
+    """log(1 - exp(x)) for x <= 0, as verl_cppo.divergence.log1mexp."""
+    return tl.where(x > -0.6931471805599453, tl.log(-_expm1(x, LIBDEVICE)), _log1p(-tl.exp(x), LIBDEVICE))
+
+
+@triton.jit
+def _divergence(log_pi, log_mu, KL: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """binary_tv or binary_kl of verl_cppo.divergence, elementwise (finite inputs)."""
+    if KL:
+        log_pi = tl.minimum(log_pi, 0.0)
+        log_mu = tl.minimum(log_mu, 0.0)
+        mu = tl.exp(log_mu)
+        head = mu * (log_mu - log_pi)
+        rest_mu = tl.where(log_mu < 0, log_mu, -1.0)  # keeps the unused branch finite
+        rest = -_expm1(rest_mu, LIBDEVICE) * (_log1mexp(rest_mu, LIBDEVICE) - _log1mexp(log_pi, LIBDEVICE))
+        d = head + tl.where(log_mu < 0, rest, 0.0)
+        d = tl.where(d == d, d, _KL_MAX)  # NaN (inf - inf) -> the cap; +-inf are clamped below
+        d = tl.minimum(tl.maximum(d, 0.0), _KL_MAX)
+    else:
+        d = tl.abs(tl.exp(log_pi) - tl.exp(log_mu))
+    return d + 0.0  # -0 -> +0, so that the bit patterns of D order like its values
+
+
+@triton.jit
+def _select(d_row, T, rank, hi_key, KEY: tl.constexpr, BLOCK: tl.constexpr):
+    """The valid D of the given 0-based rank (ascending): the smallest bit pattern k with
+    #{valid t: bits(D_t) <= k} >= rank + 1, by bisection over [0, bits(max D)]. Invalid entries hold -1."""
+    lo = hi_key * 0
+    hi = hi_key
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        count = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, T, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            d = tl.load(d_row + offs, mask=offs < T, other=-1.0)
+            count += ((d >= 0) & (d.to(KEY, bitcast=True) <= mid)).to(tl.int32)
+        if tl.sum(count, axis=0) >= rank + 1:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@triton.jit
+def _cppo_fwd_kernel(
+    lp_ptr,  # [B, T] log pi
+    old_ptr,  # [B, T] log mu
+    adv_ptr,  # [B, T] advantages
+    mask_ptr,  # [B, T] uint8 response mask
+    isw_ptr,  # [B, T] IS weights (HAS_ISW)
+    pos_ptr,  # [B, T] int64 1-based positions (HAS_POS)
+    prm_ptr,  # [8] compute dtype: delta, w_min, 1 - w_min, delta_b, cap, q, scale, ratio_cap
+    coef_ptr,  # [B, T] out: d loss / d log pi (holds D between the passes)
+    loss_ptr,  # [B, T] out: per-token loss
+    stats_ptr,  # [B, N_STATS] out: the row's STAT_NAMES sums
+    weight_ptr,  # [B, T] out (DEBUG): gate weight
+    flags_ptr,  # [B, T] out (DEBUG): int8, 1 = masked, 2 = masked by the budget
+    T,
+    s_lp,
+    s_old,
+    s_adv,
+    s_mask,
+    s_isw,
+    s_pos,
+    horizon,  # fixed H, or 0 for each response's own length
+    N_STATS: tl.constexpr,
+    KL: tl.constexpr,
+    CALIBRATED: tl.constexpr,
+    POSITION_WEIGHT: tl.constexpr,
+    PREFIX_BUDGET: tl.constexpr,
+    SOFT: tl.constexpr,
+    HAS_ISW: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    DEBUG: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    KEY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    lp_row = lp_ptr + row * s_lp
+    old_row = old_ptr + row * s_old
+    adv_row = adv_ptr + row * s_adv
+    mask_row = mask_ptr + row * s_mask
+    isw_row = isw_ptr + row * s_isw
+    out_row = row * T
+    delta = tl.load(prm_ptr + 0)
+    cdt = delta.dtype
+    w_min = tl.load(prm_ptr + 1)
+    one_minus_w_min = tl.load(prm_ptr + 2)
+    floor = tl.load(prm_ptr + 3)
+    cap = tl.load(prm_ptr + 4)
+    q = tl.load(prm_ptr + 5)
+    scale = tl.load(prm_ptr + 6)
+    ratio_cap = tl.load(prm_ptr + 7)
+    zero = tl.zeros([BLOCK], dtype=cdt)
+    izero = tl.zeros([BLOCK], dtype=tl.int32)
+
+    # pass 1: validity, length, D, counts
+    length_v = izero
+    n_resp_v = izero
+    n_valid_v = izero
+    n_low_v = izero
+    n_under_v = izero
+    d_max_v = zero
+    for start in range(0, T, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < T
+        resp = (tl.load(mask_row + offs, mask=inb, other=0) != 0) & inb
+        lp = tl.load(lp_row + offs, mask=inb, other=0.0).to(cdt)
+        lm = tl.load(old_row + offs, mask=inb, other=0.0).to(cdt)
+        a = tl.load(adv_row + offs, mask=inb, other=0.0).to(cdt)
+        valid = resp & (lp - lp == 0) & (lm - lm == 0) & (a - a == 0)  # x - x == 0: x is finite
+        if HAS_ISW:
+            isw = tl.load(isw_row + offs, mask=inb, other=0.0).to(cdt)
+            valid = valid & (isw - isw == 0)
+        length_v = tl.maximum(length_v, tl.where(resp, offs + 1, 0))
+        n_resp_v += resp.to(tl.int32)
+        n_valid_v += valid.to(tl.int32)
+        d = _divergence(tl.where(valid, lp, 0.0), tl.where(valid, lm, 0.0), KL, LIBDEVICE)
+        d = tl.where(valid, d, -1.0)
+        tl.store(coef_ptr + out_row + offs, d, mask=inb)
+        if CALIBRATED:
+            scaled = scale * d
+            n_low_v += (valid & (scaled <= floor)).to(tl.int32)
+            n_under_v += (valid & (scaled < cap)).to(tl.int32)
+            d_max_v = tl.maximum(d_max_v, d)
+    length = tl.max(length_v, axis=0)
+    n_valid = tl.sum(n_valid_v, axis=0)
+    tl.debug_barrier()
+
+    # delta_b: fixed, decided by the clamp, or the exact quantile by selection
+    delta_b = floor
+    if CALIBRATED:
+        rank = q * tl.maximum(n_valid.to(cdt) - 1.0, 0.0)
+        below = tl.floor(rank)
+        above = tl.ceil(rank)
+        at_floor = (tl.sum(n_low_v, axis=0).to(cdt) > above) | (n_valid == 0)
+        at_cap = tl.sum(n_under_v, axis=0).to(cdt) <= below
+        if at_floor:
+            delta_b = floor
+        elif at_cap:
+            delta_b = cap
+        else:
+            d_row = coef_ptr + out_row
+            hi_key = tl.max(d_max_v, axis=0).to(KEY, bitcast=True)
+            v_below = _select(d_row, T, below.to(KEY), hi_key, KEY, BLOCK).to(cdt, bitcast=True)
+            v_above = v_below
+            if above > below:
+                v_above = _select(d_row, T, above.to(KEY), hi_key, KEY, BLOCK).to(cdt, bitcast=True)
+            frac = rank - below  # torch.lerp's two forms
+            if frac < 0.5:
+                quant = v_below + frac * (v_above - v_below)
+            else:
+                quant = v_above - (v_above - v_below) * (1.0 - frac)
+            delta_b = tl.minimum(tl.maximum(scale * quant, floor), cap)
+
+    # pass 2: weights, prefix sums, gate, loss
+    if horizon > 0:
+        span = tl.maximum(horizon - 1, 1).to(cdt)
+    else:
+        span = tl.maximum(length - 1, 1).to(cdt)
+    carry_z = tl.sum(zero, axis=0)
+    carry_w = carry_z
+    carry_e = carry_z
+    masked_v = izero
+    by_budget_v = izero
+    trunc_v = izero
+    div_v = zero
+    rho_v = zero
+    rho_max_v = zero
+    gate_v = zero
+    neg_lr_v = zero
+    for start in range(0, T, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < T
+        d = tl.load(coef_ptr + out_row + offs, mask=inb, other=-1.0)
+        valid = d >= 0
+        d = tl.maximum(d, 0.0)
+        lp = tl.where(valid, tl.load(lp_row + offs, mask=inb, other=0.0).to(cdt), 0.0)
+        lm = tl.where(valid, tl.load(old_row + offs, mask=inb, other=0.0).to(cdt), 0.0)
+        a = tl.where(valid, tl.load(adv_row + offs, mask=inb, other=0.0).to(cdt), 0.0)
+        log_ratio = tl.minimum(tl.maximum(lp - lm, -_LOG_RATIO_BOUND), _LOG_RATIO_BOUND)
+        rho = tl.exp(log_ratio)
+        away = (rho - 1.0) * a > 0
+        if POSITION_WEIGHT:
+            if HAS_POS:
+                pos = tl.load(pos_ptr + row * s_pos + offs, mask=inb, other=1).to(cdt)
+            else:
+                pos = (offs + 1).to(cdt)
+            w = 1.0 - one_minus_w_min * (pos - 1.0) / span
+            w = tl.where(valid, tl.minimum(tl.maximum(w, w_min), 1.0), 0.0)
+        else:
+            w = tl.where(valid, 1.0, 0.0).to(cdt)
+        z = w * d
+        over_token = z > delta
+        if SOFT:  # S and W separately, as verl_cppo.mask.prefix_gate
+            s_excl = carry_z + (tl.cumsum(z, axis=0) - z)
+            w_excl = carry_w + (tl.cumsum(w, axis=0) - w)
+            allowance = delta + delta_b * w_excl
+            rejected = over_token
+            if PREFIX_BUDGET:
+                rejected = over_token | (z > allowance - s_excl)
+        else:  # one scan of delta_b w - Z, as verl_cppo.mask.hard_gate
+            e = delta_b * w - z
+            room = tl.minimum(carry_e + (tl.cumsum(e, axis=0) - e), 0.0)
+            rejected = over_token
+            if PREFIX_BUDGET:
+                rejected = z > delta + room
+            carry_e += tl.sum(e, axis=0)
+        masked = valid & away & rejected
+        keep = valid & (masked == 0)
+        if SOFT:
+            x = z / delta
+            if PREFIX_BUDGET:
+                x = tl.maximum(x, (s_excl + z) / allowance)
+            gate = tl.where(keep, 1.0, tl.where(valid, 1.0 / tl.maximum(x, 1.0), 0.0))
+        else:
+            gate = tl.where(keep, 1.0, 0.0).to(cdt)
+        coef = -(tl.minimum(rho, ratio_cap) * a * gate)
+        loss = coef * lp
+        if HAS_ISW:
+            isw = tl.where(valid, tl.load(isw_row + offs, mask=inb, other=0.0).to(cdt), 0.0)
+            loss = loss * isw
+            coef = coef * isw
+        tl.store(coef_ptr + out_row + offs, coef, mask=inb)
+        tl.store(loss_ptr + out_row + offs, loss, mask=inb)
+        if DEBUG:
+            tl.store(weight_ptr + out_row + offs, gate, mask=inb)
+            flags = masked.to(tl.int8) + 2 * (masked & (over_token == 0)).to(tl.int8)
+            tl.store(flags_ptr + out_row + offs, flags, mask=inb)
+        carry_z += tl.sum(z, axis=0)
+        carry_w += tl.sum(w, axis=0)
+        masked_v += masked.to(tl.int32)
+        by_budget_v += (masked & (over_token == 0)).to(tl.int32)
+        rho_valid = tl.where(valid, rho, 0.0)
+        trunc_v += (rho_valid > ratio_cap).to(tl.int32)
+        div_v += d
+        rho_v += rho_valid
+        rho_max_v = tl.maximum(rho_max_v, rho_valid)
+        gate_v += gate
+        neg_lr_v -= tl.where(valid, log_ratio, 0.0)
+
+    # the row's sums, in the order of verl_cppo.loss.STAT_NAMES
+    nonempty = (n_valid > 0).to(cdt)
+    stats_row = stats_ptr + row * N_STATS
+    tl.store(stats_row + 0, tl.sum(n_resp_v, axis=0).to(cdt))
+    tl.store(stats_row + 1, n_valid.to(cdt))
+    tl.store(stats_row + 2, tl.sum(masked_v, axis=0).to(cdt))
+    tl.store(stats_row + 3, tl.sum(by_budget_v, axis=0).to(cdt))
+    tl.store(stats_row + 4, tl.sum(div_v, axis=0))
+    tl.store(stats_row + 5, tl.sum(rho_v, axis=0))
+    tl.store(stats_row + 6, tl.max(rho_max_v, axis=0))
+    tl.store(stats_row + 7, tl.sum(trunc_v, axis=0).to(cdt))
+    tl.store(stats_row + 8, tl.sum(gate_v, axis=0))
+    tl.store(stats_row + 9, tl.sum(neg_lr_v, axis=0))
+    tl.store(stats_row + 10, delta_b * nonempty)
+    tl.store(stats_row + 11, nonempty)
+
+
+@functools.lru_cache(maxsize=64)
+def _params(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The scalars as a tensor of the compute dtype, cached: no host-to-device copy per call."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch(old_log_prob, log_prob, advantages, response_mask, cfg: CPPOConfig, rollout_is_weights, block, debug):
+    batch, width = log_prob.shape
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    device = log_prob.device
+    lp, old, adv = (_row_major(t.detach()) for t in (log_prob, old_log_prob, advantages))
+    mask = _row_major(response_mask.bool()).view(torch.uint8)
+    isw = _row_major(rollout_is_weights.detach()) if rollout_is_weights is not None else None
+    positions = None
+    if cfg.shuffle_positions and cfg.position_weight:
+        positions = shuffled_positions(response_lengths(response_mask), width)  # [B, T] int64
+    cap = cfg.delta_b_max_mult * cfg.delta_b
+    values = (cfg.delta, cfg.w_min, 1 - cfg.w_min, cfg.delta_b, cap, cfg.delta_b_quantile or 0.0)
+    params = _params((*values, cfg.delta_b_scale, cfg.ratio_cap), dtype, device)
+    calibrated = cfg.delta_b_quantile is not None and cap != cfg.delta_b and width > 0
+
+    coef = torch.empty(batch, width, dtype=dtype, device=device)
+    loss = torch.empty(batch, width, dtype=dtype, device=device)
+    stats = torch.empty(batch, N_STATS, dtype=dtype, device=device)
+    weight = torch.empty(batch, width, dtype=dtype, device=device) if debug else coef
+    flags = torch.empty(batch, width, dtype=torch.int8, device=device) if debug else mask
+    if block is None:  # 2048 x fp32 over 8 warps: 8 values per thread per vector, no register spills (sm_90)
+        block = min(2048, max(128, triton.next_power_of_2(max(width, 1))))
+    if batch > 0:
+        _cppo_fwd_kernel[(batch,)](
+            lp,
+            old,
+            adv,
+            mask,
+            isw if isw is not None else lp,
+            positions if positions is not None else mask,
+            params,
+            coef,
+            loss,
+            stats,
+            weight,
+            flags,
+            width,
+            lp.stride(0),
+            old.stride(0),
+            adv.stride(0),
+            mask.stride(0),
+            isw.stride(0) if isw is not None else 0,
+            positions.stride(0) if positions is not None else 0,
+            cfg.position_horizon or 0,
+            N_STATS=N_STATS,
+            KL=cfg.divergence == "binary_kl",
+            CALIBRATED=calibrated,
+            POSITION_WEIGHT=cfg.position_weight,
+            PREFIX_BUDGET=cfg.prefix_budget,
+            SOFT=cfg.gate == "soft",
+            HAS_ISW=isw is not None,
+            HAS_POS=positions is not None,
+            DEBUG=debug,
+            LIBDEVICE=not interpreting(),
+            KEY=tl.int64 if dtype == torch.float64 else tl.int32,
+            BLOCK=block,
+            num_warps=8 if block >= 2048 else 4,
+            enable_fp_fusion=False,  # no fma contraction: the same roundings as the torch path's separate ops
+        )
+    debug_out = (weight, flags) if debug else None
+    return coef, loss, stats, debug_out
+
+
+class _FusedCPPOLoss(torch.autograd.Function):
+    """Forward: the kernel. Backward: grad * coefficient, the only saved tensor."""
+
+    @staticmethod
+    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, cfg, rollout_is_weights, block, debug):
+        coef, loss, stats, debug_out = _launch(
+            old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights, block, debug
+        )
+        ctx.save_for_backward(coef)
+        ctx.grad_dtype = log_prob.dtype
+        extras = debug_out if debug_out is not None else ()
+        ctx.mark_non_differentiable(stats, *extras)
+        return loss, stats, *extras
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        (coef,) = ctx.saved_tensors
+        return (grad_loss * coef).to(ctx.grad_dtype), None, None, None, None, None, None, None
+
+
+def fused_cppo_token_losses(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    cfg: CPPOConfig,
+    rollout_is_weights: torch.Tensor | None = None,
+    *,
+    block: int | None = None,
+    debug: bool = False,
+):
+    """The fused path of ``verl_cppo.loss.compute_policy_loss_cppo``.
+
+    Inputs as ``cppo_token_losses`` ([B, T] each). Returns (pg_losses [B, T] with grad to log_prob,
+    stats [len(STAT_NAMES)] float64 sums for the metrics) and, with debug=True, also (gate weight [B, T],
+    flags [B, T] int8: 1 = masked, 2 = masked by the budget, row_stats [B, len(STAT_NAMES)]).
+    block: elements per program step (a power of 2; tests use small blocks to cross block borders).
+    """
+    _check_shapes(
+        log_prob=log_prob,
+        old_log_prob=old_log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
+        rollout_is_weights=rollout_is_weights,
+    )
+    if block is not None and (block < 16 or block & (block - 1)):
+        raise ValueError(f"block must be a power of 2 >= 16, got {block}")
+    loss, row_stats, *extras = _FusedCPPOLoss.apply(
+        log_prob, old_log_prob, advantages, response_mask, cfg, rollout_is_weights, block, debug
+    )
+    stats = row_stats.sum(dim=0, dtype=torch.float64)  # [N_STATS]
+    if row_stats.shape[0] > 0:
+        stats[RHO_MAX] = row_stats[:, RHO_MAX].amax()
+    if debug:
+        return loss, stats, (*extras, row_stats)
+    return loss, stats
