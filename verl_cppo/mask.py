@@ -105,7 +105,9 @@ def position_weights(positions: torch.Tensor, horizon: torch.Tensor | float, w_m
 
 def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     """sum_{j<t} x_j along the last dim, as a shifted inclusive scan (exactly the sequential partial sums)."""
-    if not x.is_floating_point() or x.shape[-1] == 0:
+    if x.shape[-1] == 0:
+        return torch.cumsum(x, dim=-1)
+    if not x.is_floating_point():
         return F.pad(torch.cumsum(x, dim=-1)[..., :-1], (1, 0))
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     out[..., 0] = 0
