@@ -22,7 +22,7 @@ from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 from verl_cppo.config import CPPOConfig, cppo_config_of
 from verl_cppo.divergence import binary_divergence
 from verl_cppo.kernels import use_triton
-from verl_cppo.mask import CPPOMask, as_float, cppo_mask, response_lengths, shuffled_positions
+from verl_cppo.mask import CPPOMask, as_float, compare, cppo_mask, response_lengths, shuffled_positions
 
 __all__ = ["METRIC_KEYS", "STAT_NAMES", "CPPOTerms", "compute_policy_loss_cppo", "cppo_token_losses", "torch_stats"]
 
@@ -69,7 +69,7 @@ def _finite_batch_info(global_batch_info: dict, mask: torch.Tensor, loss_agg_mod
 class CPPOTerms(NamedTuple):
     pg_losses: torch.Tensor  # [B, T] per-token loss, exactly 0 (and zero gradient) off the kept tokens
     gate: CPPOMask  # the mask and its diagnostics
-    div: torch.Tensor  # [B, T] D_t (0 off `valid`)
+    div: torch.Tensor  # [B, T] D_t on `valid` (finite elsewhere, but not necessarily 0)
     rho: torch.Tensor  # [B, T] pi / mu from the clamped log-ratio
     log_ratio: torch.Tensor  # [B, T] clamp(log pi - log mu, +-20)
     valid: torch.Tensor  # [B, T] bool, response tokens with finite inputs
@@ -80,30 +80,12 @@ def _all_finite(*tensors: torch.Tensor | None) -> bool:
     """True when every entry is finite: an inf or NaN anywhere makes the sum non-finite (one sync on GPU).
 
     A sum that overflows only sends the caller down the sanitising path, which is exact for any input."""
-    total = sum(t.sum(dtype=torch.float64) for t in tensors if t is not None)
-    return bool(torch.isfinite(torch.as_tensor(total)))
+    total = sum(t.sum() for t in tensors if t is not None)  # in each tensor's dtype: no converted copy
+    return bool(torch.as_tensor(total).isfinite())
 
 
-class _LinearInLogProb(torch.autograd.Function):
-    """loss_t = coef_t * value_t (* w_t) with coef and w detached: the backward is grad * coef (* w).
-
-    log_prob [B, T] carries the graph; value [B, T] is its detached (sanitised) copy in the compute dtype;
-    is_weights [B, T] or None. The forward multiplies in verl's order ((coef * log pi) * IS weight)."""
-
-    @staticmethod
-    def forward(ctx, log_prob, coef, value, is_weights):
-        ctx.grad_dtype = log_prob.dtype
-        out = coef * value  # [B, T]
-        if is_weights is not None:
-            out.mul_(is_weights)
-            coef = coef * is_weights
-        ctx.save_for_backward(coef)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (coef,) = ctx.saved_tensors
-        return (grad * coef).to(ctx.grad_dtype), None, None, None
+def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def cppo_token_losses(
@@ -114,7 +96,10 @@ def cppo_token_losses(
     cfg: CPPOConfig,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> CPPOTerms:
-    """Per-token CPPO losses and mask for [B, T] rows (the torch path); the registered loss aggregates them."""
+    """Per-token CPPO losses and mask for [B, T] rows (the torch path); the registered loss aggregates them.
+
+    The loss is linear in log pi with a detached coefficient, so the graph is one multiply (two with IS
+    weights) in verl's order: (-A sg(min(rho, cap)) M) * log pi * IS weight."""
     _check_shapes(
         log_prob=log_prob,
         old_log_prob=old_log_prob,
@@ -126,10 +111,11 @@ def cppo_token_losses(
     response_mask = response_mask.bool()
     is_weights = rollout_is_weights
     with torch.no_grad():
-        log_pi, log_mu, adv = log_prob.detach().to(dtype), old_log_prob.to(dtype), advantages.to(dtype)
+        log_pi, log_mu, adv = _to(log_prob.detach(), dtype), _to(old_log_prob, dtype), _to(advantages, dtype)
         if is_weights is not None:
-            is_weights = is_weights.to(dtype)
-        if _all_finite(log_pi, log_mu, adv, is_weights):
+            is_weights = _to(is_weights, dtype)
+        all_finite = _all_finite(log_pi, log_mu, adv, is_weights)
+        if all_finite:
             valid = response_mask  # [B, T]
             nonfinite = torch.zeros_like(response_mask)
         else:  # zero every entry that is not valid, so that no inf or NaN reaches a sum or a product
@@ -143,14 +129,18 @@ def cppo_token_losses(
                 is_weights = torch.where(valid, is_weights, 0.0)
         log_ratio = (log_pi - log_mu).clamp_(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # [B, T]
         rho = torch.exp(log_ratio)  # [B, T]
-        toward_mu = (rho - 1).mul_(adv) <= 0  # [B, T] A_t (rho_t - 1) <= 0
-        div = binary_divergence(cfg.divergence, log_pi, log_mu).mul_(as_float(valid, dtype))  # [B, T] 0 off valid
+        change = (rho - 1).mul_(adv)  # [B, T] A_t (rho_t - 1)
+        toward_mu = torch.le(change, 0.0, out=change).bool()  # [B, T] (a float compare is faster on CPU)
+        div = binary_divergence(cfg.divergence, log_pi, log_mu)  # [B, T] cppo_mask zeroes it off valid
         lengths = response_lengths(response_mask)  # [B] H counts interior holes and dropped tokens
         positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
         gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions)
         coef = rho.clamp(max=cfg.ratio_cap).mul_(adv).mul_(gate.weight).neg_()  # [B, T] -w_t sg(min(rho, cap)) A_t
 
-    pg_losses = _LinearInLogProb.apply(log_prob, coef, log_pi, is_weights)  # [B, T] d/d log pi = coef (* IS)
+    # the graph: d pg / d log pi = coef (* IS weight); a dropped non-finite log pi is routed through where()
+    pg_losses = (log_prob if all_finite else torch.where(valid, log_prob, 0.0)) * coef  # [B, T]
+    if is_weights is not None:
+        pg_losses = pg_losses * is_weights
     return CPPOTerms(pg_losses, gate, div, rho, log_ratio, valid, nonfinite)
 
 
@@ -201,10 +191,10 @@ STAT_NAMES = (
     "valid_tokens",
     "masked",
     "masked_by_budget",
+    "ratio_truncated",  # valid tokens with rho > ratio_cap
     "div_sum",
     "rho_sum",
     "rho_max",
-    "ratio_truncated",
     "gate_weight_sum",
     "neg_log_ratio_sum",
     "delta_b_sum",  # over responses with at least one valid token
@@ -215,33 +205,30 @@ STAT_NAMES = (
 
 @torch.no_grad()
 def torch_stats(terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float) -> torch.Tensor:
-    """The STAT_NAMES sums of the torch path as one [len(STAT_NAMES)] float64 tensor (no host sync)."""
+    """The STAT_NAMES sums of the torch path as one [len(STAT_NAMES)] tensor (no host sync)."""
     gate, div, rho, log_ratio, valid = terms[1:6]
     dtype = rho.dtype
     validf = as_float(valid, dtype)  # [B, T]
     rho_v = rho * validf  # [B, T] 0 off valid
-    per_row = validf.sum(dim=-1)  # [B] valid tokens per response
-    nonempty = as_float(per_row > 0, dtype)  # [B]
+    flags = torch.stack([response_mask, valid, gate.masked, gate.masked_by_budget])  # [4, B, T] bool
+    per_row = flags.view(torch.uint8).sum(dim=-1, dtype=torch.int32).to(dtype)  # [4, B] counts per response
+    nonempty = as_float(per_row[1] > 0, dtype)  # [B]
     sums = [
-        as_float(response_mask, dtype).sum(),
-        per_row.sum(),
-        as_float(gate.masked, dtype).sum(),
-        as_float(gate.masked_by_budget, dtype).sum(),
-        div.sum(),
+        compare(torch.gt, rho_v, ratio_cap).sum(),
+        torch.dot(div.reshape(-1), validf.reshape(-1)),
         rho_v.sum(),
         rho_v.amax() if rho_v.numel() else rho_v.new_zeros(()),
-        as_float(rho_v > ratio_cap, dtype).sum(),
         gate.weight.sum(),
         -torch.dot(log_ratio.reshape(-1), validf.reshape(-1)),
         torch.dot(gate.delta_b, nonempty),
         nonempty.sum(),
     ]
-    return torch.stack(sums).to(torch.float64)
+    return torch.cat([per_row.sum(dim=-1), torch.stack(sums)])
 
 
 def _metrics(pg_loss: torch.Tensor, stats: torch.Tensor) -> dict:
     """All metrics from the STAT_NAMES sums in one device-to-host copy; raises if the loss is not finite."""
-    values = torch.cat([stats.to(torch.float64), pg_loss.detach().to(torch.float64).reshape(1)]).tolist()
+    values = torch.cat([stats, pg_loss.detach().reshape(1).to(stats.dtype)]).tolist()
     *sums, loss_value = values
     s = dict(zip(STAT_NAMES, sums, strict=True))
     n_resp, n_valid, n_masked = s["response_tokens"], s["valid_tokens"], s["masked"]

@@ -30,6 +30,7 @@ __all__ = [
     "MaskParams",
     "as_float",
     "calibrated_delta_b",
+    "compare",
     "cppo_mask",
     "exclusive_cumsum",
     "hard_gate",
@@ -66,6 +67,14 @@ class CPPOMask(NamedTuple):
 def as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool mask as 0/1 floats (through a uint8 view: several times faster than bool -> float on CPU)."""
     return mask.view(torch.uint8).to(dtype) if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def compare(op, a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """op(a, b) (torch.gt, torch.le, ...) as 0/1 in a's float dtype and shape; `.bool()` of it is the mask.
+
+    On CPU, torch compares into a float tensor about 3x faster than into a bool one, and the float result
+    is what counting wants anyway. a [B, T] float, b broadcastable to it."""
+    return op(a, b, out=torch.empty_like(a))
 
 
 def response_lengths(mask: torch.Tensor) -> torch.Tensor:
@@ -119,27 +128,36 @@ def row_quantile(values: torch.Tensor, valid: torch.Tensor, q: float) -> torch.T
     """Per-row torch.quantile(values[b][valid[b]], q) with linear interpolation; NaN-free, 0 for empty rows.
 
     values [B, T] float (finite where valid), valid [B, T] bool -> [B]. Exact, by selection instead of a
-    sort: row b needs its order statistics of rank below_b = floor(q (n_b - 1)) and below_b + 1. Prepending
-    k - below_b entries of -inf (and k - (k - below_b) of +inf; invalid entries become +inf) moves every
-    row's rank-below_b value to the same column k = max_b below_b, so one kthvalue serves all rows.
+    sort: row b needs its order statistics of ranks r_b = floor(q (n_b - 1)) and r_b + 1. A lead block of
+    -inf / +inf entries, P - r_b of them -inf (P = max r), puts every row's rank-r_b value in column P, so
+    one kthvalue serves all rows; the lead is max r - min r wide. Counting from the top instead (kthvalue
+    of -values) makes it narrow for q near 1. The rank r_b + 1 value follows from one counting pass.
     """
     batch, width = values.shape
     count = valid.sum(dim=-1)  # [B]
-    rank = q * (count - 1).clamp(min=0).to(values.dtype)  # [B] as torch.quantile computes it
-    below = rank.floor()  # [B]
+    last = (count - 1).clamp(min=0).to(values.dtype)  # [B]
+    rank = q * last  # [B] as torch.quantile computes it
+    below = rank.floor()  # [B] ascending rank of the lower value
     if width == 0 or batch == 0:
         return torch.zeros_like(rank)
-    k = int(below.max())  # one host sync: kthvalue takes a Python k
-    cols = torch.arange(k, device=values.device, dtype=values.dtype)  # [k]
-    lead = values.new_full((batch, k), torch.inf).masked_fill_(cols < (k - below)[:, None], -torch.inf)  # [B, k]
-    filled = torch.cat([lead, torch.where(valid, values, torch.inf)], dim=-1)  # [B, k + T]
-    v_below = filled.kthvalue(k + 1, dim=-1).values  # [B] rank below_b among row b's valid values
+    from_top = last - below  # [B] the same value's rank from the top
     frac = rank - below  # [B]
-    if width > 1 and bool((frac > 0).any()):
-        v_above = filled.kthvalue(k + 2, dim=-1).values  # [B] rank below_b + 1 (used where frac > 0)
-        v_above = torch.where(frac > 0, v_above, v_below)
-    else:
-        v_above = v_below
+    ranks = torch.stack([below.amin(), below.amax(), from_top.amin(), from_top.amax(), (frac > 0).any()])
+    lo_up, hi_up, lo_down, hi_down, interpolate = ranks.tolist()  # one host sync: kthvalue takes a Python k
+    down = hi_down - lo_down < hi_up - lo_up
+    r, top, lead_width = (
+        (from_top, int(hi_down), int(hi_down - lo_down)) if down else (below, int(hi_up), int(hi_up - lo_up))
+    )
+    keyed = torch.where(valid, -values if down else values, torch.inf)  # [B, T] invalid entries sort last
+    cols = torch.arange(lead_width, device=values.device, dtype=values.dtype)  # [L]
+    lead = values.new_full((batch, lead_width), torch.inf).masked_fill_(cols < (top - r)[:, None], -torch.inf)
+    selected = torch.cat([lead, keyed], dim=-1).kthvalue(top + 1, dim=-1).values  # [B]
+    v_below = -selected if down else selected  # [B] rank `below` among row b's valid values
+    v_above = v_below
+    if interpolate:  # rank below + 1: v_below again if it repeats, else the next larger valid value
+        repeats = (valid & (values <= v_below[:, None])).sum(dim=-1) >= below + 2  # [B]
+        larger = torch.where(valid & (values > v_below[:, None]), values, torch.inf).amin(dim=-1)  # [B]
+        v_above = torch.where(repeats | (frac == 0), v_below, larger)
     quant = torch.lerp(v_below, v_above, frac)  # [B]
     return torch.where(count > 0, quant, torch.zeros_like(quant))
 
@@ -152,22 +170,34 @@ def calibrated_delta_b(div: torch.Tensor, valid: torch.Tensor, params: MaskParam
     <= delta_b gets delta_b, one whose rank floor(q (n - 1)) is >= the cap gets the cap, and both are
     decided by counting. Only when some row lies strictly inside is the exact quantile selected.
     """
+    if params.delta_b_quantile is None or div.shape[-1] == 0 or params.delta_b_max_mult == 1.0:
+        return torch.full(div.shape[:-1], params.delta_b, dtype=div.dtype, device=div.device)
+    count = as_float(valid, div.dtype).sum(dim=-1)  # [B]
+    return _calibrated_delta_b(torch.where(valid, div, 0.0), valid, count, params)
+
+
+def _calibrated_delta_b(div0: torch.Tensor, valid: torch.Tensor, count: torch.Tensor, params: MaskParams):
+    """calibrated_delta_b for div0 [B, T] that is 0 off `valid`, count [B] = valid tokens per row (float)."""
     floor = params.delta_b
     cap = params.delta_b_max_mult * floor
-    if params.delta_b_quantile is None or div.shape[-1] == 0 or cap == floor:
-        return torch.full(div.shape[:-1], floor, dtype=div.dtype, device=div.device)
-    scaled = div if params.delta_b_scale == 1.0 else params.delta_b_scale * div  # [B, T]
-    count = valid.sum(dim=-1)  # [B]
-    rank = params.delta_b_quantile * (count - 1).clamp(min=0).to(div.dtype)  # [B]
-    n_low = (valid & (scaled <= floor)).sum(dim=-1)  # [B] values that clamp to the floor
-    n_under_cap = (valid & (scaled < cap)).sum(dim=-1)  # [B]
+    if cap == floor:  # delta_b = 0
+        return torch.full_like(count, floor)
+    scaled = div0 if params.delta_b_scale == 1.0 else params.delta_b_scale * div0  # [B, T]
+    invalid = div0.shape[-1] - count  # [B] zeros off valid, counted below as <= floor and < cap (cap > 0)
+    n_low = compare(torch.le, scaled, floor).sum(dim=-1) - invalid  # [B] valid values that clamp to the floor
+    n_under_cap = compare(torch.lt, scaled, cap).sum(dim=-1) - invalid  # [B]
+    rank = params.delta_b_quantile * (count - 1).clamp(min=0)  # [B] as row_quantile computes it
     at_floor = (n_low > rank.ceil()) | (count == 0)  # [B] order statistic ceil(rank) <= floor
     at_cap = n_under_cap <= rank.floor()  # [B] order statistic floor(rank) >= cap
-    if bool((at_floor | at_cap).all()):
-        return torch.full_like(rank, cap).masked_fill_(at_floor, floor)
-    quant = row_quantile(div, valid, params.delta_b_quantile)  # [B]
-    calibrated = (params.delta_b_scale * quant).clamp(floor, cap)  # [B]
-    return torch.where(count > 0, calibrated, torch.full_like(calibrated, floor))
+    result = torch.full_like(count, cap).masked_fill_(at_floor, floor)  # [B]
+    inside = (~(at_floor | at_cap)).nonzero().squeeze(-1)  # [R] rows whose quantile the clamp does not decide
+    if inside.numel() == 0:
+        return result
+    if inside.numel() < div0.shape[0]:
+        div0, valid = div0[inside], valid[inside]
+    quant = row_quantile(div0, valid, params.delta_b_quantile)  # [R]
+    result[inside] = (params.delta_b_scale * quant).clamp(floor, cap)  # non-empty rows only
+    return result
 
 
 def prefix_gate(
@@ -220,10 +250,10 @@ def hard_gate(
     up to rounding in the last bits. z, weights [B, T] (0 off `valid`); delta_b [B]; toward_mu, valid
     [B, T] bool. Returns (weight [B, T] 0/1 float, masked [B, T] bool, masked_by_budget [B, T] bool).
     """
-    over_token = z > params.delta  # [B, T]
+    over_token = compare(torch.gt, z, params.delta).bool()  # [B, T]
     if params.prefix_budget:
         room = exclusive_cumsum(delta_b[:, None] * weights - z).clamp_(max=0.0)  # [B, T] min(0, budget left)
-        rejected = z > room.add_(params.delta)  # [B, T] Z_t > c_t
+        rejected = compare(torch.gt, z, room.add_(params.delta)).bool()  # [B, T] Z_t > c_t
     else:
         rejected = over_token
     masked = rejected & valid & ~toward_mu  # [B, T]
@@ -251,6 +281,7 @@ def cppo_mask(
     """
     width = div.shape[-1]
     div = torch.where(valid, div, 0.0)  # [B, T]
+    validf = as_float(valid, div.dtype)  # [B, T]
     if params.position_weight:
         if positions is None:
             positions = torch.arange(1, width + 1, device=div.device, dtype=div.dtype)[None, :]  # [1, T]
@@ -260,12 +291,14 @@ def cppo_mask(
         else:
             lengths = response_lengths(valid) if lengths is None else lengths
             horizon = lengths[:, None].to(div.dtype)  # [B, 1]
-        weights = position_weights(positions, horizon, params.w_min)  # [B, T] or [1, T]
-        weights = torch.where(valid, weights, 0.0)  # [B, T]
+        weights = position_weights(positions, horizon, params.w_min) * validf  # [B, T] 0 off valid
     else:
-        weights = as_float(valid, div.dtype)  # [B, T]
+        weights = validf  # [B, T]
     z = weights * div  # [B, T] Z_t
-    delta_b = calibrated_delta_b(div, valid, params)  # [B]
+    if params.delta_b_quantile is None or width == 0 or params.delta_b_max_mult == 1.0:
+        delta_b = torch.full(div.shape[:-1], params.delta_b, dtype=div.dtype, device=div.device)  # [B]
+    else:
+        delta_b = _calibrated_delta_b(div, valid, validf.sum(dim=-1), params)  # [B]
     if params.gate == "hard":
         weight, masked, by_budget = hard_gate(z, weights, delta_b, toward_mu, valid, params)
     else:

@@ -37,7 +37,20 @@ __all__ = ["fused_cppo_token_losses"]
 
 N_STATS = len(STAT_NAMES)
 RHO_MAX = STAT_NAMES.index("rho_max")
-assert STAT_NAMES[:4] == ("response_tokens", "valid_tokens", "masked", "masked_by_budget") and N_STATS == 12
+assert STAT_NAMES == (  # the order of the kernel's row stores below
+    "response_tokens",
+    "valid_tokens",
+    "masked",
+    "masked_by_budget",
+    "ratio_truncated",
+    "div_sum",
+    "rho_sum",
+    "rho_max",
+    "gate_weight_sum",
+    "neg_log_ratio_sum",
+    "delta_b_sum",
+    "nonempty_responses",
+)
 _KL_MAX = tl.constexpr(KL_MAX)
 _LOG_RATIO_BOUND = tl.constexpr(LOG_RATIO_BOUND)
 
@@ -309,10 +322,10 @@ def _cppo_fwd_kernel(
     tl.store(stats_row + 1, n_valid.to(cdt))
     tl.store(stats_row + 2, tl.sum(masked_v, axis=0).to(cdt))
     tl.store(stats_row + 3, tl.sum(by_budget_v, axis=0).to(cdt))
-    tl.store(stats_row + 4, tl.sum(div_v, axis=0))
-    tl.store(stats_row + 5, tl.sum(rho_v, axis=0))
-    tl.store(stats_row + 6, tl.max(rho_max_v, axis=0))
-    tl.store(stats_row + 7, tl.sum(trunc_v, axis=0).to(cdt))
+    tl.store(stats_row + 4, tl.sum(trunc_v, axis=0).to(cdt))
+    tl.store(stats_row + 5, tl.sum(div_v, axis=0))
+    tl.store(stats_row + 6, tl.sum(rho_v, axis=0))
+    tl.store(stats_row + 7, tl.max(rho_max_v, axis=0))
     tl.store(stats_row + 8, tl.sum(gate_v, axis=0))
     tl.store(stats_row + 9, tl.sum(neg_lr_v, axis=0))
     tl.store(stats_row + 10, delta_b * nonempty)
