@@ -72,12 +72,13 @@ def make_call(case: str, data):
     leaf = new.clone().requires_grad_(True)
 
     def call():
-        leaf.grad = None
+        leaf.grad = None  # (outside the profiled region for the memory figure: see peak_memory)
         loss, _ = fn(
             old_log_prob=old, log_prob=leaf, advantages=adv, response_mask=mask, loss_agg_mode="token-mean", config=cfg
         )
         loss.backward()
 
+    call.leaf = leaf
     return call
 
 
@@ -90,7 +91,7 @@ def check_against_reference(device, kernels) -> None:
         ref_loss, ref_grad, _ = reference_loss_and_grad(old, new, adv, mask, RefParams(**setting), "token-mean")
         for kernel in kernels:
             cfg = actor_config("token-mean", cppo={**setting, "kernel": kernel})
-            leaf = new.to(device).requires_grad_(True)
+            leaf = new.to(device, copy=True).requires_grad_(True)
             loss, _ = get_policy_loss_fn("cppo")(
                 old_log_prob=old.to(device),
                 log_prob=leaf,
@@ -106,23 +107,37 @@ def check_against_reference(device, kernels) -> None:
 
 
 def check_fused_on_device(device, batch: int, width: int) -> None:
-    """The compiled kernel's mask vs the loop reference (float64, exact), and vs the torch path (float32)."""
+    """The compiled kernel's mask vs the loop reference (float64, exact; random and near-threshold rows), and
+    vs the torch path in float32 at 64 x 8192 (tokens may differ only by rounding at the threshold)."""
+    from tests.test_mask import _near_threshold_row
     from verl_cppo.kernels.cppo_triton import fused_cppo_token_losses
     from verl_cppo.loss import cppo_token_losses
 
+    def fused_masked(old, new, adv, mask, setting):
+        args = [t.to(device) for t in (old, new, adv, mask)]
+        flags = fused_cppo_token_losses(*args, CPPOConfig(**setting), debug=True)[2][1]
+        return (flags & 1).bool().cpu().tolist()
+
     old, new, adv, mask = make_batch(batch, width, "cpu", torch.float64, seed=5, spread=0.3)
-    for setting in ({}, {"gate": "soft", "divergence": "binary_kl", "delta": 0.05}, SELECT_ALL):
-        dev = [t.to(device) for t in (old, new, adv, mask)]
-        _, _, (_, flags, _) = fused_cppo_token_losses(*dev, CPPOConfig(**setting), debug=True)
+    settings = ({}, {"gate": "soft", "divergence": "binary_kl", "delta": 0.05}, SELECT_ALL, {"position_horizon": 512})
+    for setting in settings:
         ref = reference_cppo(old, new, adv, mask, RefParams(**setting))
-        assert (flags & 1).bool().cpu().tolist() == ref.masked, setting
+        assert fused_masked(old, new, adv, mask, setting) == ref.masked, setting
+    gen = torch.Generator().manual_seed(8)
+    for setting, db in (({"delta_b_quantile": None}, 0.02), ({}, 0.04)):
+        rows = [_near_threshold_row(gen, 300, RefParams(**setting), db, 1e-9) for _ in range(8)]
+        old_n, new_n = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        adv_n, mask_n = torch.ones_like(old_n), torch.ones_like(old_n, dtype=torch.bool)
+        ref = reference_cppo(old_n, new_n, adv_n, mask_n, RefParams(**setting))
+        assert fused_masked(old_n, new_n, adv_n, mask_n, setting) == ref.masked, setting
     old32, new32, adv32, mask32 = make_batch(64, 8192, device, torch.float32, seed=6, spread=0.3)
-    _, _, (_, flags, _) = fused_cppo_token_losses(old32, new32, adv32, mask32, CPPOConfig(), debug=True)
+    flags = fused_cppo_token_losses(old32, new32, adv32, mask32, CPPOConfig(), debug=True)[2][1]
     torch_masked = cppo_token_losses(old32, new32, adv32, mask32, CPPOConfig()).gate.masked
     differ = ((flags & 1).bool() != torch_masked).sum().item()
     print(
-        f"check: fused kernel on {device}: float64 mask == loop reference ({batch}x{width}, 3 settings); float32 "
-        f"64x8192 tokens where fused and torch masks differ (rounding at the threshold): {differ}"
+        f"check: compiled kernel on {describe(device)}: float64 masks == loop reference ({batch}x{width}, "
+        f"{len(settings)} settings; near-threshold rows at 1e-9, fixed and calibrated); float32 64x8192: "
+        f"{differ} of {int(mask32.sum())} tokens masked differently from the torch path (threshold rounding)"
     )
 
 
@@ -189,6 +204,7 @@ def time_cpu(calls: dict, rounds: int, inner: int) -> dict:
 
 
 def peak_memory(call, device) -> int:
+    call.leaf.grad = None
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -258,6 +274,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="CUDA: untimed iterations per case")
     parser.add_argument("--spread", type=float, default=0.05, help="std of log pi - log mu")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    parser.add_argument("--check-only", action="store_true", help="run the correctness checks only")
     args = parser.parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -269,6 +286,8 @@ def main() -> None:
         check_against_reference(device, ["torch", "triton"] if fused else ["torch"])
         if fused:
             check_fused_on_device(device, 8, 700)
+    if args.check_only:
+        return
     sizes = args.sizes or ("64x8192,16x32768" if device == "cuda" else "16x4096")
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; torch {torch.__version__}")

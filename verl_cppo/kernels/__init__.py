@@ -9,6 +9,7 @@ is imported only when it is used: on CUDA tensors, or on CPU tensors under Trito
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -25,6 +26,11 @@ def triton_installed() -> bool:
         return False
 
 
+@functools.cache
+def _triton_installed_cached() -> bool:  # the per-call check of kernel=auto on CUDA tensors
+    return triton_installed()
+
+
 def interpreting() -> bool:
     """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``): kernels run on CPU tensors, slowly."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
@@ -39,7 +45,7 @@ def use_triton(kernel: str, like: torch.Tensor) -> bool:
     if kernel == "torch":
         return False
     if kernel == "auto":
-        return like.is_cuda and triton_installed()
+        return like.is_cuda and _triton_installed_cached()
     if not triton_installed():
         raise RuntimeError(
             "cppo.kernel='triton' but the triton package is not installed; install it or use kernel=auto / torch"
