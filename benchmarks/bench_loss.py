@@ -110,7 +110,7 @@ def check_fused_on_device(device, batch: int, width: int) -> None:
     """The compiled kernel's mask vs the loop reference (float64, exact; random and near-threshold rows), and
     vs the torch path in float32 at 64 x 8192 (tokens may differ only by rounding at the threshold)."""
     from tests.test_mask import _near_threshold_row
-    from verl_cppo.kernels.cppo_triton import fused_cppo_token_losses
+    from verl_cppo.kernels.fused_loss import fused_cppo_token_losses
     from verl_cppo.loss import cppo_token_losses
 
     def fused_masked(old, new, adv, mask, setting):

@@ -37,7 +37,7 @@ def compile_sm90(fp: str, flags: dict) -> dict:
 
     from verl_cppo.kernels import cppo_triton
 
-    fn = cppo_triton._cppo_fwd_kernel
+    fn = cppo_triton.cppo_fwd_kernel
     constexprs = {
         "N_STATS": cppo_triton.N_STATS,
         "LIBDEVICE": True,
@@ -56,7 +56,7 @@ def compile_sm90(fp: str, flags: dict) -> dict:
             signature[name] = "i32"
     src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "enable_fp_fusion": False})
-    return {"cubin_bytes": len(kernel.asm["cubin"]), "entry": ".entry _cppo_fwd_kernel" in kernel.asm["ptx"]}
+    return {"cubin_bytes": len(kernel.asm["cubin"]), "entry": ".entry cppo_fwd_kernel" in kernel.asm["ptx"]}
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ SETTINGS = [
 @pytest.fixture
 def fused():
     assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py turns on Triton's interpreter"
-    from verl_cppo.kernels.cppo_triton import fused_cppo_token_losses
+    from verl_cppo.kernels.fused_loss import fused_cppo_token_losses
 
     return fused_cppo_token_losses
 

@@ -172,7 +172,7 @@ def compute_policy_loss_cppo(
     cfg = cppo_config_of(config)
     response_mask = response_mask.bool()
     if use_triton(cfg.kernel, log_prob):  # the fused kernel: same per-token losses, per-row statistics
-        from verl_cppo.kernels.cppo_triton import fused_cppo_token_losses
+        from verl_cppo.kernels.fused_loss import fused_cppo_token_losses
 
         pg_losses, stats = fused_cppo_token_losses(
             old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights

@@ -2,9 +2,9 @@
 
 ``cppo_triton.py`` computes the whole per-token rule (divergence, position weights, prefix scan, per-row
 quantile by selection, gate, loss coefficient) in one Triton program per response, plus the per-row sums the
-metrics need; ``verl_cppo.mask`` / ``verl_cppo.loss`` stay the reference and the fallback. The Triton module
-is imported only when it is used: on CUDA tensors, or on CPU tensors under Triton's interpreter
-(``TRITON_INTERPRET=1``, which the tests use).
+metrics need; ``fused_loss.py`` launches it inside an autograd function. ``verl_cppo.mask`` /
+``verl_cppo.loss`` stay the reference and the fallback. The Triton modules are imported only when used: on
+CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, which the tests use).
 """
 
 from __future__ import annotations
