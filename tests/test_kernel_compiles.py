@@ -42,6 +42,7 @@ def compile_sm90(fp: str, flags: dict) -> dict:
         "N_STATS": cppo_triton.N_STATS,
         "LIBDEVICE": True,
         "KEY": tl.int64 if fp == "fp64" else tl.int32,
+        "KEY_BITS": 64 if fp == "fp64" else 32,
         "BLOCK": 2048,
         **flags,
     }

@@ -172,3 +172,25 @@ def test_fused_shuffled_positions_match_torch_path(fused, gen):
     terms = cppo_token_losses(old, new, adv, mask, cfg)
     assert (flags & 1).bool().equal(terms.gate.masked)
     torch.testing.assert_close(weight, terms.gate.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("q", [0.9, 0.5, 0.0, 1.0])
+def test_fused_quantile_selection_with_ties_equals_torch_path(dtype, q, fused, gen):
+    """Every row's quantile inside the clamp (every row runs the radix select), D with many ties."""
+    cfg = CPPOConfig(delta_b=1e-6, delta_b_max_mult=1e9, delta_b_quantile=q)
+    old = torch.full((6, 40), 0.5, dtype=torch.float64).log()
+    steps = torch.randint(1, 6, (6, 40), generator=gen).double()
+    new = (0.5 + 0.01 * steps).log()  # D takes five distinct values
+    adv = torch.ones_like(old)
+    mask = torch.rand(6, 40, generator=gen) > 0.2
+    mask[0, 1:] = False
+    mask[0, 0] = True  # one valid token
+    old, new, adv = old.to(dtype), new.to(dtype), adv.to(dtype)
+    rows = _run_fused(fused, old, new, adv, mask, cfg)[5]
+    want = cppo_token_losses(old, new, adv, mask, cfg).gate.delta_b
+    if dtype == torch.float64:  # the same order statistics and interpolation, bit for bit
+        assert rows[:, DELTA_B].tolist() == want.tolist()
+    else:  # exp differs in the last bit between numpy (the interpreter) and torch
+        torch.testing.assert_close(rows[:, DELTA_B], want, rtol=0, atol=2e-7)  # D = pi - mu cancels
+    assert (want > 1e-6).sum() >= 5

@@ -91,6 +91,7 @@ def _launch(old_log_prob, log_prob, advantages, response_mask, cfg: CPPOConfig, 
             DEBUG=debug,
             LIBDEVICE=not interpreting(),
             KEY=tl.int64 if dtype == torch.float64 else tl.int32,
+            KEY_BITS=64 if dtype == torch.float64 else 32,
             BLOCK=block,
             num_warps=8 if block >= 2048 else 4,
             enable_fp_fusion=False,  # no fma contraction: the same roundings as the torch path's separate ops
