@@ -16,6 +16,12 @@ min(1, 1/x_t), x_t = max(Z_t / delta, S_t / (delta + delta_b W_{t-1})).
 The pieces are separate functions so that the sharded path (shard-local rows, global prefix sums from a
 distributed scan) reuses ``position_weights`` and ``prefix_gate`` unchanged. All tensors are [B, T] rows
 that start at column 0 unless noted; everything here runs without gradient.
+
+Speed without changing a result: the loss is launch-bound, so every [B, T] pass counts. The calibrated
+delta_b is usually decided by the clamp, which two counts settle; the exact quantile, when needed, comes from
+one kthvalue over all rows (``row_quantile``), never a sort. The hard gate needs one prefix scan
+(``hard_gate``), not two. Comparisons that feed counts write floats (``compare``), masks become floats through
+a uint8 view (``as_float``); both are several times faster than their bool forms on CPU.
 """
 
 from __future__ import annotations
