@@ -13,6 +13,7 @@ from verl_cppo.kernels import use_triton
 from verl_cppo.loss import _all_finite, cppo_token_losses
 from verl_cppo.mask import (
     calibrated_delta_b,
+    cppo_mask,
     exclusive_cumsum,
     hard_gate,
     position_weights,
@@ -155,3 +156,17 @@ def test_kernel_field_is_validated():
         assert CPPOConfig(kernel=value).kernel == value
     with pytest.raises(ValueError, match=r"cppo\.kernel must be one of \('auto', 'torch', 'triton'\), got 'cuda'"):
         CPPOConfig(kernel="cuda")
+
+
+def test_cppo_mask_with_clean_div_and_validf_equals_the_plain_call(gen):
+    div = torch.rand(5, 23, generator=gen, dtype=torch.float64) * 0.4
+    valid = torch.rand(5, 23, generator=gen) > 0.2
+    toward = torch.rand(5, 23, generator=gen) > 0.5
+    cfg = CPPOConfig(delta_b_quantile=0.5, delta_b_max_mult=10.0)
+    dirty = div.clone()
+    dirty[~valid] = float("nan")  # the plain call zeroes whatever lies off valid
+    plain = cppo_mask(dirty, valid, toward, cfg)
+    clean = cppo_mask(div * valid, valid, toward, cfg, validf=valid.double())
+    for a, b in zip(plain, clean):
+        assert a.equal(b)
+    assert plain.masked.any()

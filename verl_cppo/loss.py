@@ -69,7 +69,7 @@ def _finite_batch_info(global_batch_info: dict, mask: torch.Tensor, loss_agg_mod
 class CPPOTerms(NamedTuple):
     pg_losses: torch.Tensor  # [B, T] per-token loss, exactly 0 (and zero gradient) off the kept tokens
     gate: CPPOMask  # the mask and its diagnostics
-    div: torch.Tensor  # [B, T] D_t on `valid` (finite elsewhere, but not necessarily 0)
+    div: torch.Tensor  # [B, T] D_t (0 off `valid`)
     rho: torch.Tensor  # [B, T] pi / mu from the clamped log-ratio
     log_ratio: torch.Tensor  # [B, T] clamp(log pi - log mu, +-20)
     valid: torch.Tensor  # [B, T] bool, response tokens with finite inputs
@@ -131,10 +131,11 @@ def cppo_token_losses(
         rho = torch.exp(log_ratio)  # [B, T]
         change = (rho - 1).mul_(adv)  # [B, T] A_t (rho_t - 1)
         toward_mu = torch.le(change, 0.0, out=change).bool()  # [B, T] (a float compare is faster on CPU)
-        div = binary_divergence(cfg.divergence, log_pi, log_mu)  # [B, T] cppo_mask zeroes it off valid
+        validf = as_float(valid, dtype)  # [B, T]
+        div = binary_divergence(cfg.divergence, log_pi, log_mu).mul_(validf)  # [B, T] finite, 0 off valid
         lengths = response_lengths(response_mask)  # [B] H counts interior holes and dropped tokens
         positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
-        gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions)
+        gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions, validf=validf)
         coef = rho.clamp(max=cfg.ratio_cap).mul_(adv).mul_(gate.weight).neg_()  # [B, T] -w_t sg(min(rho, cap)) A_t
 
     # the graph: d pg / d log pi = coef (* IS weight); a dropped non-finite log pi is routed through where()
@@ -215,7 +216,7 @@ def torch_stats(terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float)
     nonempty = as_float(per_row[1] > 0, dtype)  # [B]
     sums = [
         compare(torch.gt, rho_v, ratio_cap).sum(),
-        torch.dot(div.reshape(-1), validf.reshape(-1)),
+        div.sum(),
         rho_v.sum(),
         rho_v.amax() if rho_v.numel() else rho_v.new_zeros(()),
         gate.weight.sum(),

@@ -276,6 +276,7 @@ def cppo_mask(
     *,
     lengths: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
+    validf: torch.Tensor | None = None,
 ) -> CPPOMask:
     """CPPO mask for [B, T] rows (Algorithm 1 of the paper).
 
@@ -284,10 +285,12 @@ def cppo_mask(
     toward_mu [B, T] bool: A_t (rho_t - 1) <= 0, never masked.
     lengths [B] int64: each response's own length H (default: last valid position).
     positions [B, T]: 1-based positions for the weights (default: column + 1; the shuffle ablation permutes).
+    validf [B, T]: `valid` as 0/1 in div's dtype, from a caller whose div is already 0 off valid (skips a pass).
     """
     width = div.shape[-1]
-    div = torch.where(valid, div, 0.0)  # [B, T]
-    validf = as_float(valid, div.dtype)  # [B, T]
+    if validf is None:
+        div = torch.where(valid, div, 0.0)  # [B, T]
+        validf = as_float(valid, div.dtype)  # [B, T]
     if params.position_weight:
         if positions is None:
             positions = torch.arange(1, width + 1, device=div.device, dtype=div.dtype)[None, :]  # [1, T]
