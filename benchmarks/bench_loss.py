@@ -181,17 +181,17 @@ def time_cuda(calls: dict, repeats: int, warmup: int) -> dict:
 def time_cpu(calls: dict, rounds: int, inner: int) -> dict:
     """Interleaved rounds; per case the fastest round and the median over rounds of its ratio to dppo_tv.
 
-    Two clocks: wall time, and the calling thread's CPU time (time.thread_time), which a shared machine's
-    other processes do not inflate. With one torch thread every op and the backward run on this thread."""
+    Two clocks: wall time, and the process CPU time (time.process_time, all threads), which a shared
+    machine's other processes do not inflate (with more torch threads it also counts their spinning)."""
     for call in calls.values():
         call()
     per_round = {name: {"wall": [], "cpu": []} for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            w0, c0 = time.perf_counter(), time.thread_time()
+            w0, c0 = time.perf_counter(), time.process_time()
             for _ in range(inner):
                 call()
-            per_round[name]["cpu"].append((time.thread_time() - c0) / inner)
+            per_round[name]["cpu"].append((time.process_time() - c0) / inner)
             per_round[name]["wall"].append((time.perf_counter() - w0) / inner)
     out = {}
     for name, clocks in per_round.items():
