@@ -148,22 +148,26 @@ def row_quantile(values: torch.Tensor, valid: torch.Tensor, q: float) -> torch.T
         return torch.zeros_like(rank)
     from_top = last - below  # [B] the same value's rank from the top
     frac = rank - below  # [B]
-    ranks = torch.stack([below.amin(), below.amax(), from_top.amin(), from_top.amax(), (frac > 0).any()])
-    lo_up, hi_up, lo_down, hi_down, interpolate = ranks.tolist()  # one host sync: kthvalue takes a Python k
+    ranks = torch.stack([below.amin(), below.amax(), from_top.amin(), from_top.amax(), frac.amax()]).tolist()
+    lo_up, hi_up, lo_down, hi_down, interpolate = ranks  # one host sync: kthvalue takes a Python k
     down = hi_down - lo_down < hi_up - lo_up
-    r, top, lead_width = (
-        (from_top, int(hi_down), int(hi_down - lo_down)) if down else (below, int(hi_up), int(hi_up - lo_up))
-    )
-    keyed = torch.where(valid, -values if down else values, torch.inf)  # [B, T] invalid entries sort last
-    cols = torch.arange(lead_width, device=values.device, dtype=values.dtype)  # [L]
-    lead = values.new_full((batch, lead_width), torch.inf).masked_fill_(cols < (top - r)[:, None], -torch.inf)
-    selected = torch.cat([lead, keyed], dim=-1).kthvalue(top + 1, dim=-1).values  # [B]
-    v_below = -selected if down else selected  # [B] rank `below` among row b's valid values
+    sign, r, top, lo = (-1.0, from_top, hi_down, lo_down) if down else (1.0, below, hi_up, lo_up)
+    keys = torch.where(valid, -values if down else values, torch.inf)  # [B, T] ascending; invalid sort last
+    cols = torch.arange(int(top - lo), device=values.device, dtype=values.dtype)  # [L]
+    lead = torch.where(cols < (top - r)[:, None], -torch.inf, torch.inf).to(values.dtype)  # [B, L]
+    key = torch.cat([lead, keys], dim=-1).kthvalue(int(top) + 1, dim=-1).values  # [B] r_b-th key of row b
+    v_below = key * sign  # [B]
     v_above = v_below
-    if interpolate:  # rank below + 1: v_below again if it repeats, else the next larger valid value
-        repeats = (valid & (values <= v_below[:, None])).sum(dim=-1) >= below + 2  # [B]
-        larger = torch.where(valid & (values > v_below[:, None]), values, torch.inf).amin(dim=-1)  # [B]
-        v_above = torch.where(repeats | (frac == 0), v_below, larger)
+    if interpolate > 0:  # rank below + 1: v_below again if it repeats, else the next larger valid value
+        beyond = compare(torch.lt if down else torch.gt, keys, key[:, None]).bool()  # [B, T] values > v_below
+        n_beyond = beyond.view(torch.uint8).sum(dim=-1, dtype=torch.int32)  # [B] (up: the +inf invalid too)
+        n_not_above = (count if down else width) - n_beyond  # [B] valid values <= v_below
+        if down:
+            next_key = torch.where(beyond, keys, -torch.inf).amax(dim=-1)  # [B]
+        else:
+            next_key = torch.where(beyond, keys, torch.inf).amin(dim=-1)  # [B]
+        repeats = (n_not_above >= below + 2) | (frac == 0)  # [B]
+        v_above = torch.where(repeats, v_below, next_key * sign)
     quant = torch.lerp(v_below, v_above, frac)  # [B]
     return torch.where(count > 0, quant, torch.zeros_like(quant))
 
