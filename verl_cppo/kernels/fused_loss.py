@@ -9,6 +9,7 @@ the kernel with the float64 reference.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -59,43 +60,44 @@ def _launch(old_log_prob, log_prob, advantages, response_mask, cfg: CPPOConfig, 
     if block is None:  # 2048 x fp32 over 8 warps: 8 values per thread per vector, no register spills (sm_90)
         block = min(2048, max(128, triton.next_power_of_2(max(width, 1))))
     if batch > 0:
-        cppo_fwd_kernel[(batch,)](
-            lp,
-            old,
-            adv,
-            mask,
-            isw if isw is not None else lp,
-            positions if positions is not None else mask,
-            params,
-            coef,
-            loss,
-            stats,
-            weight,
-            flags,
-            width,
-            lp.stride(0),
-            old.stride(0),
-            adv.stride(0),
-            mask.stride(0),
-            isw.stride(0) if isw is not None else 0,
-            positions.stride(0) if positions is not None else 0,
-            cfg.position_horizon or 0,
-            N_STATS=N_STATS,
-            KL=cfg.divergence == "binary_kl",
-            CALIBRATED=calibrated,
-            POSITION_WEIGHT=cfg.position_weight,
-            PREFIX_BUDGET=cfg.prefix_budget,
-            SOFT=cfg.gate == "soft",
-            HAS_ISW=isw is not None,
-            HAS_POS=positions is not None,
-            DEBUG=debug,
-            LIBDEVICE=not interpreting(),
-            KEY=tl.int64 if dtype == torch.float64 else tl.int32,
-            KEY_BITS=64 if dtype == torch.float64 else 32,
-            BLOCK=block,
-            num_warps=8 if block >= 2048 else 4,
-            enable_fp_fusion=False,  # no fma contraction: the same roundings as the torch path's separate ops
-        )
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            cppo_fwd_kernel[(batch,)](
+                lp,
+                old,
+                adv,
+                mask,
+                isw if isw is not None else lp,
+                positions if positions is not None else mask,
+                params,
+                coef,
+                loss,
+                stats,
+                weight,
+                flags,
+                width,
+                lp.stride(0),
+                old.stride(0),
+                adv.stride(0),
+                mask.stride(0),
+                isw.stride(0) if isw is not None else 0,
+                positions.stride(0) if positions is not None else 0,
+                cfg.position_horizon or 0,
+                N_STATS=N_STATS,
+                KL=cfg.divergence == "binary_kl",
+                CALIBRATED=calibrated,
+                POSITION_WEIGHT=cfg.position_weight,
+                PREFIX_BUDGET=cfg.prefix_budget,
+                SOFT=cfg.gate == "soft",
+                HAS_ISW=isw is not None,
+                HAS_POS=positions is not None,
+                DEBUG=debug,
+                LIBDEVICE=not interpreting(),
+                KEY=tl.int64 if dtype == torch.float64 else tl.int32,
+                KEY_BITS=64 if dtype == torch.float64 else 32,
+                BLOCK=block,
+                num_warps=8 if block >= 2048 else 4,
+                enable_fp_fusion=False,  # no fma contraction: the same roundings as the torch path's separate ops
+            )
     debug_out = (weight, flags) if debug else None
     return coef, loss, stats, debug_out
 
