@@ -170,3 +170,10 @@ def test_cppo_mask_with_clean_div_and_validf_equals_the_plain_call(gen):
     for a, b in zip(plain, clean):
         assert a.equal(b)
     assert plain.masked.any()
+
+
+def test_response_lengths_of_wide_low_precision_masks():
+    mask = torch.zeros(2, 3000, dtype=torch.bfloat16)
+    mask[0, 2999] = 1  # column 3000 is not a bfloat16 number
+    mask[1, 256] = 1
+    assert response_lengths(mask).tolist() == [3000, 257]

@@ -80,8 +80,11 @@ def _all_finite(*tensors: torch.Tensor | None) -> bool:
     """True when every entry is finite: an inf or NaN anywhere makes the sum non-finite (one sync on GPU).
 
     A sum that overflows only sends the caller down the sanitising path, which is exact for any input."""
-    total = sum(t.sum() for t in tensors if t is not None)  # in each tensor's dtype: no converted copy
-    return bool(torch.as_tensor(total).isfinite())
+    sums = [t.sum() for t in tensors if t is not None]  # in each tensor's dtype: no converted copy
+    total = sums[0]
+    for x in sums[1:]:
+        total = total + x
+    return math.isfinite(total.item())
 
 
 def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -131,9 +134,10 @@ def cppo_token_losses(
         rho = torch.exp(log_ratio)  # [B, T]
         change = (rho - 1).mul_(adv)  # [B, T] A_t (rho_t - 1)
         toward_mu = torch.le(change, 0.0, out=change).bool()  # [B, T] (a float compare is faster on CPU)
-        validf = as_float(valid, dtype)  # [B, T]
+        maskf = as_float(response_mask, dtype)  # [B, T]
+        validf = maskf if all_finite else as_float(valid, dtype)  # [B, T]
         div = binary_divergence(cfg.divergence, log_pi, log_mu).mul_(validf)  # [B, T] finite, 0 off valid
-        lengths = response_lengths(response_mask)  # [B] H counts interior holes and dropped tokens
+        lengths = response_lengths(maskf)  # [B] H counts interior holes and dropped tokens
         positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
         gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions, validf=validf)
         coef = rho.clamp(max=cfg.ratio_cap).mul_(adv).mul_(gate.weight).neg_()  # [B, T] -w_t sg(min(rho, cap)) A_t
@@ -213,7 +217,7 @@ def torch_stats(terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float)
     rho_v = rho * validf  # [B, T] 0 off valid
     flags = torch.stack([response_mask, valid, gate.masked, gate.masked_by_budget])  # [4, B, T] bool
     per_row = flags.view(torch.uint8).sum(dim=-1, dtype=torch.int32).to(dtype)  # [4, B] counts per response
-    nonempty = as_float(per_row[1] > 0, dtype)  # [B]
+    nonempty = per_row[1].clamp(max=1.0)  # [B] 1 for a response with a valid token
     sums = [
         compare(torch.gt, rho_v, ratio_cap).sum(),
         div.sum(),

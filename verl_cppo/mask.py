@@ -84,13 +84,18 @@ def compare(op, a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
 
 
 def response_lengths(mask: torch.Tensor) -> torch.Tensor:
-    """Position (1-based) of each row's last True entry, 0 for an empty row. mask [B, T] -> [B] int64."""
+    """Position (1-based) of each row's last True entry, 0 for an empty row. mask [B, T] -> [B] int64.
+
+    A float32 / float64 mask must hold 0/1 and is used as it is (no conversion)."""
     width = mask.shape[-1]
     if width == 0:
         return mask.new_zeros(mask.shape[:-1], dtype=torch.long)
-    dtype = torch.float32 if width < 2**24 else torch.float64  # column numbers are exact in this dtype
-    cols = torch.arange(1, width + 1, device=mask.device, dtype=dtype)  # [T]
-    return (as_float(mask.bool(), dtype) * cols).amax(dim=-1).long()
+    if (mask.dtype == torch.float32 and width < 2**24) or mask.dtype == torch.float64:
+        maskf = mask  # column numbers below are exact in this dtype
+    else:
+        maskf = as_float(mask.bool(), torch.float32 if width < 2**24 else torch.float64)
+    cols = torch.arange(1, width + 1, device=mask.device, dtype=maskf.dtype)  # [T]
+    return (maskf * cols).amax(dim=-1).long()
 
 
 def shuffled_positions(lengths: torch.Tensor, width: int, generator: torch.Generator | None = None):
@@ -125,7 +130,7 @@ def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     if not x.is_floating_point():
         return F.pad(torch.cumsum(x, dim=-1)[..., :-1], (1, 0))
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    out[..., 0] = 0
+    out[..., :1].zero_()
     torch.cumsum(x[..., :-1], dim=-1, out=out[..., 1:])  # written in place: no padded copy
     return out
 
