@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
@@ -23,6 +23,9 @@ from verl_cppo.config import CPPOConfig, cppo_config_of
 from verl_cppo.divergence import binary_divergence
 from verl_cppo.kernels import use_triton
 from verl_cppo.mask import CPPOMask, as_float, compare, cppo_mask, response_lengths, shuffled_positions
+
+if TYPE_CHECKING:
+    from verl_cppo.shard_loss import ShardContext
 
 __all__ = ["METRIC_KEYS", "STAT_NAMES", "CPPOTerms", "compute_policy_loss_cppo", "cppo_token_losses", "torch_stats"]
 
@@ -98,11 +101,15 @@ def cppo_token_losses(
     response_mask: torch.Tensor,
     cfg: CPPOConfig,
     rollout_is_weights: torch.Tensor | None = None,
+    shard: ShardContext | None = None,
 ) -> CPPOTerms:
     """Per-token CPPO losses and mask for [B, T] rows (the torch path); the registered loss aggregates them.
 
     The loss is linear in log pi with a detached coefficient, so the graph is one multiply (two with IS
-    weights) in verl's order: (-A sg(min(rho, cap)) M) * log pi * IS weight."""
+    weights) in verl's order: (-A sg(min(rho, cap)) M) * log pi * IS weight.
+
+    With ``shard`` the tensors are one rank's shard-local tokens of a sequence-parallel group (any 2-D shape,
+    flattened in ``shard.layout``'s order) and the mask uses global prefix sums (``verl_cppo.sharding``)."""
     _check_shapes(
         log_prob=log_prob,
         old_log_prob=old_log_prob,
@@ -137,9 +144,12 @@ def cppo_token_losses(
         maskf = as_float(response_mask, dtype)  # [B, T]
         validf = maskf if all_finite else as_float(valid, dtype)  # [B, T]
         div = binary_divergence(cfg.divergence, log_pi, log_mu).mul_(validf)  # [B, T] finite, 0 off valid
-        lengths = response_lengths(maskf)  # [B] H counts interior holes and dropped tokens
-        positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
-        gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions, validf=validf)
+        if shard is None:
+            lengths = response_lengths(maskf)  # [B] H counts interior holes and dropped tokens
+            positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
+            gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions, validf=validf)
+        else:  # shard-local tokens: global positions, lengths, prefix sums and quantiles (verl_cppo.sharding)
+            gate = shard.cppo_mask(div, valid, toward_mu, cfg, response_mask)
         coef = rho.clamp(max=cfg.ratio_cap).mul_(adv).mul_(gate.weight).neg_()  # [B, T] -w_t sg(min(rho, cap)) A_t
 
     # the graph: d pg / d log pi = coef (* IS weight); a dropped non-finite log pi is routed through where()
@@ -158,6 +168,7 @@ def compute_policy_loss_cppo(
     loss_agg_mode: str = "token-mean",
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
+    shard: ShardContext | None = None,
     **unused: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CPPO policy loss (arXiv 2606.10968) with verl's registered signature.
@@ -170,21 +181,28 @@ def compute_policy_loss_cppo(
         loss_agg_mode: verl's aggregation mode, passed to ``agg_loss``.
         config: the worker's actor config (``config.policy_loss.cppo``, ``config.global_batch_info``).
         rollout_is_weights: [B, T] or None, multiplied into the per-token loss as verl's losses do.
+        shard: None for gathered rows (every verl engine in 0.9.1). A ``verl_cppo.shard_loss.ShardContext``
+            when the tensors are this rank's shard-local tokens: the returned loss then has the gathered
+            loss's value and, w.r.t. this rank's log-probs, its gradient; metrics are the gathered ones.
 
     Returns:
         (loss: 0-dim float tensor, metrics: dict with the keys of METRIC_KEYS on every call)
     """
     cfg = cppo_config_of(config)
     response_mask = response_mask.bool()
-    if use_triton(cfg.kernel, log_prob):  # the fused kernel: same per-token losses, per-row statistics
+    if shard is None and use_triton(cfg.kernel, log_prob):  # the fused kernel: same losses, per-row sums
         from verl_cppo.kernels.fused_loss import fused_cppo_token_losses
 
         pg_losses, stats = fused_cppo_token_losses(
             old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights
         )
     else:
-        terms = cppo_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights)
-        pg_losses, stats = terms.pg_losses, torch_stats(terms, response_mask, cfg.ratio_cap)
+        terms = cppo_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights, shard)
+        pg_losses, stats = terms.pg_losses, torch_stats(terms, response_mask, cfg.ratio_cap, shard)
+    if shard is not None:  # shard-local tokens: this rank's share of the gathered loss (verl_cppo.shard_loss)
+        local = shard.agg_loss(pg_losses, response_mask, loss_agg_mode, getattr(config, "global_batch_info", {}))
+        metrics = _metrics(local, stats, shard)
+        return shard.whole_loss(local), metrics
     info = getattr(config, "global_batch_info", None) or {}
     batch_info = _finite_batch_info(info, response_mask, loss_agg_mode)
     pg_loss = agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **batch_info)
@@ -209,15 +227,21 @@ STAT_NAMES = (
 
 
 @torch.no_grad()
-def torch_stats(terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float) -> torch.Tensor:
-    """The STAT_NAMES sums of the torch path as one [len(STAT_NAMES)] tensor (no host sync)."""
+def torch_stats(terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float, shard=None) -> torch.Tensor:
+    """The STAT_NAMES sums of the torch path as one [len(STAT_NAMES)] tensor (no host sync).
+
+    With ``shard`` (shard-local tokens) the token sums are this rank's and the per-response ones (delta_b,
+    non-empty responses) the group's: ``_metrics`` reduces the former over the group."""
     gate, div, rho, log_ratio, valid = terms[1:6]
     dtype = rho.dtype
     validf = as_float(valid, dtype)  # [B, T]
     rho_v = rho * validf  # [B, T] 0 off valid
     flags = torch.stack([response_mask, valid, gate.masked, gate.masked_by_budget])  # [4, B, T] bool
-    per_row = flags.view(torch.uint8).sum(dim=-1, dtype=torch.int32).to(dtype)  # [4, B] counts per response
-    nonempty = per_row[1].clamp(max=1.0)  # [B] 1 for a response with a valid token
+    per_row = flags.view(torch.uint8).sum(dim=-1, dtype=torch.int32).to(dtype)  # [4, B] counts per row
+    if shard is None:
+        nonempty = per_row[1].clamp(max=1.0)  # [B] 1 for a response with a valid token
+    else:  # rows of shard-local tokens are not responses: the group's per-response flags
+        nonempty = as_float(shard.nonempty, dtype)  # [B]
     sums = [
         compare(torch.gt, rho_v, ratio_cap).sum(),
         div.sum(),
@@ -225,16 +249,29 @@ def torch_stats(terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float)
         rho_v.amax() if rho_v.numel() else rho_v.new_zeros(()),
         gate.weight.sum(),
         -torch.dot(log_ratio.reshape(-1), validf.reshape(-1)),
-        torch.dot(gate.delta_b, nonempty),
+        torch.dot(gate.delta_b.to(dtype), nonempty),
         nonempty.sum(),
     ]
     return torch.cat([per_row.sum(dim=-1), torch.stack(sums)])
 
 
-def _metrics(pg_loss: torch.Tensor, stats: torch.Tensor) -> dict:
-    """All metrics from the STAT_NAMES sums in one device-to-host copy; raises if the loss is not finite."""
-    values = torch.cat([stats, pg_loss.detach().reshape(1).to(stats.dtype)]).tolist()
-    *sums, loss_value = values
+_RHO_MAX = STAT_NAMES.index("rho_max")
+_PER_RESPONSE = STAT_NAMES.index("delta_b_sum")  # this and later entries are per-response sums
+
+
+def _metrics(pg_loss: torch.Tensor, stats: torch.Tensor, shard=None) -> dict:
+    """All metrics from the STAT_NAMES sums in one device-to-host copy; raises if the loss is not finite.
+
+    With ``shard`` the token sums and this rank's loss share are reduced over the group first (one message),
+    so that every rank reports the gathered values and the gathered loss."""
+    stats = stats.to(torch.float64)
+    loss = pg_loss.detach().reshape(1).to(torch.float64)
+    if shard is not None:
+        token = torch.cat([stats[:_RHO_MAX], stats[_RHO_MAX + 1 : _PER_RESPONSE], loss])
+        total, rho_max = shard.reduce_metric_sums(token, stats[_RHO_MAX])
+        stats = torch.cat([total[:_RHO_MAX], rho_max.reshape(1), total[_RHO_MAX:-1], stats[_PER_RESPONSE:]])
+        loss = total[-1:]
+    *sums, loss_value = torch.cat([stats, loss]).tolist()
     s = dict(zip(STAT_NAMES, sums, strict=True))
     n_resp, n_valid, n_masked = s["response_tokens"], s["valid_tokens"], s["masked"]
     masked_frac = n_masked / max(n_resp, 1.0)
