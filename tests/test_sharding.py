@@ -109,7 +109,7 @@ def _check_loss(case, shard, group, setting, mode, dtype):
     assert tags == ["scan"] + ["quantile"] * (len(tags) - 2) + ["metrics"] if world > 1 else tags == []
     for tag, nbytes in ctx.stats.log:
         wire = 4 if dtype == torch.float32 else 8  # bytes of a count or key on the wire
-        limit = {"scan": 8 * 9 * batch * per_rank, "quantile": wire * 2 * batch * 16, "metrics": 8 * 12}[tag]
+        limit = {"scan": 8 * 9 * batch * per_rank, "quantile": wire * 2 * batch * 16, "metrics": 8 * 11}[tag]
         assert nbytes == limit if tag != "quantile" else 0 < nbytes <= limit, (tag, nbytes, limit)
     assert ctx.stats.bytes_received == (world - 1) * ctx.stats.bytes_sent
     if cfg.policy_loss.cppo.delta_b_quantile is None:

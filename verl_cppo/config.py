@@ -21,7 +21,15 @@ from typing import Any
 from verl.base_config import BaseConfig
 from verl.workers.config import PolicyLossConfig
 
-__all__ = ["DIVERGENCES", "GATES", "TOPK_DIVERGENCES", "CPPOConfig", "CPPOPolicyLossConfig", "cppo_config_of"]
+__all__ = [
+    "DIVERGENCES",
+    "GATES",
+    "KERNELS",
+    "TOPK_DIVERGENCES",
+    "CPPOConfig",
+    "CPPOPolicyLossConfig",
+    "cppo_config_of",
+]
 
 BINARY_DIVERGENCES = ("binary_tv", "binary_kl")
 """Divergences the loss computes from the sampled token's log-probs alone."""
@@ -35,6 +43,9 @@ DIVERGENCES = BINARY_DIVERGENCES + TOPK_DIVERGENCES
 # --- end Top-K divergences -----------------------------------------------------------------------------------
 
 GATES = ("hard", "soft")
+
+KERNELS = ("auto", "torch", "triton")
+"""Implementations of the mask and loss (``verl_cppo.kernels``)."""
 
 
 @dataclass
@@ -95,6 +106,14 @@ class CPPOConfig(BaseConfig):
     """Ablation switch: assign each response's position weights in a random order (tests whether the
     early-strict ordering matters). Requires position_weight."""
 
+    # --- kernel selection (issue 8) ---
+    kernel: str = "auto"
+    """Implementation of the mask and loss: torch = the pure-torch path (the reference, any device);
+    triton = the fused Triton kernel (CUDA tensors; fails on the first call without Triton or a GPU);
+    auto = triton on CUDA tensors when Triton is installed, torch otherwise. Both give the same tokens and
+    losses up to float rounding. One of auto, torch, triton."""
+    # --- end kernel selection ---
+
     def __post_init__(self):
         for f in fields(self):
             if f.name != "_target_":
@@ -147,6 +166,9 @@ def _check_field(cfg: CPPOConfig, name: str, value: Any) -> None:
     elif name == "gate":
         if value not in GATES:
             _fail(name, value, f"one of {GATES}")
+    elif name == "kernel":
+        if value not in KERNELS:
+            _fail(name, value, f"one of {KERNELS}")
     elif not isinstance(value, bool):  # position_weight, prefix_budget, shuffle_positions
         _fail(name, value, "true or false")
 

@@ -28,7 +28,7 @@ rank (O(tokens) per rank, and the whole loss recomputed on every rank). Here eac
 
 Messages per call: 1 + R + 1 (R quantile rounds, 0 with fixed delta_b). Bytes a rank sends per call:
 8 * 9 * B * K (scan) + at most w * 2 * B * 2^radix_bits per quantile round (w = 4 for float32 D, 8 for float64)
-+ 8 * 12 (metrics), and it receives (world - 1) times that: O(responses x ranks), nothing proportional to
++ 8 * 11 (metrics), and it receives (world - 1) times that: O(responses x ranks), nothing proportional to
 tokens. K = pieces per rank (1 for Ulysses, 2 for the zigzag layouts).
 
 The loss side (the ``cppo`` loss on shard-local tokens, verl's aggregation, metrics) is
