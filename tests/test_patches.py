@@ -10,9 +10,14 @@ import verl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = os.path.dirname(os.path.dirname(verl.__file__))
-DIFFS = sorted(glob.glob(os.path.join(ROOT, "patches", "*.diff")))
-# The Top-K diffs are applied at import time by verl_cppo.patching, so they ship inside the package (issue 7).
-DIFFS += sorted(glob.glob(os.path.join(ROOT, "verl_cppo", "patches", "*.diff")))
+# The Top-K diffs are applied at import time by verl_cppo.patching, so they ship inside the package (issue 7);
+# patches/ links to them so that every diff against verl is listed in one place.
+DIFFS = sorted({os.path.realpath(p) for p in glob.glob(os.path.join(ROOT, "patches", "*.diff"))})
+PACKAGED = sorted(glob.glob(os.path.join(ROOT, "verl_cppo", "patches", "*.diff")))
+
+
+def test_every_packaged_diff_is_listed_in_patches():
+    assert {os.path.realpath(p) for p in PACKAGED} <= set(DIFFS)
 
 
 def test_there_are_diffs_to_check():
