@@ -118,3 +118,32 @@ def test_ray_worker_process_has_cppo_registered():
         RAY_DEDUP_LOGS="0",
     )
     assert "WORKER True True" in out.stdout, out.stderr[-3000:]
+
+
+def test_pure_math_modules_work_without_verl():
+    """divergence/mask/topk import no verl: with verl hidden the package registers nothing and they still run."""
+    out = _python(
+        """
+        import importlib.abc, importlib.util, sys
+
+        class HideVerl(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "verl" or name.startswith("verl."):
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+
+        sys.meta_path.insert(0, HideVerl())
+        find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "verl" else find_spec(name, *a)
+        import torch
+        from verl_cppo.divergence import binary_tv, topk_divergence
+        from verl_cppo.mask import position_weights
+        print(position_weights(torch.arange(1.0, 4.0)[None], 3, 0.8).tolist(), "verl" in sys.modules)
+        try:
+            from verl_cppo import CPPOConfig
+        except ImportError as exc:
+            print("ImportError:", exc)
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert "[[1.0, 0.8999999761581421, 0.800000011920929]] False" in out.stdout
+    assert "ImportError: verl_cppo.CPPOConfig needs verl" in out.stdout

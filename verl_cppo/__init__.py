@@ -8,7 +8,8 @@ loss ``cppo`` with verl (see ``verl_cppo.plugin``); select it with
 ``algorithm.rollout_correction.bypass_mode=True``. It also registers the paper's outcome advantage
 ``cppo_grpo`` (``algorithm.adv_estimator=cppo_grpo``).
 
-Layout, pure math first and verl at the edge:
+Layout, pure math first and verl at the edge (without verl installed, importing the package registers
+nothing and the pure-torch modules still work):
   divergence.py  binary TV / KL per token (torch only)
   mask.py        position weights, prefix budget, delta_b calibration, hard / soft gate (torch only)
   config.py      CPPOConfig and CPPOPolicyLossConfig (verl BaseConfig dataclasses, validated)
@@ -22,12 +23,21 @@ Layout, pure math first and verl at the edge:
   post_import.py run a hook right after verl imports a module
 """
 
-from verl_cppo.plugin import register as _register
-
-_register()
-
-from verl_cppo.algo_config import CPPOAlgoConfig, CPPOGRPOConfig  # noqa: E402
-from verl_cppo.config import CPPOConfig, CPPOPolicyLossConfig  # noqa: E402
+import importlib.util
 
 __all__ = ["CPPOAlgoConfig", "CPPOConfig", "CPPOGRPOConfig", "CPPOPolicyLossConfig"]
 __version__ = "0.1.0"
+
+if importlib.util.find_spec("verl") is not None:
+    from verl_cppo.plugin import register as _register
+
+    _register()
+
+    from verl_cppo.algo_config import CPPOAlgoConfig, CPPOGRPOConfig
+    from verl_cppo.config import CPPOConfig, CPPOPolicyLossConfig
+else:  # the pure-torch modules (divergence, mask, topk, shard_layout) stay usable without verl
+
+    def __getattr__(name: str):
+        if name in __all__:
+            raise ImportError(f"verl_cppo.{name} needs verl (pip install verl==0.9.1)")
+        raise AttributeError(f"module 'verl_cppo' has no attribute {name!r}")
