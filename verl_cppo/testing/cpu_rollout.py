@@ -20,8 +20,10 @@ should fail loudly if verl's call order ever changes. Sampling details: ``verl_c
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -33,13 +35,21 @@ from verl.workers.rollout.replica import RolloutMode, RolloutReplica, RolloutRep
 from verl.workers.rollout.utils import ensure_async_iterator, get_max_position_embeddings
 
 from verl_cppo.testing import ROLLOUT_NAME
-from verl_cppo.testing.sampling import sample_tokens
+from verl_cppo.testing.sampling import SampledTokens, sample_batch
 
 __all__ = ["HFCPUReplica", "HFCPUServer", "HFCPUServerAdapter", "register"]
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    generator: torch.Generator
+    future: asyncio.Future
 
 
 def _server_name(replica_rank: int, node_rank: int) -> str:
@@ -74,6 +84,8 @@ class HFCPUServer:
         self.asleep = False  # between verl's sleep() and the wake_up() that follows its weight sync
         self.weights_version: int | None = None  # global_steps of the last weight sync
         self.request_counts: dict[str, int] = {}  # per request id, for per-request seeds
+        self._pending: dict[tuple, list[_Request]] = {}  # (prompt length, sampling params) -> queued requests
+        self._batcher: asyncio.Task | None = None
         self.address = ray.util.get_node_ip_address().strip("[]")
 
     def _stop_token_ids(self) -> set[int]:
@@ -130,22 +142,51 @@ class HFCPUServer:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room within {self.max_model_len}")
         do_sample = params.pop("do_sample", self.config.do_sample)
         temperature = float(params.pop("temperature", self.config.temperature)) if do_sample else 0.0
-        sampled = sample_tokens(
-            self.model,
-            list(prompt_ids),
-            max_tokens,
-            self.stop_token_ids,
-            self._generator(request_id),
-            temperature=temperature,
-            top_k=int(params.pop("top_k", self.config.top_k)),
-            top_p=float(params.pop("top_p", self.config.top_p)),
+        top_k = int(params.pop("top_k", self.config.top_k))
+        top_p = float(params.pop("top_p", self.config.top_p))
+        request = _Request(
+            list(prompt_ids), max_tokens, self._generator(request_id), asyncio.get_running_loop().create_future()
         )
+        self._pending.setdefault((len(prompt_ids), temperature, top_k, top_p), []).append(request)
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._decode_pending())
+        sampled: SampledTokens = await request.future
         return TokenOutput(
             token_ids=sampled.token_ids,
             log_probs=sampled.log_probs if params.pop("logprobs", False) else None,
             stop_reason="completed",
             extra_fields={"global_steps": self.weights_version},
         )
+
+    async def _decode_pending(self) -> None:
+        """Decode queued requests in batches of equal prompt length and sampling parameters.
+
+        verl's agent loop sends a step's requests concurrently; yielding once lets them queue up, so one
+        batch serves many requests. Batch composition does not change a request's result (see sampling.py).
+        """
+        await asyncio.sleep(0)
+        while self._pending:
+            (_, temperature, top_k, top_p), requests = self._pending.popitem()
+            for start in range(0, len(requests), self.config.max_num_seqs):
+                chunk = requests[start : start + self.config.max_num_seqs]
+                try:
+                    results = sample_batch(
+                        self.model,
+                        [r.prompt_ids for r in chunk],
+                        [r.max_tokens for r in chunk],
+                        self.stop_token_ids,
+                        [r.generator for r in chunk],
+                        temperature=temperature,
+                        top_k=top_k,
+                        top_p=top_p,
+                    )
+                except Exception as exc:  # fail the requests, not the batcher
+                    for r in chunk:
+                        r.future.set_exception(exc)
+                    continue
+                for r, result in zip(chunk, results):
+                    r.future.set_result(result)
+            await asyncio.sleep(0)
 
     async def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], global_steps: int | None) -> int:
         """Load the actor's full (unsharded) weights; every parameter must be covered. Returns the count."""

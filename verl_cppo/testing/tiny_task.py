@@ -30,7 +30,7 @@ import random
 __all__ = ["ANSWER_LENGTH", "DATA_SOURCE", "SYMBOLS", "build_model", "build_tokenizer", "compute_score", "write_data"]
 
 DATA_SOURCE = "verl_cppo/copy"
-SYMBOLS = tuple("abcdefgh")
+SYMBOLS = tuple("abcd")
 ANSWER_LENGTH = 8
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad, turn start, turn end = eos
 VOCAB = (*SPECIAL, "\n", "user", "assistant", *SYMBOLS)
