@@ -117,7 +117,8 @@ def validate_cppo_config(config: Any) -> None:
 
 
 def install_driver_check() -> None:
-    """Run validate_cppo_config before verl's own validate_config (idempotent)."""
+    """Run validate_cppo_config (and the estimator's validate_cppo_grpo_config) before verl's own
+    validate_config (idempotent)."""
     import verl.utils
     import verl.utils.config as verl_config
 
@@ -125,9 +126,12 @@ def install_driver_check() -> None:
     if getattr(original, "__cppo_checked__", False):
         return
 
+    from verl_cppo.algo_config import validate_cppo_grpo_config
+
     @functools.wraps(original)
     def validate_config(config, *args, **kwargs):
         validate_cppo_config(config)
+        validate_cppo_grpo_config(config)  # the cppo_grpo advantage estimator's settings
         return original(config, *args, **kwargs)
 
     validate_config.__cppo_checked__ = True

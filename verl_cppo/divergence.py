@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["BINARY_DIVERGENCES", "binary_divergence", "binary_kl", "binary_tv", "log1mexp"]
+__all__ = ["BINARY_DIVERGENCES", "binary_divergence", "binary_kl", "binary_tv", "log1mexp", "topk_divergence"]
 
 KL_MAX = 1.0e4
 """Binary KL is infinite when pi puts all its mass on y_t and mu does not; it is capped here so that the
@@ -53,3 +53,6 @@ def binary_divergence(name: str, log_pi: torch.Tensor, log_mu: torch.Tensor) -> 
     except KeyError:
         raise ValueError(f"unknown binary divergence {name!r}; known: {sorted(BINARY_DIVERGENCES)}") from None
     return fn(log_pi, log_mu)
+
+
+from verl_cppo.topk import topk_divergence  # noqa: E402  (Top-K: their own module)

@@ -7,6 +7,8 @@ excludes it; ``actor_rollout_ref.model.external_lib=verl_cppo`` and the ``_targe
 
 * it imports ``verl_cppo.loss`` (which registers the policy loss ``cppo``) and installs the driver-side
   configuration check (``verl_cppo.anchoring``);
+* it imports ``verl_cppo.advantage`` (which registers the advantage estimator ``cppo_grpo``) and installs
+  the hooks that carry its excluded groups to the loss normalisers (``verl_cppo.exclusion``);
 * if that fails, verl would log the exception at DEBUG and later stop with "Unsupported loss mode: cppo".
   Instead the error is logged at ERROR with its traceback, and a stand-in ``cppo`` loss is registered that
   raises a RuntimeError naming the original exception, then the exception propagates.
@@ -29,10 +31,13 @@ def register() -> None:
     if _registered:
         return
     try:
+        import verl_cppo.advantage  # registers the advantage estimator "cppo_grpo"
         import verl_cppo.loss  # noqa: F401  (registers "cppo")
         from verl_cppo.anchoring import install_driver_check
+        from verl_cppo.exclusion import install_hooks
 
         install_driver_check()
+        install_hooks()  # carries cppo_grpo's excluded groups to the loss normalisers
     except Exception as exc:
         logger.error(
             "verl-cppo failed to load (%s: %s); loss_mode=cppo cannot run", type(exc).__name__, exc, exc_info=True
@@ -43,13 +48,23 @@ def register() -> None:
 
 
 def _register_broken(exc: BaseException) -> None:
-    """Register a ``cppo`` loss that explains the failed import instead of verl's 'Unsupported loss mode'."""
+    """Register a ``cppo`` loss (and ``cppo_grpo`` estimator) that explain the failed import instead of verl's
+    'Unsupported loss mode' / 'Unknown advantage estimator'."""
     try:
         from verl.trainer.ppo.core_algos import register_policy_loss
     except Exception:  # verl itself is broken: nothing to register into
         return
     reason = f"{type(exc).__name__}: {exc}"
+    message = f"verl-cppo is installed but failed to import ({reason}); see the ERROR logged at import"
 
     @register_policy_loss("cppo")
     def broken_cppo_loss(*args, **kwargs):
-        raise RuntimeError(f"verl-cppo is installed but failed to import ({reason}); see the ERROR logged at import")
+        raise RuntimeError(message)
+
+    from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, register_adv_est
+
+    if "cppo_grpo" not in ADV_ESTIMATOR_REGISTRY:  # unless it registered before the failure
+
+        @register_adv_est("cppo_grpo")
+        def broken_cppo_grpo(*args, **kwargs):
+            raise RuntimeError(message)
