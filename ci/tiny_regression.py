@@ -221,6 +221,7 @@ def run_arm(arm: str, task: dict, args: argparse.Namespace) -> tuple[list[dict],
 
 def plot(metrics: dict[str, list[dict]], path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -233,6 +234,7 @@ def plot(metrics: dict[str, list[dict]], path: str) -> None:
     ax_reward.set(xlabel="step", ylabel="reward (critic/score/mean)", title="reward", ylim=(0, 1.02))
     ax_masked.set(xlabel="step", ylabel="fraction of valid tokens", title="masked / clipped fraction")
     for ax in (ax_reward, ax_masked):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -246,8 +248,8 @@ def main() -> int:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--adv-estimator", default="grpo")
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--adv-estimator", default="cppo_grpo")
     parser.add_argument("--arm-timeout", type=float, default=900.0)
     parser.add_argument("--golden", default=GOLDEN)
     parser.add_argument("--no-golden", action="store_true", help="run the sanity checks only")
