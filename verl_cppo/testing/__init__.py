@@ -17,8 +17,11 @@ What it registers, each through verl's own registry (no verl file is edited):
   cpu_rollout.py   rollout ``hf_cpu``: a generation server (a Ray actor running HF transformers on CPU,
                    returning the sampled tokens' log-probs), its ``BaseRollout`` server adapter (receives
                    the actor's weights) and its ``RolloutReplica``
-  tiny_task.py     a tiny Qwen2 and word-level tokenizer built from a config, the synthetic copy task as verl
+  sampling.py      the server's batched sampler (pure torch + an HF model)
+Used by name in the trainer config, not registered:
+  tiny_task.py     a tiny Qwen3 and word-level tokenizer built from a config, the synthetic copy task as verl
                    parquet, and its verl custom reward function
+  replay_buffer.py verl's sync replay buffer with a shorter poll interval (``custom_sampler`` hook)
 
 One runtime hook is needed (patches/README.md, section 2): verl builds the process-group backend string
 ``cpu:gloo,<device>:<backend>``, which torch rejects when the device is the CPU.
