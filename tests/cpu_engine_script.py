@@ -1,7 +1,8 @@
 """Run by tests/test_cpu_platform.py in a fresh process with the CPU test backend switched on.
 
-verl's ``TrainingWorker`` (the worker behind ``compute_log_prob`` / ``update_actor``) builds the FSDP2 engine
-on the CPU platform around the tiny model; the script then
+The switch registered the platform and the rollout in verl's registries (the script reports them); verl's
+``TrainingWorker`` (the worker behind ``compute_log_prob`` / ``update_actor``) builds the FSDP2 engine on the
+CPU platform around the tiny model; the script then
   1. computes log-probs with ``infer_batch`` and compares them with a plain HF forward;
   2. trains 3 mini-batches with ``loss_mode=cppo`` through verl's ``ppo_loss`` (``train_mini_batch``);
   3. exports the trained weights with the engine's ``get_per_tensor_param`` (what verl hands the rollout in
@@ -75,7 +76,12 @@ def batch(prompt_ids: torch.Tensor, responses: torch.Tensor, old: torch.Tensor, 
 
 
 def main() -> None:
-    out = {"device": get_device_name()}
+    from verl.plugin.platform import PlatformRegistry
+    from verl.workers.rollout.base import get_rollout_class
+    from verl.workers.rollout.replica import get_rollout_replica_class
+
+    out = {"device": get_device_name(), "platforms": list(PlatformRegistry.registered_names())}
+    out["rollout"] = [get_rollout_class("hf_cpu").__name__, get_rollout_replica_class("hf_cpu").__name__]
     model_config = HFModelConfig(
         path=MODEL_DIR, use_remove_padding=False, enable_gradient_checkpointing=False,
         override_config={"attn_implementation": "sdpa"},
