@@ -107,8 +107,10 @@ class HFCPUServer:
         return self.address, self.replica_rank
 
     def _generator(self, request_id: str) -> torch.Generator:
-        """Seed from (rollout.seed, replica, request id, times seen): under rollout.full_determinism verl
-        sends request ids det-<sample index> every step, so a rerun draws the same samples in any order."""
+        """Seed from (rollout.seed, replica, request id, times seen). Where request ids name samples (verl's
+        det-<priority> under rollout.full_determinism), a rerun draws the same samples in any arrival order.
+        verl 0.9.1's TransferQueue agent loop attaches no priority, so every request is det-0 and the fixed
+        seed sequence is dealt out in arrival order (ci/README.md: why reruns differ)."""
         count = self.request_counts.get(request_id, 0)
         self.request_counts[request_id] = count + 1
         key = f"{self.config.seed}:{self.replica_rank}:{request_id}:{count}".encode()
