@@ -62,8 +62,13 @@ def _is_valid(mask_t, *values) -> bool:
     return bool(mask_t) and all(math.isfinite(v) for v in values)
 
 
-def reference_cppo(old_log_prob, log_prob, advantages, response_mask, p: RefParams, positions=None) -> RefResult:
-    """Loop implementation over [B, T] tensors (any dtype; read as float64). positions: optional [B, T]."""
+def reference_cppo(
+    old_log_prob, log_prob, advantages, response_mask, p: RefParams, positions=None, divergences=None
+) -> RefResult:
+    """Loop implementation over [B, T] tensors (any dtype; read as float64). positions: optional [B, T].
+
+    divergences: optional [B, T] D_t computed elsewhere (the Top-K divergences; tests/topk_reference.py).
+    """
     old = old_log_prob.double().tolist()
     new = log_prob.double().tolist()
     adv = advantages.double().tolist()
@@ -75,7 +80,10 @@ def reference_cppo(old_log_prob, log_prob, advantages, response_mask, p: RefPara
         valid = [_is_valid(mask[b][t], old[b][t], new[b][t], adv[b][t]) for t in range(width)]
         length = max((t + 1 for t in range(width) if mask[b][t]), default=0)
         horizon = p.position_horizon if p.position_horizon is not None else length
-        divs = [ref_divergence(p.divergence, new[b][t], old[b][t]) if valid[t] else 0.0 for t in range(width)]
+        if divergences is not None:
+            divs = [min(float(divergences[b][t]), 1.0e4) if valid[t] else 0.0 for t in range(width)]
+        else:
+            divs = [ref_divergence(p.divergence, new[b][t], old[b][t]) if valid[t] else 0.0 for t in range(width)]
         if p.delta_b_quantile is None or not any(valid):
             db = p.delta_b
         else:
@@ -136,7 +144,15 @@ def reference_aggregate(per_token, response_mask, mode: str, loss_scale_factor=N
 
 def reference_loss_and_grad(old_log_prob, log_prob, advantages, response_mask, p: RefParams, mode: str, **kw):
     """(loss, d loss / d log_prob as a [B, T] float64 tensor) of the reference."""
-    res = reference_cppo(old_log_prob, log_prob, advantages, response_mask, p, positions=kw.pop("positions", None))
+    res = reference_cppo(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        p,
+        positions=kw.pop("positions", None),
+        divergences=kw.pop("divergences", None),
+    )
     lp = log_prob.double().tolist()
     per_token = [[c * (x if c != 0.0 else 0.0) for c, x in zip(rc, rl)] for rc, rl in zip(res.coef, lp)]
     loss = reference_aggregate(per_token, response_mask, mode, **kw)

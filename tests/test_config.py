@@ -65,10 +65,17 @@ def test_invalid_values_name_the_key_and_the_range(key, value, allowed):
     assert str(info.value).endswith(f"got {value!r}")
 
 
-def test_topk_divergences_are_refused_until_supported():
-    for name in ("topk_tv", "topk_kl"):
-        with pytest.raises(ValueError, match=rf"cppo.divergence='{name}' needs mu's top-K log-probs"):
-            CPPOConfig(divergence=name)
+@pytest.mark.parametrize("name", ["topk_tv", "topk_kl"])
+def test_topk_divergences_are_accepted_with_k(name):
+    cfg = CPPOConfig(divergence=name, topk=5)
+    assert (cfg.divergence, cfg.topk) == (name, 5)
+    assert CPPOConfig(divergence=name).topk == 20  # the paper's K
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "20"])
+def test_topk_must_be_a_positive_int(value):
+    with pytest.raises(ValueError, match=rf"cppo\.topk must be an int >= 1, got {value!r}"):
+        CPPOConfig(topk=value)
 
 
 def test_shuffle_requires_position_weight():

@@ -11,6 +11,8 @@ import verl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = os.path.dirname(os.path.dirname(verl.__file__))
 DIFFS = sorted(glob.glob(os.path.join(ROOT, "patches", "*.diff")))
+# The Top-K diffs are applied at import time by verl_cppo.patching, so they ship inside the package (issue 7).
+DIFFS += sorted(glob.glob(os.path.join(ROOT, "verl_cppo", "patches", "*.diff")))
 
 
 def test_there_are_diffs_to_check():

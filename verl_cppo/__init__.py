@@ -13,6 +13,7 @@ Layout, pure math first and verl at the edge:
   mask.py        position weights, prefix budget, delta_b calibration, hard / soft gate (torch only)
   config.py      CPPOConfig and CPPOPolicyLossConfig (verl BaseConfig dataclasses, validated)
   loss.py        the registered loss: reads the config, builds the mask, verl's agg_loss, metrics
+  kernels/       the same loss fused into one Triton program per response (CUDA), chosen by cppo.kernel
   anchoring.py   driver-side refusal of configurations that would not anchor on the rollout policy
   plugin.py      the ``verl.plugins`` entry point; loud on a broken install
   advantage.py   the registered advantage estimator ``cppo_grpo`` (group arithmetic in torch)

@@ -104,6 +104,9 @@ def check_cppo_config(config: Any) -> tuple[list[str], list[str]]:
             f"actor strategy {_get(config, 'actor_rollout_ref.actor.strategy')!r} with context parallel size {cp} "
             "gives the loss shard-local rows in verl 0.9.1; CPPO's prefix sums need whole responses"
         )
+    from verl_cppo.topk_setup import check_topk_config  # Top-K divergences (issue 7)
+
+    errors.extend(check_topk_config(config))
     return errors, warnings
 
 
@@ -132,6 +135,9 @@ def install_driver_check() -> None:
     def validate_config(config, *args, **kwargs):
         validate_cppo_config(config)
         validate_cppo_grpo_config(config)  # the cppo_grpo advantage estimator's settings
+        from verl_cppo.topk_setup import propagate_topk  # Top-K divergences (issue 7): K to every Ray process
+
+        propagate_topk(config)
         return original(config, *args, **kwargs)
 
     validate_config.__cppo_checked__ = True

@@ -21,15 +21,31 @@ from typing import Any
 from verl.base_config import BaseConfig
 from verl.workers.config import PolicyLossConfig
 
-__all__ = ["DIVERGENCES", "GATES", "CPPOConfig", "CPPOPolicyLossConfig", "cppo_config_of"]
+__all__ = [
+    "DIVERGENCES",
+    "GATES",
+    "KERNELS",
+    "TOPK_DIVERGENCES",
+    "CPPOConfig",
+    "CPPOPolicyLossConfig",
+    "cppo_config_of",
+]
 
-DIVERGENCES = ("binary_tv", "binary_kl")
+BINARY_DIVERGENCES = ("binary_tv", "binary_kl")
 """Divergences the loss computes from the sampled token's log-probs alone."""
 
+# --- Top-K divergences (issue 7) -----------------------------------------------------------------------------
 TOPK_DIVERGENCES = ("topk_tv", "topk_kl")
-"""Divergences that need mu's top-K log-probs from the rollout; refused until Top-K support lands."""
+"""Divergences over mu's top-K tokens + the sampled token + "other": they need mu's top-K log-probs from the
+rollout and pi's logits in the engine (verl_cppo.topk_setup enables both; see README "Top-K divergences")."""
+
+DIVERGENCES = BINARY_DIVERGENCES + TOPK_DIVERGENCES
+# --- end Top-K divergences -----------------------------------------------------------------------------------
 
 GATES = ("hard", "soft")
+
+KERNELS = ("auto", "torch", "triton")
+"""Implementations of the mask and loss (``verl_cppo.kernels``)."""
 
 
 @dataclass
@@ -65,7 +81,13 @@ class CPPOConfig(BaseConfig):
 
     divergence: str = "binary_tv"
     """Per-token divergence D between mu and pi: binary_tv = |mu_t - pi_t| or binary_kl (sampled token
-    against the rest). topk_tv / topk_kl need mu's top-K log-probs and are not available yet."""
+    against the rest); topk_tv / topk_kl over mu's top-K tokens, the sampled token and "other" (the paper's
+    main setting; the rollout then returns mu's top-K log-probs, see topk)."""
+
+    topk: int = 20
+    """K of topk_tv / topk_kl: how many of mu's most likely tokens the rollout returns per generated token
+    (the paper's 20; vLLM serves at most 20 unless engine_kwargs.vllm.max_logprobs is raised). Unused by
+    the binary divergences. Range: int >= 1."""
 
     gate: str = "hard"
     """hard = keep or drop each away-moving token; soft = weight it by min(1, 1/x_t) (paper ablation)."""
@@ -83,6 +105,14 @@ class CPPOConfig(BaseConfig):
     shuffle_positions: bool = False
     """Ablation switch: assign each response's position weights in a random order (tests whether the
     early-strict ordering matters). Requires position_weight."""
+
+    # --- kernel selection (issue 8) ---
+    kernel: str = "auto"
+    """Implementation of the mask and loss: torch = the pure-torch path (the reference, any device);
+    triton = the fused Triton kernel (CUDA tensors; fails on the first call without Triton or a GPU);
+    auto = triton on CUDA tensors when Triton is installed, torch otherwise. Both give the same tokens and
+    losses up to float rounding. One of auto, torch, triton."""
+    # --- end kernel selection ---
 
     def __post_init__(self):
         for f in fields(self):
@@ -128,16 +158,17 @@ def _check_field(cfg: CPPOConfig, name: str, value: Any) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             _fail(name, value, "None or an int >= 1")
     elif name == "divergence":
-        if value in TOPK_DIVERGENCES:
-            raise ValueError(
-                f"cppo.divergence={value!r} needs mu's top-K log-probs from the rollout, which this version of "
-                f"verl-cppo does not collect yet; use one of {DIVERGENCES}"
-            )
         if value not in DIVERGENCES:
             _fail(name, value, f"one of {DIVERGENCES}")
+    elif name == "topk":  # Top-K divergences (issue 7)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(name, value, "an int >= 1")
     elif name == "gate":
         if value not in GATES:
             _fail(name, value, f"one of {GATES}")
+    elif name == "kernel":
+        if value not in KERNELS:
+            _fail(name, value, f"one of {KERNELS}")
     elif not isinstance(value, bool):  # position_weight, prefix_budget, shuffle_positions
         _fail(name, value, "true or false")
 

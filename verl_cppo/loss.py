@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 
-from verl_cppo.config import CPPOConfig, cppo_config_of
-from verl_cppo.divergence import binary_divergence
-from verl_cppo.mask import CPPOMask, cppo_mask, response_lengths, shuffled_positions
+from verl_cppo.config import TOPK_DIVERGENCES, CPPOConfig, cppo_config_of
+from verl_cppo.divergence import KL_MAX, binary_divergence
+from verl_cppo.kernels import use_triton
+from verl_cppo.mask import CPPOMask, as_float, compare, cppo_mask, response_lengths, shuffled_positions
+from verl_cppo.topk_loss import topk_divergence_input
 
-__all__ = ["METRIC_KEYS", "CPPOTerms", "compute_policy_loss_cppo", "cppo_token_losses"]
+if TYPE_CHECKING:
+    from verl_cppo.shard_loss import ShardContext
+
+__all__ = ["METRIC_KEYS", "STAT_NAMES", "CPPOTerms", "compute_policy_loss_cppo", "cppo_token_losses", "torch_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +60,14 @@ def _check_shapes(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"cppo loss: expected [batch, response_len] tensors, log_prob has shape {tuple(shape)}")
 
 
-def _finite_batch_info(global_batch_info: dict, mask: torch.Tensor) -> dict:
+def _finite_batch_info(global_batch_info: dict, mask: torch.Tensor, loss_agg_mode: str) -> dict:
     """verl's agg_loss divides by local counts when no global count is given; keep 0/0 from becoming NaN."""
     info = dict(global_batch_info)
-    if info.get("batch_num_tokens") is None:
+    if loss_agg_mode == "token-mean" and info.get("batch_num_tokens") is None:
         info["batch_num_tokens"] = mask.sum().clamp(min=1)
-    if info.get("global_batch_size") is None:
+    if loss_agg_mode.startswith("seq-mean") and info.get("global_batch_size") is None:
         info["global_batch_size"] = mask.any(dim=-1).sum().clamp(min=1)
     return info
-
-
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return num / den.clamp(min=1)
 
 
 class CPPOTerms(NamedTuple):
@@ -79,6 +80,21 @@ class CPPOTerms(NamedTuple):
     nonfinite: torch.Tensor  # [B, T] bool, response tokens dropped for non-finite inputs
 
 
+def _all_finite(*tensors: torch.Tensor | None) -> bool:
+    """True when every entry is finite: an inf or NaN anywhere makes the sum non-finite (one sync on GPU).
+
+    A sum that overflows only sends the caller down the sanitising path, which is exact for any input."""
+    sums = [t.sum() for t in tensors if t is not None]  # in each tensor's dtype: no converted copy
+    total = sums[0]
+    for x in sums[1:]:
+        total = total + x
+    return math.isfinite(total.item())
+
+
+def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def cppo_token_losses(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -86,8 +102,17 @@ def cppo_token_losses(
     response_mask: torch.Tensor,
     cfg: CPPOConfig,
     rollout_is_weights: torch.Tensor | None = None,
+    shard: ShardContext | None = None,
+    topk_divergence: torch.Tensor | None = None,
 ) -> CPPOTerms:
-    """Per-token CPPO losses and mask for [B, T] rows; the registered loss aggregates them."""
+    """Per-token CPPO losses and mask for [B, T] rows (the torch path); the registered loss aggregates them.
+
+    The loss is linear in log pi with a detached coefficient, so the graph is one multiply (two with IS
+    weights) in verl's order: (-A sg(min(rho, cap)) M) * log pi * IS weight.
+
+    With ``shard`` the tensors are one rank's shard-local tokens of a sequence-parallel group (any 2-D shape,
+    flattened in ``shard.layout``'s order) and the mask uses global prefix sums (``verl_cppo.sharding``).
+    ``topk_divergence`` [B, T] is D for ``divergence=topk_*`` (see ``verl_cppo.topk_loss``); unused otherwise."""
     _check_shapes(
         log_prob=log_prob,
         old_log_prob=old_log_prob,
@@ -97,30 +122,58 @@ def cppo_token_losses(
     )
     dtype = torch.promote_types(log_prob.dtype, torch.float32)
     response_mask = response_mask.bool()
-    finite = log_prob.isfinite() & old_log_prob.isfinite() & advantages.isfinite()  # [B, T]
-    if rollout_is_weights is not None:
-        finite &= rollout_is_weights.isfinite()
-    valid = response_mask & finite  # [B, T]
-
-    # Sanitise before anything enters the graph: where() routes exactly zero gradient to dropped entries.
-    log_pi = torch.where(valid, log_prob.to(dtype), 0.0)  # [B, T] with grad
-    log_mu = torch.where(valid, old_log_prob.to(dtype), 0.0)  # [B, T]
-    adv = torch.where(valid, advantages.to(dtype), 0.0)  # [B, T]
-
+    # --- Top-K divergences (issue 7): D comes from the engine, not from the sampled token's log-probs -------
+    topk_div = None
+    if cfg.divergence in TOPK_DIVERGENCES:
+        topk_div = topk_divergence_input(topk_divergence, log_prob, cfg.divergence)
+    # --- end Top-K divergences ---------------------------------------------------------------------------------
+    is_weights = rollout_is_weights
     with torch.no_grad():
-        log_ratio = (log_pi.detach() - log_mu).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # [B, T]
+        log_pi, log_mu, adv = _to(log_prob.detach(), dtype), _to(old_log_prob, dtype), _to(advantages, dtype)
+        if is_weights is not None:
+            is_weights = _to(is_weights, dtype)
+        all_finite = _all_finite(log_pi, log_mu, adv, is_weights)
+        # Top-K: NaN = no D for the token (dropped); +inf (KL) is a huge divergence, capped below
+        topk_missing = topk_div.isnan() if topk_div is not None else None  # [B, T]
+        if topk_missing is not None and all_finite:
+            all_finite = not bool(topk_missing.any())
+        if all_finite:
+            valid = response_mask  # [B, T]
+            nonfinite = torch.zeros_like(response_mask)
+        else:  # zero every entry that is not valid, so that no inf or NaN reaches a sum or a product
+            finite = log_pi.isfinite() & log_mu.isfinite() & adv.isfinite()  # [B, T]
+            if is_weights is not None:
+                finite &= is_weights.isfinite()
+            if topk_missing is not None:
+                finite &= ~topk_missing
+            valid = response_mask & finite  # [B, T]
+            nonfinite = response_mask & ~finite  # [B, T]
+            log_pi, log_mu, adv = (torch.where(valid, x, 0.0) for x in (log_pi, log_mu, adv))
+            if is_weights is not None:
+                is_weights = torch.where(valid, is_weights, 0.0)
+        log_ratio = (log_pi - log_mu).clamp_(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # [B, T]
         rho = torch.exp(log_ratio)  # [B, T]
-        toward_mu = adv * (rho - 1) <= 0  # [B, T]
-        div = torch.where(valid, binary_divergence(cfg.divergence, log_pi.detach(), log_mu), 0.0)  # [B, T]
-        lengths = response_lengths(response_mask)  # [B] H counts interior holes and dropped tokens
-        positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
-        gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions)
-        coef = -adv * rho.clamp(max=cfg.ratio_cap)  # [B, T] -A_t sg(min(rho_t, cap))
+        change = (rho - 1).mul_(adv)  # [B, T] A_t (rho_t - 1)
+        toward_mu = torch.le(change, 0.0, out=change).bool()  # [B, T] (a float compare is faster on CPU)
+        maskf = as_float(response_mask, dtype)  # [B, T]
+        validf = maskf if all_finite else as_float(valid, dtype)  # [B, T]
+        if topk_div is not None:  # Top-K divergences (issue 7), capped like binary_kl
+            div = topk_div.to(dtype).nan_to_num(nan=0.0, posinf=KL_MAX).clamp_(0.0, KL_MAX).mul_(validf)  # [B, T]
+        else:
+            div = binary_divergence(cfg.divergence, log_pi, log_mu).mul_(validf)  # [B, T] finite, 0 off valid
+        if shard is None:
+            lengths = response_lengths(maskf)  # [B] H counts interior holes and dropped tokens
+            positions = shuffled_positions(lengths, log_pi.shape[-1]) if cfg.shuffle_positions else None
+            gate = cppo_mask(div, valid, toward_mu, cfg, lengths=lengths, positions=positions, validf=validf)
+        else:  # shard-local tokens: global positions, lengths, prefix sums and quantiles (verl_cppo.sharding)
+            gate = shard.cppo_mask(div, valid, toward_mu, cfg, response_mask)
+        coef = rho.clamp(max=cfg.ratio_cap).mul_(adv).mul_(gate.weight).neg_()  # [B, T] -w_t sg(min(rho, cap)) A_t
 
-    pg_losses = torch.where(gate.weight > 0, coef * log_pi * gate.weight, 0.0)  # [B, T]
-    if rollout_is_weights is not None:
-        pg_losses = pg_losses * torch.where(valid, rollout_is_weights.to(dtype), 0.0)
-    return CPPOTerms(pg_losses, gate, div, rho, log_ratio, valid, response_mask & ~finite)
+    # the graph: d pg / d log pi = coef (* IS weight); a dropped non-finite log pi is routed through where()
+    pg_losses = (log_prob if all_finite else torch.where(valid, log_prob, 0.0)) * coef  # [B, T]
+    if is_weights is not None:
+        pg_losses = pg_losses * is_weights
+    return CPPOTerms(pg_losses, gate, div, rho, log_ratio, valid, nonfinite)
 
 
 @register_policy_loss("cppo")
@@ -132,6 +185,7 @@ def compute_policy_loss_cppo(
     loss_agg_mode: str = "token-mean",
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
+    shard: ShardContext | None = None,
     **unused: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CPPO policy loss (arXiv 2606.10968) with verl's registered signature.
@@ -144,50 +198,121 @@ def compute_policy_loss_cppo(
         loss_agg_mode: verl's aggregation mode, passed to ``agg_loss``.
         config: the worker's actor config (``config.policy_loss.cppo``, ``config.global_batch_info``).
         rollout_is_weights: [B, T] or None, multiplied into the per-token loss as verl's losses do.
+        shard: None for gathered rows (every verl engine in 0.9.1). A ``verl_cppo.shard_loss.ShardContext``
+            when the tensors are this rank's shard-local tokens: the returned loss then has the gathered
+            loss's value and, w.r.t. this rank's log-probs, its gradient; metrics are the gathered ones.
+        **unused: ``topk_divergence`` [B, T], D of ``divergence=topk_*`` (else taken from the engine hook's
+            channel, ``verl_cppo.topk_loss``); other keywords are ignored.
 
     Returns:
         (loss: 0-dim float tensor, metrics: dict with the keys of METRIC_KEYS on every call)
     """
     cfg = cppo_config_of(config)
-    terms = cppo_token_losses(old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights)
+    topk_div = unused.get("topk_divergence")  # Top-K divergences (issue 7): [B, T], see verl_cppo.topk_loss
     response_mask = response_mask.bool()
-    batch_info = _finite_batch_info(getattr(config, "global_batch_info", None) or {}, response_mask)
-    pg_loss = agg_loss(loss_mat=terms.pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **batch_info)
-    return pg_loss, _metrics(pg_loss, terms, response_mask, cfg.ratio_cap)
+    fusable = shard is None and cfg.divergence not in TOPK_DIVERGENCES  # the kernel computes binary D itself
+    if fusable and use_triton(cfg.kernel, log_prob):  # the fused kernel: same losses, per-row sums
+        from verl_cppo.kernels.fused_loss import fused_cppo_token_losses
+
+        pg_losses, stats = fused_cppo_token_losses(
+            old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights
+        )
+    else:
+        terms = cppo_token_losses(
+            old_log_prob, log_prob, advantages, response_mask, cfg, rollout_is_weights, shard, topk_divergence=topk_div
+        )
+        pg_losses, stats = terms.pg_losses, torch_stats(terms, response_mask, cfg.ratio_cap, shard)
+    if shard is not None:  # shard-local tokens: this rank's share of the gathered loss (verl_cppo.shard_loss)
+        local = shard.agg_loss(pg_losses, response_mask, loss_agg_mode, getattr(config, "global_batch_info", {}))
+        metrics = _metrics(local, stats, shard)
+        return shard.whole_loss(local), metrics
+    info = getattr(config, "global_batch_info", None) or {}
+    batch_info = _finite_batch_info(info, response_mask, loss_agg_mode)
+    pg_loss = agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **batch_info)
+    return pg_loss, _metrics(pg_loss, stats)
 
 
-def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, x, 0.0).sum()  # no boolean indexing: it would sync the device
+STAT_NAMES = (
+    "response_tokens",
+    "valid_tokens",
+    "masked",
+    "masked_by_budget",
+    "ratio_truncated",  # valid tokens with rho > ratio_cap
+    "div_sum",
+    "rho_sum",
+    "rho_max",
+    "gate_weight_sum",
+    "neg_log_ratio_sum",
+    "delta_b_sum",  # over responses with at least one valid token
+    "nonempty_responses",
+)
+"""The sums the metrics are formed from, in this order (``torch_stats`` and the fused kernel's row stats)."""
 
 
 @torch.no_grad()
-def _metrics(pg_loss: torch.Tensor, terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float) -> dict:
-    """All metrics in one device-to-host copy; raises if the loss is not finite."""
-    gate, div, rho, log_ratio, valid, nonfinite = terms[1:]
-    n_resp = response_mask.sum()
-    n_valid = valid.sum()
-    n_masked = gate.masked.sum()
-    n_by_budget = gate.masked_by_budget.sum()
-    nonempty = valid.any(dim=-1)  # [B]
-    masked_frac = _ratio(n_masked, n_resp)
-    stats = {
+def torch_stats(terms: CPPOTerms, response_mask: torch.Tensor, ratio_cap: float, shard=None) -> torch.Tensor:
+    """The STAT_NAMES sums of the torch path as one [len(STAT_NAMES)] tensor (no host sync).
+
+    With ``shard`` (shard-local tokens) the token sums are this rank's and the per-response ones (delta_b,
+    non-empty responses) the group's: ``_metrics`` reduces the former over the group."""
+    gate, div, rho, log_ratio, valid = terms[1:6]
+    dtype = rho.dtype
+    validf = as_float(valid, dtype)  # [B, T]
+    rho_v = rho * validf  # [B, T] 0 off valid
+    flags = torch.stack([response_mask, valid, gate.masked, gate.masked_by_budget])  # [4, B, T] bool
+    per_row = flags.view(torch.uint8).sum(dim=-1, dtype=torch.int32).to(dtype)  # [4, B] counts per row
+    if shard is None:
+        nonempty = per_row[1].clamp(max=1.0)  # [B] 1 for a response with a valid token
+    else:  # rows of shard-local tokens are not responses: the group's per-response flags
+        nonempty = as_float(shard.nonempty, dtype)  # [B]
+    sums = [
+        compare(torch.gt, rho_v, ratio_cap).sum(),
+        div.sum(),
+        rho_v.sum(),
+        rho_v.amax() if rho_v.numel() else rho_v.new_zeros(()),
+        gate.weight.sum(),
+        -torch.dot(log_ratio.reshape(-1), validf.reshape(-1)),
+        torch.dot(gate.delta_b.to(dtype), nonempty),
+        nonempty.sum(),
+    ]
+    return torch.cat([per_row.sum(dim=-1), torch.stack(sums)])
+
+
+_RHO_MAX = STAT_NAMES.index("rho_max")
+_PER_RESPONSE = STAT_NAMES.index("delta_b_sum")  # this and later entries are per-response sums
+
+
+def _metrics(pg_loss: torch.Tensor, stats: torch.Tensor, shard=None) -> dict:
+    """All metrics from the STAT_NAMES sums in one device-to-host copy; raises if the loss is not finite.
+
+    With ``shard`` the token sums and this rank's loss share are reduced over the group first (one message),
+    so that every rank reports the gathered values and the gathered loss."""
+    stats = stats.to(torch.float64)
+    loss = pg_loss.detach().reshape(1).to(torch.float64)
+    if shard is not None:
+        token = torch.cat([stats[:_RHO_MAX], stats[_RHO_MAX + 1 : _PER_RESPONSE], loss])
+        total, rho_max = shard.reduce_metric_sums(token, stats[_RHO_MAX])
+        stats = torch.cat([total[:_RHO_MAX], rho_max.reshape(1), total[_RHO_MAX:-1], stats[_PER_RESPONSE:]])
+        loss = total[-1:]
+    *sums, loss_value = torch.cat([stats, loss]).tolist()
+    s = dict(zip(STAT_NAMES, sums, strict=True))
+    n_resp, n_valid, n_masked = s["response_tokens"], s["valid_tokens"], s["masked"]
+    masked_frac = n_masked / max(n_resp, 1.0)
+    metrics = {
         "actor/cppo_masked_frac": masked_frac,
-        "actor/cppo_masked_by_budget_share": _ratio(n_by_budget, n_masked),
-        "actor/cppo_masked_by_token_share": _ratio(n_masked - n_by_budget, n_masked),
-        "actor/cppo_delta_b_mean": _ratio(_masked_sum(gate.delta_b, nonempty), nonempty.sum()),
-        "actor/cppo_div_mean": _ratio(_masked_sum(div, valid), n_valid),
-        "actor/cppo_rho_mean": _ratio(_masked_sum(rho, valid), n_valid),
-        "actor/cppo_rho_max": torch.where(valid, rho, 0.0).amax() if rho.numel() else rho.new_zeros(()),
-        "actor/cppo_ratio_truncated_frac": _ratio((valid & (rho > ratio_cap)).sum(), n_valid),
-        "actor/cppo_nonfinite_frac": _ratio(nonfinite.sum(), n_resp),
-        "actor/cppo_gate_weight_mean": _ratio(gate.weight.sum(), n_valid),
+        "actor/cppo_masked_by_budget_share": s["masked_by_budget"] / max(n_masked, 1.0),
+        "actor/cppo_masked_by_token_share": (n_masked - s["masked_by_budget"]) / max(n_masked, 1.0),
+        "actor/cppo_delta_b_mean": s["delta_b_sum"] / max(s["nonempty_responses"], 1.0),
+        "actor/cppo_div_mean": s["div_sum"] / max(n_valid, 1.0),
+        "actor/cppo_rho_mean": s["rho_sum"] / max(n_valid, 1.0),
+        "actor/cppo_rho_max": s["rho_max"],
+        "actor/cppo_ratio_truncated_frac": s["ratio_truncated"] / max(n_valid, 1.0),
+        "actor/cppo_nonfinite_frac": (n_resp - n_valid) / max(n_resp, 1.0),
+        "actor/cppo_gate_weight_mean": s["gate_weight_sum"] / max(n_valid, 1.0),
         "actor/pg_clipfrac": masked_frac,
-        "actor/ppo_kl": _ratio(_masked_sum(-log_ratio, valid), n_valid),
+        "actor/ppo_kl": s["neg_log_ratio_sum"] / max(n_valid, 1.0),
     }
-    assert tuple(stats) == METRIC_KEYS
-    values = torch.stack([v.to(torch.float64) for v in stats.values()] + [pg_loss.detach().to(torch.float64)])
-    *metric_values, loss_value = values.tolist()
-    metrics = dict(zip(METRIC_KEYS, metric_values, strict=True))
+    assert tuple(metrics) == METRIC_KEYS
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"cppo loss is {loss_value}; metrics of this micro-batch: {metrics}")
     if metrics["actor/cppo_nonfinite_frac"] > 0:

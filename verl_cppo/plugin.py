@@ -6,7 +6,8 @@ excludes it; ``actor_rollout_ref.model.external_lib=verl_cppo`` and the ``_targe
 ``CPPOPolicyLossConfig`` import it too. Importing the package calls ``register()`` once:
 
 * it imports ``verl_cppo.loss`` (which registers the policy loss ``cppo``) and installs the driver-side
-  configuration check (``verl_cppo.anchoring``);
+  configuration check (``verl_cppo.anchoring``); when VERL_CPPO_TOPK is set (a Top-K divergence is configured,
+  see ``verl_cppo.topk_setup``) it first arranges for the Top-K diffs to be applied to verl's modules;
 * it imports ``verl_cppo.advantage`` (which registers the advantage estimator ``cppo_grpo``) and installs
   the hooks that carry its excluded groups to the loss normalisers (``verl_cppo.exclusion``);
 * if that fails, verl would log the exception at DEBUG and later stop with "Unsupported loss mode: cppo".
@@ -31,6 +32,9 @@ def register() -> None:
     if _registered:
         return
     try:
+        from verl_cppo.topk_setup import install_topk_runtime
+
+        install_topk_runtime()  # Top-K divergences: patches verl's modules on import, only if VERL_CPPO_TOPK is set
         import verl_cppo.advantage  # registers the advantage estimator "cppo_grpo"
         import verl_cppo.loss  # noqa: F401  (registers "cppo")
         from verl_cppo.anchoring import install_driver_check

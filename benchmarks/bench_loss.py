@@ -1,0 +1,300 @@
+"""Forward + backward time and peak extra memory of the policy losses, as ratios measured in one run.
+
+Cases: verl's ``vanilla`` and ``dppo_tv`` and our ``cppo`` (torch path: fixed delta_b, calibrated delta_b, and
+calibrated with every row's quantile inside the clamp so that every row runs the selection; fused Triton kernel:
+the same three on CUDA), each called through verl's policy-loss registry exactly as verl's ``ppo_loss`` calls
+it: one call returning (loss, metrics) including the metrics' host copy, then ``loss.backward()``.
+Before timing, every cppo implementation is checked against the float64 loop reference of tests/reference.py.
+
+    python benchmarks/bench_loss.py                      # CPU, 16 x 4096 fp32, 1 thread (reduced size)
+    python benchmarks/bench_loss.py --device cuda        # GPU, 64 x 8192 and 16 x 32768 fp32
+
+Time: CPU, interleaved rounds of every case, the median over rounds of each case's ratio to dppo_tv in the
+same round (robust to a shared machine), plus the fastest round; CUDA, CUDA events around each iteration
+after a warm-up, the median. Peak extra memory: CUDA, max_memory_allocated above the inputs; CPU, the peak of
+live tensor bytes created during one forward + backward, from the profiler's memory timeline. The bytes
+floor is the time to read log_prob, old_log_prob, advantages, response_mask and write the gradient once, at
+the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+import verl_cppo  # noqa: F401  (registers loss_mode=cppo)
+from tests.reference import RefParams, random_case, reference_cppo, reference_loss_and_grad
+from tests.verl_inputs import actor_config
+from verl_cppo.config import CPPOConfig
+from verl_cppo.kernels import triton_installed
+
+SELECT_ALL = {"delta_b": 1e-6, "delta_b_max_mult": 1e9}  # every row's quantile lies inside the clamp
+CASES = {
+    "vanilla": ("vanilla", None),
+    "dppo_tv": ("dppo_tv", None),
+    "cppo torch fixed": ("cppo", {"kernel": "torch", "delta_b_quantile": None, "delta_b": 0.015}),
+    "cppo torch calibrated": ("cppo", {"kernel": "torch"}),
+    "cppo torch select-all": ("cppo", {"kernel": "torch", **SELECT_ALL}),
+    "cppo fused fixed": ("cppo", {"kernel": "triton", "delta_b_quantile": None, "delta_b": 0.015}),
+    "cppo fused calibrated": ("cppo", {"kernel": "triton"}),
+    "cppo fused select-all": ("cppo", {"kernel": "triton", **SELECT_ALL}),
+}
+
+
+def make_batch(batch: int, width: int, device, dtype, seed: int = 0, spread: float = 0.05):
+    """Right-padded responses of lengths in [width / 4, width] (one of full width), sampled-token log-probs
+    mostly near 0, log pi = log mu + spread * N(0, 1), one advantage per response."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(width // 4, width + 1, (batch,), generator=gen)
+    lengths[0] = width
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    log_mu = torch.log(torch.rand(batch, width, generator=gen).pow(0.3).clamp(min=1e-6))
+    log_pi = (log_mu + spread * torch.randn(batch, width, generator=gen)).clamp(max=0.0)
+    adv = torch.randn(batch, 1, generator=gen).expand(batch, width).contiguous()
+    return [t.to(device=device, dtype=dtype) for t in (log_mu, log_pi, adv)] + [mask.to(device)]
+
+
+def make_call(case: str, data):
+    loss_mode, cppo = CASES[case]
+    old, new, adv, mask = data
+    cfg = actor_config("token-mean", cppo=cppo, loss_mode=loss_mode)
+    fn = get_policy_loss_fn(loss_mode)
+    leaf = new.clone().requires_grad_(True)
+
+    def call():
+        leaf.grad = None  # (outside the profiled region for the memory figure: see peak_memory)
+        loss, _ = fn(
+            old_log_prob=old, log_prob=leaf, advantages=adv, response_mask=mask, loss_agg_mode="token-mean", config=cfg
+        )
+        loss.backward()
+
+    call.leaf = leaf
+    return call
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_against_reference(device, kernels) -> None:
+    """Loss and gradient of the registered loss vs the float64 loop reference, per kernel (small rows)."""
+    gen = torch.Generator().manual_seed(3)
+    for setting in ({}, {"delta_b_quantile": None, "delta_b": 0.015}, {"gate": "soft"}, SELECT_ALL):
+        old, new, adv, mask = random_case(gen, batch=6, width=37, spread=0.4)
+        ref_loss, ref_grad, _ = reference_loss_and_grad(old, new, adv, mask, RefParams(**setting), "token-mean")
+        for kernel in kernels:
+            cfg = actor_config("token-mean", cppo={**setting, "kernel": kernel})
+            leaf = new.to(device, copy=True).requires_grad_(True)
+            loss, _ = get_policy_loss_fn("cppo")(
+                old_log_prob=old.to(device),
+                log_prob=leaf,
+                advantages=adv.to(device),
+                response_mask=mask.to(device),
+                loss_agg_mode="token-mean",
+                config=cfg,
+            )
+            loss.backward()
+            assert abs(loss.item() - ref_loss) <= 1e-12 * abs(ref_loss) + 1e-14, (kernel, setting, loss.item())
+            torch.testing.assert_close(leaf.grad.cpu(), ref_grad, rtol=1e-12, atol=1e-14)
+    print(f"check: cppo {'/'.join(kernels)} loss and gradient == float64 loop reference (float64, 4 settings)")
+
+
+def check_fused_on_device(device, batch: int, width: int) -> None:
+    """The compiled kernel's mask vs the loop reference (float64, exact; random and near-threshold rows), and
+    vs the torch path in float32 at 64 x 8192 (tokens may differ only by rounding at the threshold)."""
+    from tests.test_mask import _near_threshold_row
+    from verl_cppo.kernels.fused_loss import fused_cppo_token_losses
+    from verl_cppo.loss import cppo_token_losses
+
+    def fused_masked(old, new, adv, mask, setting):
+        args = [t.to(device) for t in (old, new, adv, mask)]
+        flags = fused_cppo_token_losses(*args, CPPOConfig(**setting), debug=True)[2][1]
+        return (flags & 1).bool().cpu().tolist()
+
+    old, new, adv, mask = make_batch(batch, width, "cpu", torch.float64, seed=5, spread=0.3)
+    settings = ({}, {"gate": "soft", "divergence": "binary_kl", "delta": 0.05}, SELECT_ALL, {"position_horizon": 512})
+    for setting in settings:
+        ref = reference_cppo(old, new, adv, mask, RefParams(**setting))
+        assert fused_masked(old, new, adv, mask, setting) == ref.masked, setting
+    gen = torch.Generator().manual_seed(8)
+    for setting, db in (({"delta_b_quantile": None}, 0.02), ({}, 0.04)):
+        rows = [_near_threshold_row(gen, 300, RefParams(**setting), db, 1e-9) for _ in range(8)]
+        old_n, new_n = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        adv_n, mask_n = torch.ones_like(old_n), torch.ones_like(old_n, dtype=torch.bool)
+        ref = reference_cppo(old_n, new_n, adv_n, mask_n, RefParams(**setting))
+        assert fused_masked(old_n, new_n, adv_n, mask_n, setting) == ref.masked, setting
+    old32, new32, adv32, mask32 = make_batch(64, 8192, device, torch.float32, seed=6, spread=0.3)
+    flags = fused_cppo_token_losses(old32, new32, adv32, mask32, CPPOConfig(), debug=True)[2][1]
+    torch_masked = cppo_token_losses(old32, new32, adv32, mask32, CPPOConfig()).gate.masked
+    differ = ((flags & 1).bool() != torch_masked).sum().item()
+    print(
+        f"check: compiled kernel on {describe(device)}: float64 masks == loop reference ({batch}x{width}, "
+        f"{len(settings)} settings; near-threshold rows at 1e-9, fixed and calibrated); float32 64x8192: "
+        f"{differ} of {int(mask32.sum())} tokens masked differently from the torch path (threshold rounding)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a large read + write (clone), best of 5."""
+    x = torch.empty(64 * 2**20 // 4, device=device)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        x.clone()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / best
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_cuda(calls: dict, repeats: int, warmup: int) -> dict:
+    out = {}
+    for name, call in calls.items():
+        for _ in range(warmup):
+            call()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        out[name] = {"time": statistics.median(times)}
+    return out
+
+
+def time_cpu(calls: dict, rounds: int, inner: int) -> dict:
+    """Interleaved rounds; per case the fastest round and the median over rounds of its ratio to dppo_tv.
+
+    Two clocks: wall time, and the process CPU time (time.process_time, all threads), which a shared
+    machine's other processes do not inflate (with more torch threads it also counts their spinning)."""
+    for call in calls.values():
+        call()
+    per_round = {name: {"wall": [], "cpu": []} for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(inner):
+                call()
+            per_round[name]["cpu"].append((time.process_time() - c0) / inner)
+            per_round[name]["wall"].append((time.perf_counter() - w0) / inner)
+    out = {}
+    for name, clocks in per_round.items():
+        out[name] = {"time": min(clocks["wall"]), "cpu_time": min(clocks["cpu"])}
+        for clock, times in clocks.items():
+            ratios = [t / b for t, b in zip(times, per_round["dppo_tv"][clock])]
+            q1, median, q3 = statistics.quantiles(ratios, n=4)
+            out[name][f"{clock}_ratio"] = (median, q1, q3)
+    return out
+
+
+def peak_memory(call, device) -> int:
+    call.leaf.grad = None
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        call()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak
+
+
+def run_size(device, batch, width, cases, args, bandwidth) -> None:
+    data = make_batch(batch, width, device, torch.float32, spread=args.spread)
+    calls = {name: make_call(name, data) for name in cases}
+    if torch.device(device).type == "cuda":
+        results = time_cuda(calls, args.repeats, args.warmup)
+    else:
+        results = time_cpu(calls, args.rounds, args.inner)
+    for name, call in calls.items():
+        results[name]["memory"] = peak_memory(call, device)
+    floor = batch * width * (4 + 4 + 4 + 1 + 4) / bandwidth  # read 3 fp32 + bool mask, write fp32 grad
+    base = results["dppo_tv"]
+    print(f"\n{batch} x {width} fp32 on {describe(device)}; bytes floor {floor * 1e3:.4f} ms")
+    cpu = "cpu_time" in base
+    header = f"{'case':24s} {'fwd+bwd ms':>11s} {'/ dppo_tv':>10s} {'/ floor':>9s} {'peak MB':>8s} {'/ dppo_tv':>9s}"
+    if cpu:
+        header = (
+            f"{'case':24s} {'wall ms':>8s} {'cpu ms':>8s} {'/ floor':>8s} {'peak MB':>8s} {'/ dppo_tv':>9s}"
+            f"   per-round ratio to dppo_tv, median [IQR]: cpu time | wall time"
+        )
+    print(header)
+    for name, r in results.items():
+        memory = f"{r['memory'] / 2**20:8.2f} {r['memory'] / max(base['memory'], 1):9.2f}"
+        if cpu:
+            (cm, c1, c3), (wm, w1, w3) = r["cpu_ratio"], r["wall_ratio"]
+            print(
+                f"{name:24s} {r['time'] * 1e3:8.3f} {r['cpu_time'] * 1e3:8.3f} {r['cpu_time'] / floor:8.1f} {memory}"
+                f"   {cm:.2f} [{c1:.2f}, {c3:.2f}] | {wm:.2f} [{w1:.2f}, {w3:.2f}]"
+            )
+        else:
+            ratio = r["time"] / base["time"]
+            print(f"{name:24s} {r['time'] * 1e3:11.3f} {ratio:10.2f} {r['time'] / floor:9.1f} {memory}")
+
+
+def describe(device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sizes", default=None, help="e.g. 64x8192,16x32768 (default: by device)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
+    parser.add_argument("--rounds", type=int, default=30, help="CPU: interleaved rounds")
+    parser.add_argument("--inner", type=int, default=3, help="CPU: calls per case per round")
+    parser.add_argument("--repeats", type=int, default=50, help="CUDA: timed iterations per case")
+    parser.add_argument("--warmup", type=int, default=10, help="CUDA: untimed iterations per case")
+    parser.add_argument("--spread", type=float, default=0.05, help="std of log pi - log mu")
+    parser.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    parser.add_argument("--check-only", action="store_true", help="run the correctness checks only")
+    args = parser.parse_args()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    torch.set_num_threads(args.threads) if device == "cpu" else None
+    fused = device == "cuda" and triton_installed()
+    cases = [c for c in CASES if fused or "fused" not in c]
+    if not args.no_check:
+        check_against_reference(device, ["torch", "triton"] if fused else ["torch"])
+        if fused:
+            check_fused_on_device(device, 8, 700)
+    if args.check_only:
+        return
+    sizes = args.sizes or ("64x8192,16x32768" if device == "cuda" else "16x4096")
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; torch {torch.__version__}")
+    for size in sizes.split(","):
+        batch, width = (int(v) for v in size.lower().split("x"))
+        run_size(device, batch, width, cases, args, bandwidth)
+
+
+if __name__ == "__main__":
+    main()

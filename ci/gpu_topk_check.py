@@ -1,0 +1,123 @@
+"""GPU check of the Top-K engine hook (not run by CI: CI has no GPU). Usage on a CUDA machine:
+
+    .venv/bin/python ci/gpu_topk_check.py [--tokens 8192] [--vocab 151936] [--k 20]
+
+Builds one packed micro-batch (4 sequences) with mu's top-K, bf16 pi logits on the GPU, runs the hook exactly as
+verl's FSDP engine calls it (``ppo_loss_with_topk(config, student_logits=..., data=...)``, CUDA tensors), and
+compares D on every response token with a float64 full-softmax reference computed in chunks. Prints the max
+errors, the hook's time and its peak extra memory over the logits. Exits non-zero on a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from tensordict import TensorDict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.verl_inputs import actor_config
+from verl_cppo.engine_hook import TOPK_DIV_KEY, full_sequence_topk_inputs, ppo_loss_with_topk
+
+
+def _nested(rows):
+    return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+
+def build(tokens: int, vocab: int, k: int, device: str):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n_seq = 4
+    seq_len = tokens // n_seq
+    prompt_len = seq_len // 4
+    resp_len = seq_len - prompt_len
+    logits = (2.0 * torch.randn(n_seq * seq_len, vocab, generator=gen)).to(device, torch.bfloat16)
+    mu = (logits.float() + 0.5 * torch.randn(logits.shape, generator=gen).to(device)).log_softmax(-1)
+    seqs, responses, ids, lps, mus = [], [], [], [], []
+    for b in range(n_seq):
+        rows = mu[b * seq_len + prompt_len - 1 : b * seq_len + prompt_len - 1 + resp_len]  # predict responses
+        resp = torch.multinomial(rows.exp(), 1).squeeze(-1)
+        top = torch.topk(rows, k)
+        seqs.append(torch.cat([torch.randint(0, vocab, (prompt_len,), device=device), resp]))
+        responses.append(resp)
+        ids.append(top.indices.int())
+        lps.append(top.values)
+        mus.append(rows.gather(-1, resp[:, None]).squeeze(-1))
+    data = TensorDict(
+        {
+            "input_ids": _nested(seqs),
+            "prompts": _nested([s[:prompt_len] for s in seqs]),
+            "responses": _nested(responses),
+            "rollout_log_probs": _nested(mus),
+            "rollout_topk_ids": _nested(ids),
+            "rollout_topk_log_probs": _nested(lps),
+        },
+        batch_size=[n_seq],
+    )
+    return data, logits
+
+
+def reference(data, logits, kind: str, chunk: int = 512) -> torch.Tensor:
+    """float64 D on every row (0 off the response rows), full softmax in chunks."""
+    inp = {name: t.values() for name, t in full_sequence_topk_inputs(data).items()}
+    out = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
+    for s in range(0, logits.shape[0], chunk):
+        e = min(s + chunk, logits.shape[0])
+        logp = logits[s:e].double().log_softmax(-1)
+        ids, sampled, flag = inp["ids"][s:e], inp["sampled"][s:e], inp["is_response"][s:e]
+        in_top = (ids == sampled[:, None]).any(-1)
+        all_ids = torch.cat([ids.clamp(min=0), sampled[:, None]], -1)
+        present = torch.cat([ids >= 0, ~in_top[:, None]], -1)
+        mu_lp = torch.cat([inp["lps"][s:e].double(), inp["mu_sampled"][s:e].double()[:, None]], -1)
+        pi_lp = logp.gather(-1, all_ids)
+        p_mu, p_pi = torch.where(present, mu_lp.exp(), 0.0), torch.where(present, pi_lp.exp(), 0.0)
+        o_mu, o_pi = (1 - p_mu.sum(-1)).clamp(min=0), (1 - p_pi.sum(-1)).clamp(min=0)
+        if kind == "tv":
+            d = 0.5 * ((p_mu - p_pi).abs().sum(-1) + (o_mu - o_pi).abs())
+        else:
+            d = torch.where(present, p_mu * (mu_lp - pi_lp), 0.0).sum(-1)
+            d = d + torch.where(o_mu > 0, o_mu * (o_mu.log() - o_pi.clamp(min=1e-6).log()), 0.0)
+        out[s:e] = torch.where(flag, d, 0.0)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--k", type=int, default=20)
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    data, logits = build(args.tokens, args.vocab, args.k, "cuda")
+    ok = True
+    for kind in ("tv", "kl"):
+        cfg = actor_config(cppo={"divergence": f"topk_{kind}", "topk": args.k})
+
+        def call(cfg=cfg):
+            return ppo_loss_with_topk(cfg, student_logits=logits[None], data=data)[TOPK_DIV_KEY]
+
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        div = call()
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) * 1e3
+        extra_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        ref = reference(data, logits, kind)
+        err = (div.squeeze(0).double() - ref).abs()
+        rel = float((err / ref.abs().clamp(min=1e-3)).max())
+        print(
+            f"{kind}: max abs err {float(err.max()):.3e}, max rel err {rel:.3e}, hook {ms:.2f} ms, "
+            f"+{extra_mb:.0f} MiB over the logits"
+        )
+        ok &= bool(float(err.max()) < 1e-3)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

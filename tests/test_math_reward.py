@@ -1,0 +1,72 @@
+"""verl_cppo.math_reward on hand-written responses, through verl's own custom-reward loader, and on the thread
+pool verl's reward loop calls it from (where math-verify's signal-based timeouts cannot run)."""
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from omegaconf import OmegaConf
+
+from verl_cppo.math_reward import TAIL_CHARS, compute_score, extract_answer
+
+# (response, ground truth, expected score), written by hand
+CASES = [
+    ("Let me compute.\n2 + 40 = 42\nAnswer: 42", "42", 1.0),
+    ("Answer: 41", "42", 0.0),
+    ("The result is \\boxed{\\frac{1}{2}}.", "0.5", 1.0),
+    ("Answer: $\\dfrac{3}{4}$", "3/4", 1.0),
+    ("Answer: \\boxed{7}.", "7", 1.0),
+    ("Answer: 2\\sqrt{2}", "\\sqrt{8}", 1.0),
+    ("Answer: 075", "75", 1.0),
+    ("Answer: $1{,}000$.", "1000", 1.0),
+    ("Answer: x = 5", "5", 1.0),
+    ("Answer: 6", "-6", 0.0),
+    ("I think it is 42 but I am not sure.", "42", 0.0),  # no final-answer format: not scored as correct
+    ("Answer: 12\nWait, that is wrong.\nAnswer: 13", "13", 1.0),  # the last answer line counts
+    ("Answer: 12\nWait, that is wrong.\nAnswer: 13", "12", 0.0),
+    ("<think>Maybe Answer: 5</think>\nSo the answer is \\boxed{6}", "6", 1.0),  # thinking text ignored
+    ("<think>Maybe Answer: 5</think>\nSo the answer is \\boxed{6}", "5", 0.0),
+    ("\\boxed{\\frac{1}{\\sqrt{4}}}", "\\frac12", 1.0),  # nested braces
+]
+
+
+@pytest.mark.parametrize(("response", "truth", "expected"), CASES)
+def test_hand_written_cases(response, truth, expected):
+    assert compute_score("math_dapo", response, truth) == {"score": expected, "acc": expected}
+
+
+def test_extraction():
+    assert extract_answer("blah\nAnswer:  $1{,}000$ .") == "1{,}000"
+    assert extract_answer("Answer: 17.") == "17"
+    assert extract_answer("no answer") is None
+    assert extract_answer("\\boxed{unclosed") is None
+    # an answer stated early in a long response is outside the searched tail
+    assert extract_answer("Answer: 3\n" + "x" * (TAIL_CHARS + 10)) is None
+
+
+def test_same_scores_on_a_worker_thread():
+    """verl's NaiveRewardManager runs a sync compute_score in loop.run_in_executor (a thread pool)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        scores = list(pool.map(lambda c: compute_score("aime2025", c[0], c[1])["score"], CASES))
+    assert scores == [c[2] for c in CASES]
+
+
+def test_loaded_by_verls_custom_reward_loader():
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    config = OmegaConf.create(
+        {"reward": {"custom_reward_function": {"path": "pkg://verl_cppo.math_reward", "name": "compute_score"}}}
+    )
+    fn = get_custom_reward_fn(config)
+    result = fn(data_source="math_dapo", solution_str="Answer: 12", ground_truth="12", extra_info={"index": 0})
+    assert result == {"score": 1.0, "acc": 1.0}
+
+
+def test_missing_math_verify_is_a_clear_error(monkeypatch):
+    from verl_cppo import math_reward
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # as if not installed
+    monkeypatch.setattr(math_reward, "_math_verify", None)
+    assert compute_score("x", "Answer: 12", "12")["score"] == 1.0  # equal strings need no math-verify
+    with pytest.raises(ImportError, match=r"pip install 'math-verify>=0.8'"):
+        compute_score("x", "Answer: 1/2", "0.5")
