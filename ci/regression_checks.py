@@ -1,0 +1,108 @@
+"""Checks of the tiny regression (ci/tiny_regression.py): sanity checks, then the golden comparison.
+
+Sanity (always):
+  * every arm ran all steps and main_ppo exited 0;
+  * reward, masked fraction, pg_loss and grad_norm are finite at every step of every arm;
+  * the cppo arm reports every ``actor/cppo_*`` metric at every step, all finite;
+  * cppo's reward over its last 5 steps exceeds its first-step reward by at least ``cppo_rise_min``;
+  * in the vanilla arm (old log-probs recomputed by the actor) the rollout's log-probs equal the actor's:
+    ``training/rollout_probs_diff_max`` <= ``rollout_actor_prob_gap_max`` at every step, which holds only if
+    the hf_cpu server received every weight update.
+Golden (unless --no-golden): each summary statistic of ``summarize`` within its tolerance of the golden value
+(ci/golden/tiny_regression.json records the values, the tolerances and how they were measured).
+"""
+
+from __future__ import annotations
+
+import math
+
+CPPO_METRICS = (
+    "actor/cppo_masked_frac",
+    "actor/cppo_masked_by_budget_share",
+    "actor/cppo_masked_by_token_share",
+    "actor/cppo_delta_b_mean",
+    "actor/cppo_div_mean",
+    "actor/cppo_rho_mean",
+    "actor/cppo_rho_max",
+    "actor/cppo_ratio_truncated_frac",
+    "actor/cppo_nonfinite_frac",
+    "actor/cppo_gate_weight_mean",
+)
+FINITE_EVERY_STEP = ("reward", "masked_frac", "actor/pg_loss", "actor/grad_norm")
+DEFAULT_CHECKS = {"cppo_rise_min": 0.3, "rollout_actor_prob_gap_max": 1e-4}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """The statistics compared with the golden file (per arm)."""
+    rewards = [r["reward"] for r in rows]
+    masked = [r["masked_frac"] for r in rows]
+    return {
+        "reward_first": rewards[0] if rewards else float("nan"),
+        "reward_mean": _mean(rewards),
+        "reward_last5": _mean(rewards[-5:]),
+        "masked_mean": _mean(masked),
+    }
+
+
+def _finite(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def check(metrics: dict[str, list[dict]], runs: dict[str, dict], args, golden: dict | None) -> list[str]:
+    failures: list[str] = []
+    limits = {**DEFAULT_CHECKS, **((golden or {}).get("checks", {}))}
+    for arm, rows in metrics.items():
+        run = runs[arm]
+        if run["exit_code"] != 0 or len(rows) != args.steps:
+            failures.append(f"{arm}: main_ppo exited {run['exit_code']} after {len(rows)}/{args.steps} steps")
+            continue
+        for row in rows:
+            bad = [key for key in FINITE_EVERY_STEP if not _finite(row.get(key))]
+            if arm == "cppo":
+                bad += [key for key in CPPO_METRICS if not _finite(row.get(key))]
+            if bad:
+                failures.append(f"{arm} step {row['step']}: missing or non-finite {bad}")
+    cppo = metrics.get("cppo")
+    if cppo and len(cppo) == args.steps:
+        s = summarize(cppo)
+        if not s["reward_last5"] >= s["reward_first"] + limits["cppo_rise_min"]:
+            failures.append(
+                f"cppo: reward over the last 5 steps {s['reward_last5']:.3f} is not at least "
+                f"{limits['cppo_rise_min']} above the first step's {s['reward_first']:.3f}"
+            )
+    for row in metrics.get("vanilla", []):
+        gap = row.get("training/rollout_probs_diff_max")
+        if not (_finite(gap) and gap <= limits["rollout_actor_prob_gap_max"]):
+            failures.append(
+                f"vanilla step {row['step']}: rollout vs actor prob gap {gap} > "
+                f"{limits['rollout_actor_prob_gap_max']} (rollout weights not synced?)"
+            )
+    if golden is not None:
+        failures += _check_golden(metrics, args, golden)
+    return failures
+
+
+def _check_golden(metrics: dict[str, list[dict]], args, golden: dict) -> list[str]:
+    failures = []
+    config = golden.get("config", {})
+    ours = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "adv_estimator": args.adv_estimator}
+    differ = {k: (ours[k], v) for k, v in config.items() if k in ours and ours[k] != v}
+    if differ:
+        return [f"golden file was recorded with another configuration (ours, golden): {differ}"]
+    for arm, rows in metrics.items():
+        expected = golden.get("arms", {}).get(arm)
+        if expected is None:
+            failures.append(f"{arm}: no golden values")
+            continue
+        if len(rows) != args.steps:
+            continue  # already reported
+        actual = summarize(rows)
+        for stat, ref in expected.items():
+            value = actual[stat]
+            if not (_finite(value) and abs(value - ref["value"]) <= ref["tol"]):
+                failures.append(f"{arm}: {stat} = {value:.4f}, golden {ref['value']:.4f} +- {ref['tol']:.4f}")
+    return failures

@@ -1,0 +1,42 @@
+"""Test infrastructure: verl 0.9.1's real trainer on a CPU-only machine (CI has no GPU).
+
+Nothing here is active unless asked for. ``import verl_cppo`` (the plugin) never imports this package;
+importing ``verl_cppo.testing`` itself registers nothing. The switch is explicit and has two parts:
+
+* ``VERL_CPPO_CPU_TESTING=1`` says "this process is a CPU test run";
+* ``VERL_USE_EXTERNAL_MODULES=verl_cppo.testing.register`` makes ``import verl`` import the registering
+  module in every process (driver, TaskRunner, actor workers, rollout servers, reward and agent-loop workers;
+  propagate both through ``ray_kwargs.ray_init.runtime_env.env_vars``).
+
+``verl_cppo.testing.register`` refuses to register anything without the first variable, and refuses on a
+machine where CUDA is available, so a copied runtime_env cannot switch a GPU job to CPU.
+
+What it registers, each through verl's own registry (no verl file is edited):
+  cpu_platform.py  ``PlatformRegistry`` "cpu": torch.cpu device module with no-op memory calls, gloo;
+                   ``EngineRegistry``: the FSDP2 language-model engine for device "cpu"
+  cpu_rollout.py   rollout ``hf_cpu``: a generation server (a Ray actor running HF transformers on CPU,
+                   returning the sampled tokens' log-probs), its ``BaseRollout`` server adapter (receives
+                   the actor's weights) and its ``RolloutReplica``
+  sampling.py      the server's batched sampler (pure torch + an HF model)
+Used by name in the trainer config, not registered:
+  tiny_task.py     a tiny Qwen3 and word-level tokenizer built from a config, the synthetic copy task as verl
+                   parquet, and its verl custom reward function
+  replay_buffer.py verl's sync replay buffer with a shorter poll interval (``custom_sampler`` hook)
+
+One runtime hook is needed (patches/README.md, section 2): verl builds the process-group backend string
+``cpu:gloo,<device>:<backend>``, which torch rejects when the device is the CPU.
+"""
+
+SWITCH_ENV = "VERL_CPPO_CPU_TESTING"
+"""Set to 1 to let ``verl_cppo.testing.register`` switch verl to the CPU platform and rollout."""
+
+REGISTER_MODULE = "verl_cppo.testing.register"
+"""The module to name in VERL_USE_EXTERNAL_MODULES."""
+
+ROLLOUT_NAME = "hf_cpu"
+"""``actor_rollout_ref.rollout.name`` of the CPU rollout backend."""
+
+PLATFORM_NAME = "cpu"
+"""``VERL_PLATFORM`` value of the CPU platform."""
+
+__all__ = ["PLATFORM_NAME", "REGISTER_MODULE", "ROLLOUT_NAME", "SWITCH_ENV"]
