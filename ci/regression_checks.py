@@ -5,6 +5,9 @@ Sanity (always):
   * reward, masked fraction, pg_loss and grad_norm are finite at every step of every arm;
   * the cppo arm reports every ``actor/cppo_*`` metric at every step, all finite;
   * cppo's reward over its last 5 steps exceeds its first-step reward by at least ``cppo_rise_min``;
+  * cppo masks tokens (``masked_frac > 0``) in at least ``cppo_masked_steps_min`` steps: a CPPO whose mask
+    never engages fails here even when its ``masked_mean`` stays inside the golden band (the band is wide,
+    the masked fraction is the noisiest statistic; see ci/README.md);
   * in the vanilla arm (old log-probs recomputed by the actor) the rollout's log-probs equal the actor's:
     ``training/rollout_probs_diff_max`` <= ``rollout_actor_prob_gap_max`` at every step, which holds only if
     the hf_cpu server received every weight update.
@@ -29,7 +32,7 @@ CPPO_METRICS = (
     "actor/cppo_gate_weight_mean",
 )
 FINITE_EVERY_STEP = ("reward", "masked_frac", "actor/pg_loss", "actor/grad_norm")
-DEFAULT_CHECKS = {"cppo_rise_min": 0.3, "rollout_actor_prob_gap_max": 1e-4}
+DEFAULT_CHECKS = {"cppo_rise_min": 0.3, "cppo_masked_steps_min": 5, "rollout_actor_prob_gap_max": 1e-4}
 
 
 def _mean(values: list[float]) -> float:
@@ -73,6 +76,12 @@ def check(metrics: dict[str, list[dict]], runs: dict[str, dict], args, golden: d
             failures.append(
                 f"cppo: reward over the last 5 steps {s['reward_last5']:.3f} is not at least "
                 f"{limits['cppo_rise_min']} above the first step's {s['reward_first']:.3f}"
+            )
+        masking_steps = sum(row["masked_frac"] > 0 for row in cppo)
+        if masking_steps < limits["cppo_masked_steps_min"]:
+            failures.append(
+                f"cppo: masked tokens in {masking_steps} of {len(cppo)} steps, "
+                f"fewer than cppo_masked_steps_min={limits['cppo_masked_steps_min']}"
             )
     for row in metrics.get("vanilla", []):
         gap = row.get("training/rollout_probs_diff_max")

@@ -62,8 +62,9 @@ def test_a_good_run_passes_sanity_and_its_own_golden():
         (lambda m, r: m["cppo"][4].pop("actor/cppo_delta_b_mean"), "actor/cppo_delta_b_mean"),
         (lambda m, r: [row.update(reward=0.1 + 0.01 * row["step"]) for row in m["cppo"]], "cppo: reward over"),
         (lambda m, r: m["vanilla"][1].update({"training/rollout_probs_diff_max": 0.3}), "weights not synced"),
+        (lambda m, r: [row.update(masked_frac=0.0) for row in m["cppo"][:2]], "cppo: masked tokens in 4 of 6 steps"),
     ],
-    ids=["exit-code", "missing-step", "nan-loss", "missing-cppo-metric", "no-rise", "stale-rollout"],
+    ids=["exit-code", "missing-step", "nan-loss", "missing-cppo-metric", "no-rise", "stale-rollout", "mask-idle"],
 )
 def test_sanity_failures_are_reported(break_it, message):
     metrics, runs = good()
