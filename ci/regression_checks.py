@@ -3,7 +3,7 @@
 Sanity (always):
   * every arm ran all steps and main_ppo exited 0;
   * reward, masked fraction, pg_loss and grad_norm are finite at every step of every arm;
-  * the cppo arm reports every ``actor/cppo_*`` metric at every step, all finite;
+  * the cppo arms report every ``actor/cppo_*`` metric at every step, all finite;
   * cppo's reward over its last 5 steps exceeds its first-step reward by at least ``cppo_rise_min``;
   * cppo masks tokens (``masked_frac > 0``) in at least ``cppo_masked_steps_min`` steps: a CPPO whose mask
     never engages fails here even when its ``masked_mean`` stays inside the golden band (the band is wide,
@@ -65,7 +65,7 @@ def check(metrics: dict[str, list[dict]], runs: dict[str, dict], args, golden: d
             continue
         for row in rows:
             bad = [key for key in FINITE_EVERY_STEP if not _finite(row.get(key))]
-            if arm == "cppo":
+            if arm.startswith("cppo"):
                 bad += [key for key in CPPO_METRICS if not _finite(row.get(key))]
             if bad:
                 failures.append(f"{arm} step {row['step']}: missing or non-finite {bad}")
@@ -99,6 +99,8 @@ def _check_golden(metrics: dict[str, list[dict]], args, golden: dict) -> list[st
     failures = []
     config = golden.get("config", {})
     ours = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "adv_estimator": args.adv_estimator}
+    if getattr(args, "override", None):
+        return [f"golden values hold for the configuration without overrides; got --override {args.override}"]
     differ = {k: (ours[k], v) for k, v in config.items() if k in ours and ours[k] != v}
     if differ:
         return [f"golden file was recorded with another configuration (ours, golden): {differ}"]

@@ -14,7 +14,7 @@ OUTDIR/reward.png plots reward and masked fraction per arm, OUTDIR/<arm>/main_pp
 The checks (``check``) compare with ``ci/golden/tiny_regression.json``; see ci/README.md for how its
 tolerances were measured. Exit status 0 only when every check passed.
 
-    python ci/tiny_regression.py OUTDIR [--arms cppo,dppo_tv,vanilla] [--seed 0] [--no-golden]
+    python ci/tiny_regression.py OUTDIR [--arms cppo,dppo_tv,vanilla] [--seed 0] [--no-golden] [--override K=V]
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GOLDEN = os.path.join(HERE, "golden", "tiny_regression.json")
 ARMS = ("cppo", "dppo_tv", "vanilla")
+EXTRA_ARMS = ("cppo_topk_tv",)
+"""Arms run only when named in --arms (no golden values): tests/test_tiny_topk_e2e.py runs cppo_topk_tv."""
 RESPONSE_LENGTH = 8
 
 ARM_OVERRIDES = {
@@ -52,7 +54,18 @@ ARM_OVERRIDES = {
         "actor_rollout_ref.actor.clip_ratio_high=0.28",
     ],
 }
-MASKED_KEY = {"cppo": "actor/cppo_masked_frac", "dppo_tv": "actor/pg_clipfrac", "vanilla": "actor/pg_clipfrac"}
+ARM_OVERRIDES["cppo_topk_tv"] = [
+    *ARM_OVERRIDES["cppo"],
+    "actor_rollout_ref.actor.policy_loss._target_=verl_cppo.config.CPPOPolicyLossConfig",
+    "+actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv",
+    "+actor_rollout_ref.actor.policy_loss.cppo.topk=4",  # of the tiny model's 10-token vocabulary
+]
+MASKED_KEY = {
+    "cppo": "actor/cppo_masked_frac",
+    "cppo_topk_tv": "actor/cppo_masked_frac",
+    "dppo_tv": "actor/pg_clipfrac",
+    "vanilla": "actor/pg_clipfrac",
+}
 """The fraction of valid tokens each loss drops from the gradient (masked or clipped)."""
 
 CPU_ENV = {
@@ -178,6 +191,7 @@ def run_arm(arm: str, task: dict, args: argparse.Namespace) -> tuple[list[dict],
         "verl.trainer.main_ppo",
         *common_overrides(task, args, metrics_path),
         *ARM_OVERRIDES[arm],
+        *args.override,
         f"trainer.experiment_name={arm}",
         f"trainer.default_local_dir={arm_dir}/checkpoints",
         f"hydra.run.dir={arm_dir}/hydra",
@@ -253,12 +267,15 @@ def main() -> int:
     parser.add_argument("--arm-timeout", type=float, default=900.0)
     parser.add_argument("--golden", default=GOLDEN)
     parser.add_argument("--no-golden", action="store_true", help="run the sanity checks only")
+    parser.add_argument(
+        "--override", action="append", default=[], help="one more main_ppo override for every arm (repeatable)"
+    )
     args = parser.parse_args()
     args.outdir = os.path.abspath(args.outdir)
     arms = [a for a in args.arms.split(",") if a]
-    unknown = sorted(set(arms) - set(ARMS))
+    unknown = sorted(set(arms) - set(ARMS) - set(EXTRA_ARMS))
     if unknown:
-        parser.error(f"unknown arms {unknown}; choose from {ARMS}")
+        parser.error(f"unknown arms {unknown}; choose from {ARMS + EXTRA_ARMS}")
     os.makedirs(args.outdir, exist_ok=True)
 
     sys.path.insert(0, HERE)
@@ -281,6 +298,8 @@ def main() -> int:
     failures = check(metrics, runs, args, golden)
     summary = {"runs": runs, "summary": {arm: summarize(rows) for arm, rows in metrics.items()}, "failures": failures}
     summary["config"] = {k: getattr(args, k) for k in ("steps", "seed", "lr", "adv_estimator")}
+    if args.override:
+        summary["config"]["override"] = args.override
     with open(os.path.join(args.outdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     for arm, info in runs.items():

@@ -12,7 +12,7 @@ from verl.workers.utils.losses import ppo_loss
 from tests.reference import RefParams, reference_loss_and_grad
 from tests.topk_reference import pi_log_probs_nested, ref_divergences, topk_micro_batch
 from tests.verl_inputs import AGG_MODES, actor_config
-from verl_cppo.engine_hook import TOPK_DIV_KEY, full_sequence_topk_inputs, ppo_loss_with_topk
+from verl_cppo.engine_hook import TOPK_COVERAGE_METRIC, TOPK_DIV_KEY, full_sequence_topk_inputs, ppo_loss_with_topk
 from verl_cppo.loss import METRIC_KEYS
 from verl_cppo.topk_loss import TopKDataMissing
 
@@ -97,6 +97,18 @@ def test_loss_through_ppo_loss_matches_reference(kind, mode, gen):
     assert 0 < n_masked < int(ref["mask"].sum())
     assert metrics["actor/cppo_div_mean"].values[0] == pytest.approx(float(divs[ref["mask"]].mean()), rel=1e-5)
     assert set(METRIC_KEYS) <= set(metrics)
+    assert metrics[TOPK_COVERAGE_METRIC].values[0] == 1.0
+
+
+def test_topk_coverage_counts_tokens_without_a_full_row(gen):
+    data, pi_logits, _ = topk_micro_batch(gen, PROMPTS, RESPONSES)
+    cfg = actor_config(cppo={"divergence": "topk_tv", "topk": 5})
+    ids = data["rollout_topk_ids"].values()  # [sum R, K], a view of the nested field
+    ids[:2] = -1  # two tokens lost their whole row
+    ids[5, -1] = -1  # one lost its last entry
+    log_probs, _ = pi_log_probs_nested(data, pi_logits)
+    _, metrics = ppo_loss_with_topk(cfg, {"log_probs": log_probs, TOPK_DIV_KEY: _hook(cfg, data, pi_logits)}, data)
+    assert metrics[TOPK_COVERAGE_METRIC].values[0] == pytest.approx(1 - 3 / sum(RESPONSES))
 
 
 def test_topk_divergence_keyword_equals_the_engine_channel(gen):

@@ -84,3 +84,5 @@ def test_golden_tolerance_and_configuration():
     assert check(metrics, runs, ARGS, golden) == ["dppo_tv: masked_mean = 0.0800, golden 0.0200 +- 0.0500"]
     other = argparse.Namespace(**{**vars(ARGS), "lr": 3e-3})
     assert "another configuration" in check(metrics, runs, other, golden)[0]
+    overridden = argparse.Namespace(**{**vars(ARGS), "override": ["actor_rollout_ref.actor.ppo_mini_batch_size=32"]})
+    assert "without overrides" in check(metrics, runs, overridden, golden)[0]

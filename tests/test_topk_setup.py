@@ -58,6 +58,14 @@ def test_unservable_topk_launches_are_refused(overrides, engine, rollout, messag
     assert any(message in e for e in errors), errors
 
 
+def test_cpu_test_rollout_serves_topk_only_under_its_switch(monkeypatch):
+    cfg = _config("dp", "+actor_rollout_ref.actor.policy_loss.cppo.topk=4", rollout="hf_cpu")
+    monkeypatch.delenv("VERL_CPPO_CPU_TESTING", raising=False)
+    assert any("rollout.name='hf_cpu'" in e for e in check_cppo_config(cfg)[0])
+    monkeypatch.setenv("VERL_CPPO_CPU_TESTING", "1")
+    assert check_cppo_config(cfg)[0] == []
+
+
 def test_invalid_k_is_refused_in_the_driver():
     with pytest.raises(ValueError, match=r"cppo.topk must be an int >= 1, got 0"):
         configured_topk(_config("dp", "+actor_rollout_ref.actor.policy_loss.cppo.topk=0"))

@@ -18,7 +18,10 @@ per-token tensor it returns exactly like ``log_probs`` into ``model_output``:
   over the TP group) and returns D under the key ``cppo_topk_div`` (0 off the response tokens);
 * ``model_output=..., data=...`` (the loss): takes the gathered D, cuts the responses out with verl's
   ``no_padding_2_padding`` (the same call ``ppo_loss`` makes for ``log_probs``) and runs verl's ``ppo_loss``
-  inside ``topk_divergence_channel`` so the ``cppo`` loss sees D aligned with its rows.
+  inside ``topk_divergence_channel`` so the ``cppo`` loss sees D aligned with its rows, and adds the metric
+  ``actor/cppo_topk_coverage``: the fraction of response tokens that carry mu's full top-K row (1.0 for
+  single-turn rollouts; below 1 means top-K entries were lost on the way: D of such a token spans fewer ids,
+  down to {sampled, other}, the binary divergence, when its whole row is missing).
 
 The hook output is built under ``no_grad``: D only selects tokens, it carries no gradient.
 """
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 from verl.utils import tensordict_utils as tu
+from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
@@ -37,10 +41,19 @@ from verl_cppo.divergence import topk_divergence
 from verl_cppo.rollout_topk import ENV_TOPK, TOPK_IDS, TOPK_LOG_PROBS
 from verl_cppo.topk_loss import topk_divergence_channel
 
-__all__ = ["TOPK_DIV_KEY", "full_sequence_topk_inputs", "ppo_loss_with_topk", "shard_topk_divergence"]
+__all__ = [
+    "TOPK_COVERAGE_METRIC",
+    "TOPK_DIV_KEY",
+    "full_sequence_topk_inputs",
+    "ppo_loss_with_topk",
+    "shard_topk_divergence",
+]
 
 TOPK_DIV_KEY = "cppo_topk_div"
 """model_output key of the per-token Top-K divergence (nested like log_probs after the engine's gather)."""
+
+TOPK_COVERAGE_METRIC = "actor/cppo_topk_coverage"
+"""Fraction of the micro-batch's response tokens with a full top-K row from the rollout (no -1 entry)."""
 
 _KIND = {"topk_tv": "tv", "topk_kl": "kl"}
 
@@ -55,7 +68,11 @@ def ppo_loss_with_topk(config: Any, model_output: dict | None = None, data: Any 
         return ppo_loss(config, model_output, data, dp_group)
     rows = no_padding_2_padding(div, data)  # [B, T] exactly as ppo_loss aligns log_probs
     with topk_divergence_channel(rows):
-        return ppo_loss(config, model_output, data, dp_group)
+        loss, metrics = ppo_loss(config, model_output, data, dp_group)
+    topk_ids = data[TOPK_IDS].values()  # [sum R, K]
+    coverage = (topk_ids >= 0).all(-1).float().mean() if topk_ids.shape[0] else topk_ids.new_ones((), dtype=torch.float)
+    metrics[TOPK_COVERAGE_METRIC] = Metric(value=coverage, aggregation=AggregationType.MEAN)
+    return loss, metrics
 
 
 def _nested(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ def check_topk_config(config: Any) -> list[str]:
     if strategy not in ("fsdp", "fsdp2", "megatron"):
         errors.append(f"{where} computes D in the FSDP and Megatron engines only; actor strategy={strategy!r}")
     rollout = _get(config, "actor_rollout_ref.rollout.name")
-    if rollout not in ("vllm", "sglang"):
+    if rollout not in ("vllm", "sglang") and not _cpu_test_rollout(rollout):
         errors.append(
             f"{where} gets mu's top-K from verl's vllm or sglang server; actor_rollout_ref.rollout.name={rollout!r}"
         )
@@ -100,6 +100,13 @@ def check_topk_config(config: Any) -> list[str]:
     if preset and preset != str(k):
         errors.append(f"{ENV_TOPK}={preset} is set in the environment but cppo.topk={k}; unset it")
     return errors
+
+
+def _cpu_test_rollout(rollout: Any) -> bool:
+    """The CPU test rollout of ``verl_cppo.testing`` serves top-K too, under its explicit switch only."""
+    from verl_cppo.testing import ROLLOUT_NAME, SWITCH_ENV
+
+    return rollout == ROLLOUT_NAME and os.environ.get(SWITCH_ENV) == "1"
 
 
 def propagate_topk(config: Any) -> int:
