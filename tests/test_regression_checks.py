@@ -82,6 +82,14 @@ def test_golden_tolerance_and_configuration():
     for row in metrics["dppo_tv"]:
         row["masked_frac"] += 0.06  # outside
     assert check(metrics, runs, ARGS, golden) == ["dppo_tv: masked_mean = 0.0800, golden 0.0200 +- 0.0500"]
+    golden["arms"]["cppo"]["masked_mean"] = {"value": 0.01, "log_tol": math.log(2.0)}  # band [0.005, 0.02]
+    for masked, inside in [(0.0199, True), (0.0051, True), (0.0201, False), (0.0049, False), (0.0, False)]:
+        for row in metrics["cppo"]:
+            row["masked_frac"] = masked
+        failures = [f for f in check(metrics, runs, ARGS, golden) if f.startswith("cppo: masked_mean")]
+        expected = [] if inside else [f"cppo: masked_mean = {masked:.4f}, golden 0.0100 in [0.0050, 0.0200] (x/ 2.00)"]
+        assert failures == expected, masked
+    metrics, runs = good()
     other = argparse.Namespace(**{**vars(ARGS), "lr": 3e-3})
     assert "another configuration" in check(metrics, runs, other, golden)[0]
     overridden = argparse.Namespace(**{**vars(ARGS), "override": ["actor_rollout_ref.actor.ppo_mini_batch_size=32"]})
