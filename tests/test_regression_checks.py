@@ -94,3 +94,43 @@ def test_golden_tolerance_and_configuration():
     assert "another configuration" in check(metrics, runs, other, golden)[0]
     overridden = argparse.Namespace(**{**vars(ARGS), "override": ["actor_rollout_ref.actor.ppo_mini_batch_size=32"]})
     assert "without overrides" in check(metrics, runs, overridden, golden)[0]
+
+
+def test_not_compared_entries_are_skipped():
+    metrics, runs = good()
+    golden = golden_of(metrics)
+    golden["arms"]["dppo_tv"]["masked_mean"] = {"not_compared": "near 0 on this task", "runs": [0.0001, 0.01]}
+    for row in metrics["dppo_tv"]:
+        row["masked_frac"] = 0.9
+    assert check(metrics, runs, ARGS, golden) == []
+
+
+def test_make_golden_by_hand(tmp_path):
+    """Two runs: rewards get mean +- max(4 sd, pooled, floor); cppo's masked fraction a geometric band."""
+    import json
+    import subprocess
+
+    masked = {"cppo": (0.01, 0.04), "dppo_tv": (0.001, 0.0), "vanilla": (0.03, 0.03)}
+    last = {"cppo": (0.9, 0.7), "dppo_tv": (0.8, 0.8), "vanilla": (0.9, 0.9)}
+    dirs = []
+    for i in range(2):
+        metrics = {arm: rows([0.1, 0.2, 0.3, 0.4, 0.5, last[arm][i]], masked=masked[arm][i]) for arm in masked}
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        (run / "summary.json").write_text(json.dumps({"config": {"steps": STEPS, "seed": 0}}))
+        dirs.append(str(run))
+    out = tmp_path / "golden.json"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ci", "make_golden.py")
+    subprocess.run([sys.executable, script, *dirs, "--out", str(out)], check=True, capture_output=True, timeout=60)
+    arms = json.loads(out.read_text())["arms"]
+    # reward_last5 (mean of the last 5 of 6 steps): cppo 0.46 / 0.42 -> mean 0.44, sd 0.04 / sqrt(2); others sd 0
+    sd = 0.04 / math.sqrt(2)
+    assert arms["cppo"]["reward_last5"]["value"] == pytest.approx(0.44, abs=1e-4)
+    assert arms["cppo"]["reward_last5"]["tol"] == pytest.approx(4 * sd, abs=1e-4)
+    assert arms["vanilla"]["reward_last5"]["tol"] == pytest.approx(max(4 * sd / math.sqrt(3), 0.05), abs=1e-4)
+    # masked: geometric mean of 0.01 and 0.04 is 0.02; sd of ln = ln(4) / sqrt(2); vanilla at the ln 2 floor
+    assert arms["cppo"]["masked_mean"]["value"] == pytest.approx(0.02, abs=1e-4)
+    assert arms["cppo"]["masked_mean"]["log_tol"] == pytest.approx(4 * math.log(4) / math.sqrt(2), abs=1e-4)
+    assert arms["vanilla"]["masked_mean"]["log_tol"] == pytest.approx(math.log(2), abs=1e-4)
+    assert "not_compared" in arms["dppo_tv"]["masked_mean"]  # a run at exactly 0 is fine there
