@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.verl_inputs import write_tiny_model_config
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 SCRIPTS = sorted(p.name for p in EXAMPLES.glob("run_*.sh"))
@@ -356,8 +358,6 @@ def test_runtime_env_makes_the_plugin_importable_on_a_bare_worker(tmp_path):
 @pytest.fixture
 def local_model(tmp_path):
     """A tiny Qwen2 checkpoint directory (config + a word-level tokenizer), as MODEL_PATH=<local dir>."""
-    import json
-
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -365,17 +365,7 @@ def local_model(tmp_path):
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>").save_pretrained(tmp_path)
-    config = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "vocab_size": 64,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_tiny_model_config(tmp_path)
     return str(tmp_path)
 
 

@@ -1,7 +1,6 @@
 """How verl finds the plugin: the entry point in fresh processes (driver and Ray worker), external_lib, and a
 broken install that must be loud instead of verl's late 'Unsupported loss mode: cppo'."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,6 +8,8 @@ import textwrap
 from importlib.metadata import entry_points
 
 import pytest
+
+from tests.verl_inputs import write_tiny_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGISTERED = "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R; print('cppo' in R, R.get('cppo'))"
@@ -40,17 +41,7 @@ def test_import_verl_registers_cppo_in_a_fresh_process():
 
 def test_plugins_off_then_external_lib_registers(tmp_path):
     """actor_rollout_ref.model.external_lib is imported by HFModelConfig at the start of init_model."""
-    config = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "vocab_size": 64,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_tiny_model_config(tmp_path)
     out = _python(
         f"""
         import verl

@@ -70,3 +70,24 @@ def engine_micro_batch(old, new, adv, mask, prompt_lens, *, global_tokens=None, 
     n_seqs = batch if global_seqs is None else global_seqs
     tu.assign_non_tensor(data, dp_size=dp_size, batch_num_tokens=n_tokens, global_batch_size=n_seqs)
     return {"log_probs": log_probs}, data, values, resp_lens
+
+
+TINY_QWEN2_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+"""A 1-layer Qwen2 config.json, enough for verl's HFModelConfig (no weights are ever loaded from it)."""
+
+
+def write_tiny_model_config(directory) -> None:
+    """Write TINY_QWEN2_CONFIG as ``directory/config.json``."""
+    import json
+    import pathlib
+
+    (pathlib.Path(directory) / "config.json").write_text(json.dumps(TINY_QWEN2_CONFIG))
