@@ -116,17 +116,7 @@ def test_topk_divergence_keyword_equals_the_engine_channel(gen):
     cfg = actor_config(cppo={"divergence": "topk_tv", "topk": 5})
     log_probs, _ = pi_log_probs_nested(data, pi_logits)
     via_engine, _ = ppo_loss_with_topk(cfg, {"log_probs": log_probs, TOPK_DIV_KEY: _hook(cfg, data, pi_logits)}, data)
-    from verl.trainer.ppo.core_algos import get_policy_loss_fn
-
-    direct, _ = get_policy_loss_fn("cppo")(
-        old_log_prob=ref["old"],
-        log_prob=ref["new"],
-        advantages=ref["adv"],
-        response_mask=ref["mask"],
-        loss_agg_mode="token-mean",
-        config=cfg,
-        topk_divergence=ref_divergences(ref, "tv"),
-    )
+    direct, _ = _registered_cppo(ref, cfg, topk_divergence=ref_divergences(ref, "tv"))
     assert via_engine.item() == pytest.approx(direct.item(), rel=1e-5)
 
 
@@ -161,27 +151,31 @@ def test_binary_divergence_path_is_untouched_by_the_wrapper(gen):
     assert ours.item() == verls.item()
 
 
-def test_misaligned_or_nonfinite_divergence(gen):
+def _registered_cppo(ref, cfg, topk_divergence):
+    """The registered ``cppo`` loss called directly on the reference rows, D by keyword (token-mean)."""
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-    _, _, ref = topk_micro_batch(gen, PROMPTS, RESPONSES)
-    cfg = actor_config(cppo={"divergence": "topk_kl"})
-    kwargs = dict(
+    return get_policy_loss_fn("cppo")(
         old_log_prob=ref["old"],
         log_prob=ref["new"],
         advantages=ref["adv"],
         response_mask=ref["mask"],
         loss_agg_mode="token-mean",
         config=cfg,
+        topk_divergence=topk_divergence,
     )
-    loss_fn = get_policy_loss_fn("cppo")
+
+
+def test_misaligned_or_nonfinite_divergence(gen):
+    _, _, ref = topk_micro_batch(gen, PROMPTS, RESPONSES)
+    cfg = actor_config(cppo={"divergence": "topk_kl"})
     with pytest.raises(ValueError, match=r"topk_divergence has shape \(4, 8\), log_prob has \(4, 9\)"):
-        loss_fn(**kwargs, topk_divergence=torch.zeros(4, 8))
+        _registered_cppo(ref, cfg, torch.zeros(4, 8))
     div = ref_divergences(ref, "kl")
     first = ref["mask"].nonzero()[0].tolist()
     div[tuple(first)] = float("inf")  # pi gives ~0 mass where mu has some: a huge KL, capped, not dropped
-    loss, metrics = loss_fn(**kwargs, topk_divergence=div)
+    loss, metrics = _registered_cppo(ref, cfg, div)
     assert torch.isfinite(loss) and metrics["actor/cppo_nonfinite_frac"] == 0.0
     div[tuple(first)] = float("nan")  # missing data: the token is dropped and counted
-    loss, metrics = loss_fn(**kwargs, topk_divergence=div)
+    loss, metrics = _registered_cppo(ref, cfg, div)
     assert torch.isfinite(loss) and metrics["actor/cppo_nonfinite_frac"] == pytest.approx(1 / int(ref["mask"].sum()))
