@@ -2,7 +2,7 @@
 
 Both are called through verl's advantage-estimator registry the way the trainer calls them, on the same batch
 (binary outcome rewards on the last response token, groups of ``--group`` responses). Before timing, the
-``cppo_grpo`` advantages are checked against the float64 per-group reference of ``tests/test_advantage.py``.
+``cppo_grpo`` advantages are checked against the float64 per-group reference of ``tests/advantage/test_estimator.py``.
 There is no speed target for the estimator (it runs once per step on the driver); this shows that
 excluding zero-variance groups costs nothing next to verl's own estimator.
 
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
 import verl_cppo  # noqa: F401  (registers cppo_grpo)
-from tests.test_advantage import reference_cppo_grpo
+from tests.support.advantage_reference import reference_cppo_grpo
 
 
 def batch(size: int, length: int, group: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

@@ -4,7 +4,7 @@ Cases: verl's ``vanilla`` and ``dppo_tv`` and our ``cppo`` (torch path: fixed de
 calibrated with every row's quantile inside the clamp so that every row runs the selection; fused Triton kernel:
 the same three on CUDA), each called through verl's policy-loss registry exactly as verl's ``ppo_loss`` calls
 it: one call returning (loss, metrics) including the metrics' host copy, then ``loss.backward()``.
-Before timing, every cppo implementation is checked against the float64 loop reference of tests/reference.py.
+Before timing, every cppo implementation is checked against the float64 loop reference of tests/support/reference.py.
 
     python benchmarks/bench_loss.py                      # CPU, 16 x 4096 fp32, 1 thread (reduced size)
     python benchmarks/bench_loss.py --device cuda        # GPU, 64 x 8192 and 16 x 32768 fp32
@@ -33,8 +33,8 @@ import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
 import verl_cppo  # noqa: F401  (registers loss_mode=cppo)
-from tests.reference import RefParams, random_case, reference_cppo, reference_loss_and_grad
-from tests.verl_inputs import actor_config
+from tests.support.reference import RefParams, random_case, reference_cppo, reference_loss_and_grad
+from tests.support.verl_inputs import actor_config
 from verl_cppo.config import CPPOConfig
 from verl_cppo.kernels import triton_installed
 
@@ -109,9 +109,9 @@ def check_against_reference(device, kernels) -> None:
 def check_fused_on_device(device, batch: int, width: int) -> None:
     """The compiled kernel's mask vs the loop reference (float64, exact; random and near-threshold rows), and
     vs the torch path in float32 at 64 x 8192 (tokens may differ only by rounding at the threshold)."""
-    from tests.test_mask import _near_threshold_row
+    from tests.support.reference import near_threshold_row
+    from verl_cppo.core.token_loss import cppo_token_losses
     from verl_cppo.kernels.fused_loss import fused_cppo_token_losses
-    from verl_cppo.loss import cppo_token_losses
 
     def fused_masked(old, new, adv, mask, setting):
         args = [t.to(device) for t in (old, new, adv, mask)]
@@ -125,7 +125,7 @@ def check_fused_on_device(device, batch: int, width: int) -> None:
         assert fused_masked(old, new, adv, mask, setting) == ref.masked, setting
     gen = torch.Generator().manual_seed(8)
     for setting, db in (({"delta_b_quantile": None}, 0.02), ({}, 0.04)):
-        rows = [_near_threshold_row(gen, 300, RefParams(**setting), db, 1e-9) for _ in range(8)]
+        rows = [near_threshold_row(gen, 300, RefParams(**setting), db, 1e-9) for _ in range(8)]
         old_n, new_n = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
         adv_n, mask_n = torch.ones_like(old_n), torch.ones_like(old_n, dtype=torch.bool)
         ref = reference_cppo(old_n, new_n, adv_n, mask_n, RefParams(**setting))

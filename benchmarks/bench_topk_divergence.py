@@ -1,17 +1,17 @@
-"""Benchmark of the Top-K divergence (verl_cppo.divergence.topk_divergence): time and extra peak memory.
+"""Benchmark of the Top-K divergence (verl_cppo.core.divergence.topk_divergence): time and extra peak memory.
 
     python benchmarks/bench_topk_divergence.py                  # GPU: N=8192, V=151936, K=20, bf16 logits
     python benchmarks/bench_topk_divergence.py --device cpu     # CPU: a reduced size (N=1024, V=32768)
     python benchmarks/bench_topk_divergence.py --sweep          # GPU: also time the kernel's BLOCK_V x num_warps
 
-Variants, each checked first against the float64 reference of tests/reference_topk.py on a few rows:
+Variants, each checked first against the float64 reference of tests/support/topk_reference.py on a few rows:
   naive    torch.log_softmax(logits.float()) over the full vocabulary, then the same finish
   torch    the chunked torch backend (fp32 chunks of CHUNK_BYTES)
   triton   the fused kernel (GPU only; on CPU it would run in Triton's interpreter, which says nothing of speed)
   floor    reading the logits once at the read bandwidth measured here (a sum over an fp32 buffer as large)
 Extra peak memory is measured above the inputs: CUDA's allocator peak on GPU; on CPU the rise of the
 process's peak resident set (VmHWM, reset through /proc/self/clear_refs), which includes allocator noise.
-Issue 7's anchors (one H200): naive 8.4 ms / +9.5 GB, chunked torch 12.3 ms / +1.19 GB, floor 0.59 ms at
+The Top-K design's anchors (one H200): naive 8.4 ms / +9.5 GB, chunked torch 12.3 ms / +1.19 GB, floor 0.59 ms at
 4.2 TB/s; target <= 1.5 ms and <= 64 MB.
 """
 
@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.reference_topk import reference_topk_divergence
-from verl_cppo.divergence import topk_divergence
-from verl_cppo.topk import RowStatistics, divergence_from_statistics
+from tests.support.topk_reference import reference_topk_divergence
+from verl_cppo.core.topk_divergence import RowStatistics, divergence_from_statistics
+from verl_cppo.kernels import topk_divergence
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -56,7 +56,7 @@ def make_case(n: int, v: int, k: int, dtype: torch.dtype, device: str, seed: int
 
 
 def naive(logits, sampled, topk_ids, topk_lp, sampled_lp, kind):
-    """The full fp32 log-softmax that issue 7 rules out: [N, V] fp32 twice over."""
+    """The full fp32 log-softmax the chunked design rules out: [N, V] fp32 twice over."""
     ids = torch.cat([topk_ids, sampled[:, None]], dim=1)  # [N, K+1]
     z = torch.log_softmax(logits.float(), dim=-1).gather(1, ids)  # [N, K+1] log-probs
     ones = torch.ones(z.shape[0], dtype=torch.float64, device=z.device)

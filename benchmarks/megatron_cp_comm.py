@@ -2,7 +2,7 @@
 
 verl 0.9.1's Megatron engine all-gathers every per-token output of the LM head (log-probs; entropy too when
 ``calculate_entropy``) over the CP group before the loss (``postprocess_thd_engine``). The shard-local path
-(``verl_cppo.megatron_cp``) skips it and exchanges per-response scalars instead (``verl_cppo.sharding``).
+(``verl_cppo.sharding.megatron``) skips it and exchanges per-response scalars instead (``verl_cppo.sharding.scan``).
 This script builds micro-batches shaped like the paper's settings (packed to a per-GPU token budget, as
 verl's dynamic batch size does), cuts them with verl's own ``preprocess_thd_engine`` on gloo ranks, and counts
 the bytes every ``torch.distributed.all_gather`` moves on both paths (what one rank sends; it receives
@@ -27,11 +27,11 @@ import megatron.core.parallel_state as parallel_state
 import torch.distributed as dist
 from verl.models.mcore.util import postprocess_thd_engine, preprocess_thd_engine
 
-from tests.distributed import run_ranks
-from tests.verl_inputs import actor_config
+from tests.support.distributed import run_ranks
+from tests.support.verl_inputs import actor_config
 from verl_cppo.loss import compute_policy_loss_cppo
-from verl_cppo.shard_layout import zigzag_thd_layout
-from verl_cppo.shard_loss import ShardContext
+from verl_cppo.sharding.context import ShardContext
+from verl_cppo.sharding.layout import zigzag_thd_layout
 
 # (name, prompt length range, response length range, tokens per micro-batch: ppo_max_token_len_per_gpu)
 SETTINGS = [
@@ -124,7 +124,7 @@ def _rank_body(rank, world, rows, entropy):
             shard=ctx,
         )
         if entropy:  # the entropy bonus's share, reduced in one more message (megatron_cp.shard_local_ppo_loss)
-            ctx.whole_losses([ctx.agg_loss(local, mask, cfg.loss_agg_mode, {})])
+            ctx.whole_losses([ctx.aggregate(local, mask, cfg.loss_agg_mode, {})])
     finally:
         dist.all_gather = original
     assert sum(shard_log) == ctx.stats.bytes_sent, (shard_log, ctx.stats.log)

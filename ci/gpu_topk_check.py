@@ -20,8 +20,8 @@ from tensordict import TensorDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.verl_inputs import actor_config
-from verl_cppo.engine_hook import TOPK_DIV_KEY, full_sequence_topk_inputs, ppo_loss_with_topk
+from tests.support.verl_inputs import actor_config
+from verl_cppo.topk.engine_hook import TOPK_DIV_KEY, full_sequence_topk_inputs, ppo_loss_with_topk
 
 
 def _nested(rows):

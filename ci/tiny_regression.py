@@ -32,7 +32,7 @@ ROOT = os.path.dirname(HERE)
 GOLDEN = os.path.join(HERE, "golden", "tiny_regression.json")
 ARMS = ("cppo", "dppo_tv", "vanilla")
 EXTRA_ARMS = ("cppo_topk_tv",)
-"""Arms run only when named in --arms (no golden values): tests/test_tiny_topk_e2e.py runs cppo_topk_tv."""
+"""Arms run only when named in --arms (no golden values): tests/e2e/test_tiny_topk.py runs cppo_topk_tv."""
 RESPONSE_LENGTH = 8
 
 ARM_OVERRIDES = {

@@ -38,7 +38,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import verl_cppo  # noqa: F401  (explicit: also registers when the entry point is disabled)
-from verl_cppo.anchoring import STRICT_ANCHOR_ENV
+from verl_cppo.driver import STRICT_ANCHOR_ENV
 
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

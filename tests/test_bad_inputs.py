@@ -6,30 +6,23 @@ import pytest
 import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-from tests.reference import random_case
-from tests.verl_inputs import AGG_MODES, actor_config
+from tests.support.loss_call import call_loss
+from tests.support.reference import random_case
+from tests.support.verl_inputs import AGG_MODES, actor_config
 from verl_cppo.config import CPPOConfig
-from verl_cppo.loss import cppo_token_losses
+from verl_cppo.core.token_loss import cppo_token_losses
 
 CPPO = get_policy_loss_fn("cppo")
 
 
 def _run(old, new, adv, mask, mode, is_weights=None, **cppo):
-    leaf = new.clone().requires_grad_(True)
-    loss, metrics = CPPO(
-        old_log_prob=old,
-        log_prob=leaf,
-        advantages=adv,
-        response_mask=mask,
-        loss_agg_mode=mode,
-        config=actor_config(mode, cppo=cppo),
-        rollout_is_weights=is_weights,
+    loss, grad, metrics = call_loss(
+        old, new, adv, mask, mode, actor_config(mode, cppo=cppo), rollout_is_weights=is_weights
     )
-    loss.backward()
     assert torch.isfinite(loss) and loss.dim() == 0
-    assert torch.isfinite(leaf.grad).all()
+    assert torch.isfinite(grad).all()
     assert all(math.isfinite(v) for v in metrics.values())
-    return loss, leaf.grad, metrics
+    return loss, grad, metrics
 
 
 def _kept(old, new, adv, mask, is_weights=None, **cppo):

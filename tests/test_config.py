@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import FSDPActorConfig, McoreActorConfig, PolicyLossConfig
 
-from tests.verl_hydra import CPPO_TARGET, ENGINES, VERL_CONFIG_DIR, compose_trainer
+from tests.support.verl_hydra import CPPO_TARGET, ENGINES, VERL_CONFIG_DIR, compose_trainer
 from verl_cppo import CPPOConfig, CPPOPolicyLossConfig
 from verl_cppo.config import cppo_config_of
 

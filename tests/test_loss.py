@@ -3,11 +3,11 @@ and the real call path through verl.workers.utils.losses.ppo_loss with nested en
 
 import pytest
 import torch
-from verl.trainer.ppo.core_algos import get_policy_loss_fn
 from verl.workers.utils.losses import ppo_loss
 
-from tests.reference import RefParams, random_case, reference_loss_and_grad
-from tests.verl_inputs import AGG_MODES, actor_config, engine_micro_batch
+from tests.support.loss_call import call_loss
+from tests.support.reference import RefParams, random_case, reference_loss_and_grad
+from tests.support.verl_inputs import AGG_MODES, actor_config, engine_micro_batch
 from verl_cppo.loss import METRIC_KEYS
 
 SETTINGS = [
@@ -19,18 +19,7 @@ SETTINGS = [
 
 
 def _cppo(old, new, adv, mask, cfg, **kw):
-    new = new.clone().requires_grad_(True)
-    loss, metrics = get_policy_loss_fn("cppo")(
-        old_log_prob=old,
-        log_prob=new,
-        advantages=adv,
-        response_mask=mask,
-        loss_agg_mode=cfg.loss_agg_mode,
-        config=cfg,
-        **kw,
-    )
-    loss.backward()
-    return loss, new.grad, metrics
+    return call_loss(old, new, adv, mask, cfg.loss_agg_mode, cfg, **kw)
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -61,18 +50,8 @@ def test_w_min_1_without_budget_is_verl_dppo_tv(dtype, mode, with_is_weights, ge
     dppo_cfg = actor_config(mode, loss_mode="dppo_tv", clip_ratio_low=delta, clip_ratio_high=delta, clip_ratio_c=5.0)
     results = []
     for cfg in (cppo_cfg, dppo_cfg):
-        leaf = new.clone().requires_grad_(True)
-        loss, _ = get_policy_loss_fn(cfg.policy_loss.loss_mode)(
-            old_log_prob=old,
-            log_prob=leaf,
-            advantages=adv,
-            response_mask=mask,
-            loss_agg_mode=mode,
-            config=cfg,
-            rollout_is_weights=is_weights,
-        )
-        loss.backward()
-        results.append((loss.detach(), leaf.grad))
+        loss, grad, _ = call_loss(old, new, adv, mask, mode, cfg, rollout_is_weights=is_weights)
+        results.append((loss, grad))
     (cppo_loss, cppo_grad), (dppo_loss, dppo_grad) = results
     assert cppo_loss.dtype == dppo_loss.dtype
     assert (cppo_grad != 0).any()

@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from tests.verl_inputs import write_tiny_model_config
+from tests.support.verl_inputs import write_tiny_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGISTERED = "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R; print('cppo' in R, R.get('cppo'))"
@@ -68,7 +68,7 @@ def test_broken_install_is_loud_and_never_unsupported_loss_mode():
     out = _python(
         """
         import sys
-        sys.modules["verl_cppo.mask"] = None  # simulates a broken install of one of our modules
+        sys.modules["verl_cppo.core.mask"] = None  # simulates a broken install of one of our modules
         import verl
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
         fn = get_policy_loss_fn("cppo")
@@ -81,7 +81,7 @@ def test_broken_install_is_loud_and_never_unsupported_loss_mode():
     assert out.returncode == 0, out.stderr
     assert "verl-cppo failed to load (ModuleNotFoundError" in out.stderr
     assert "ERROR" in out.stderr and "Traceback" in out.stderr
-    stand_in = "RAISED verl-cppo is installed but failed to import (ModuleNotFoundError: import of verl_cppo.mask"
+    stand_in = "RAISED verl-cppo is installed but failed to import (ModuleNotFoundError: import of verl_cppo.core.mask"
     assert stand_in in out.stdout
     assert "Unsupported loss mode" not in out.stdout + out.stderr
 
@@ -126,8 +126,9 @@ def test_pure_math_modules_work_without_verl():
         find_spec = importlib.util.find_spec
         importlib.util.find_spec = lambda name, *a: None if name == "verl" else find_spec(name, *a)
         import torch
-        from verl_cppo.divergence import binary_tv, topk_divergence
-        from verl_cppo.mask import position_weights
+        from verl_cppo.core.divergence import binary_tv
+        from verl_cppo.core.topk_divergence import topk_divergence
+        from verl_cppo.core.mask import position_weights
         print(position_weights(torch.arange(1.0, 4.0)[None], 3, 0.8).tolist(), "verl" in sys.modules)
         try:
             from verl_cppo import CPPOConfig

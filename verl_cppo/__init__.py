@@ -8,19 +8,19 @@ loss ``cppo`` with verl (see ``verl_cppo.plugin``); select it with
 ``algorithm.rollout_correction.bypass_mode=True``. It also registers the paper's outcome advantage
 ``cppo_grpo`` (``algorithm.adv_estimator=cppo_grpo``).
 
-Layout, pure math first and verl at the edge (without verl installed, importing the package registers
-nothing and the pure-torch modules still work):
-  divergence.py  binary TV / KL per token (torch only)
-  mask.py        position weights, prefix budget, delta_b calibration, hard / soft gate (torch only)
-  config.py      CPPOConfig and CPPOPolicyLossConfig (verl BaseConfig dataclasses, validated)
-  loss.py        the registered loss: reads the config, builds the mask, verl's agg_loss, metrics
-  kernels/       the same loss fused into one Triton program per response (CUDA), chosen by cppo.kernel
-  anchoring.py   driver-side refusal of configurations that would not anchor on the rollout policy
-  plugin.py      the ``verl.plugins`` entry point; loud on a broken install
-  advantage.py   the registered advantage estimator ``cppo_grpo`` (group arithmetic in torch)
-  algo_config.py CPPOGRPOConfig and CPPOAlgoConfig (the estimator's settings, validated)
-  exclusion.py   hooks that carry cppo_grpo's excluded groups to the loss normalisers
-  post_import.py run a hook right after verl imports a module
+Layers, pure math first and verl at the edge (each imports only the layers above it in this list; without
+verl installed, importing the package registers nothing and ``core`` and ``kernels`` still work):
+  core/        the rule itself, pure torch: divergences, mask, per-token loss terms, Top-K divergence
+  kernels/     Triton twins of core (fused loss, Top-K statistics) and the choice between kernel and torch
+  config.py    CPPOConfig / CPPOPolicyLossConfig / CPPOGRPOConfig / CPPOAlgoConfig (verl BaseConfig, validated)
+  hooks/       the one mechanism that changes verl at runtime (wrappers on import, import-time diffs)
+  topk/        Top-K plumbing: rollout top-K fields, the engine hook, the channel to the loss, launch setup
+  loss.py      the registered ``cppo`` loss: config -> dispatch -> verl's agg_loss -> metrics
+  sharding/    shard-local loss: drawn layouts, distributed prefix scan and quantile, Megatron CP hook
+  advantage/   the registered ``cppo_grpo`` estimator and the hooks carrying its excluded groups
+  driver.py    every driver-side check of a composed config, before Ray starts
+  plugin.py    the ``verl.plugins`` entry point; loud on a broken install
+  testing/     CPU platform, CPU rollout and tiny task for CI (imported only by tests and ci/)
 """
 
 import importlib.util
@@ -33,8 +33,7 @@ if importlib.util.find_spec("verl") is not None:
 
     _register()
 
-    from verl_cppo.algo_config import CPPOAlgoConfig, CPPOGRPOConfig
-    from verl_cppo.config import CPPOConfig, CPPOPolicyLossConfig
+    from verl_cppo.config import CPPOAlgoConfig, CPPOConfig, CPPOGRPOConfig, CPPOPolicyLossConfig
 else:  # the pure-torch modules (divergence, mask, topk, shard_layout) stay usable without verl
 
     def __getattr__(name: str):

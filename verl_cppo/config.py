@@ -1,13 +1,19 @@
-"""CPPO configuration as verl ``BaseConfig`` dataclasses.
+"""verl-cppo's configuration as verl ``BaseConfig`` dataclasses, each field documented beneath it.
 
-The one Hydra form (command line and YAML alike) is the node ``actor_rollout_ref.actor.policy_loss``::
+Two Hydra nodes, one form each (command line and YAML alike):
 
     actor_rollout_ref.actor.policy_loss._target_=verl_cppo.config.CPPOPolicyLossConfig
     actor_rollout_ref.actor.policy_loss.loss_mode=cppo
     +actor_rollout_ref.actor.policy_loss.cppo.delta=0.2        # any CPPOConfig field, '+' because the key is new
 
-verl's driver instantiates that node with Hydra in ``validate_config`` before Ray starts, so every value is
-checked here (``__post_init__``) before any training step. ``loss_mode=cppo`` alone, on verl's stock
+    algorithm.adv_estimator=cppo_grpo                          # alone: CPPOGRPOConfig's defaults
+    algorithm._target_=verl_cppo.config.CPPOAlgoConfig         # needed only to change a setting
+    +algorithm.cppo_grpo.norm_adv_by_std=true                  # any CPPOGRPOConfig field
+
+verl's driver instantiates the policy-loss node with Hydra in ``validate_config`` before Ray starts; it never
+instantiates ``algorithm``, so the plugin's driver check (``verl_cppo.driver``) does. Either way every value
+is checked here (``__post_init__``, one helper: ``_check_fields``) before any training step, and an error
+names the key, its allowed values and the value given. ``loss_mode=cppo`` alone, on verl's stock
 ``PolicyLossConfig``, runs CPPO with the defaults below.
 """
 
@@ -16,36 +22,124 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from verl.base_config import BaseConfig
+from verl.trainer.config import AlgoConfig
 from verl.workers.config import PolicyLossConfig
 
+from verl_cppo.core.divergence import Divergence
+from verl_cppo.kernels import Backend
+
 __all__ = [
-    "DIVERGENCES",
-    "GATES",
-    "KERNELS",
-    "TOPK_DIVERGENCES",
+    "CPPO_ALGO_TARGET",
+    "CPPO_POLICY_LOSS_TARGET",
+    "FLOAT32_MAX",
+    "CPPOAlgoConfig",
     "CPPOConfig",
+    "CPPOGRPOConfig",
     "CPPOPolicyLossConfig",
+    "Gate",
+    "config_value",
     "cppo_config_of",
+    "cppo_grpo_config_of",
 ]
 
-BINARY_DIVERGENCES = ("binary_tv", "binary_kl")
-"""Divergences the loss computes from the sampled token's log-probs alone."""
+CPPO_POLICY_LOSS_TARGET = "verl_cppo.config.CPPOPolicyLossConfig"
+CPPO_ALGO_TARGET = "verl_cppo.config.CPPOAlgoConfig"
 
-# --- Top-K divergences (issue 7) -----------------------------------------------------------------------------
-TOPK_DIVERGENCES = ("topk_tv", "topk_kl")
-"""Divergences over mu's top-K tokens + the sampled token + "other": they need mu's top-K log-probs from the
-rollout and pi's logits in the engine (verl_cppo.topk_setup enables both; see README "Top-K divergences")."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""The loss computes in float32 (or wider): a finite setting beyond this would overflow to inf in it."""
 
-DIVERGENCES = BINARY_DIVERGENCES + TOPK_DIVERGENCES
-# --- end Top-K divergences -----------------------------------------------------------------------------------
+Gate = Literal["hard", "soft"]
 
-GATES = ("hard", "soft")
 
-KERNELS = ("auto", "torch", "triton")
-"""Implementations of the mask and loss (``verl_cppo.kernels``)."""
+@dataclass(frozen=True)
+class _Interval:
+    """A real number in an interval (ints become floats); optional = None is allowed too."""
+
+    low: float
+    low_closed: bool
+    high: float
+    high_closed: bool
+    optional: bool = False
+
+    @property
+    def text(self) -> str:
+        lo, hi = "[" if self.low_closed else "(", "]" if self.high_closed else ")"
+        return f"in {lo}{self.low:g}, {self.high:g}{hi}"
+
+    def contains(self, x: float) -> bool:
+        above = x > self.low or (self.low_closed and x == self.low)
+        return above and (x < self.high or (self.high_closed and x == self.high))
+
+
+def _fail(prefix: str, name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{prefix}.{name} must be {allowed}, got {value!r}")
+
+
+def _check_fields(cfg: BaseConfig, prefix: str, intervals: dict[str, _Interval]) -> None:
+    """Validate every field of ``cfg`` by its declared type (and ``intervals`` for the reals); ints of a real
+    field become floats (Hydra passes ``delta=1`` as an int). Errors name ``prefix.field`` and the value."""
+    for f in fields(cfg):
+        if f.name == "_target_":
+            continue
+        name, value = f.name, getattr(cfg, f.name)
+        if name in intervals:
+            rng = intervals[name]
+            if value is None and rng.optional:
+                continue
+            allowed = f"None or {rng.text}" if rng.optional else rng.text
+            number = f"None or a number {rng.text}" if rng.optional else f"a number {rng.text}"
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                _fail(prefix, name, value, number)
+            try:
+                x = float(value)
+            except OverflowError:  # an int beyond any float
+                _fail(prefix, name, value, f"{allowed} and at most {FLOAT32_MAX:.4g} (float32)")
+            if math.isnan(x):
+                _fail(prefix, name, value, number)
+            if not rng.contains(x):
+                _fail(prefix, name, value, allowed)
+            if math.isfinite(x) and abs(x) > FLOAT32_MAX:
+                _fail(prefix, name, value, f"{allowed} and at most {FLOAT32_MAX:.4g} (float32)")
+            object.__setattr__(cfg, name, x)  # BaseConfig fields are frozen after construction
+            continue
+        kind = _type_of(cfg, f)
+        if kind is bool:
+            if not isinstance(value, bool):
+                _fail(prefix, name, value, "true or false")
+        elif get_origin(kind) is Literal:
+            if value not in get_args(kind):
+                _fail(prefix, name, value, f"one of {get_args(kind)}")
+        elif kind is int or kind == (int | None):
+            optional = kind is not int
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(prefix, name, value, "None or an int >= 1" if optional else "an int >= 1")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _type_of(cfg: BaseConfig, f) -> Any:
+    """The field's annotation as a type (annotations are strings under ``from __future__ import annotations``)."""
+    cls = type(cfg)
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls][f.name]
+
+
+_CPPO_INTERVALS = {
+    "delta": _Interval(0.0, False, math.inf, False),
+    "w_min": _Interval(0.0, False, 1.0, True),
+    "delta_b": _Interval(0.0, True, math.inf, False),
+    "delta_b_quantile": _Interval(0.0, True, 1.0, True, optional=True),
+    "delta_b_scale": _Interval(0.0, False, math.inf, False),
+    "delta_b_max_mult": _Interval(1.0, True, math.inf, False),
+    "ratio_cap": _Interval(0.0, False, math.inf, True),
+}
 
 
 @dataclass
@@ -73,13 +167,13 @@ class CPPOConfig(BaseConfig):
 
     delta_b_max_mult: float = 2.0
     """Cap of the calibrated delta_b as a multiple of delta_b (the paper's 2; the authors' later tuning
-    used 5). Range: [1, inf)."""
+    used 5). Range: [1, inf); delta_b * delta_b_max_mult must stay within float32."""
 
     position_horizon: int | None = None
     """H of the position weight. None = each response's own length (position of its last valid token);
     an int = a fixed horizon such as data.max_response_length. Range: None or an int >= 1."""
 
-    divergence: str = "binary_tv"
+    divergence: Divergence = "binary_tv"
     """Per-token divergence D between mu and pi: binary_tv = |mu_t - pi_t| or binary_kl (sampled token
     against the rest); topk_tv / topk_kl over mu's top-K tokens, the sampled token and "other" (the paper's
     main setting; the rollout then returns mu's top-K log-probs, see topk)."""
@@ -89,7 +183,7 @@ class CPPOConfig(BaseConfig):
     (the paper's 20; vLLM serves at most 20 unless engine_kwargs.vllm.max_logprobs is raised). Unused by
     the binary divergences. Range: int >= 1."""
 
-    gate: str = "hard"
+    gate: Gate = "hard"
     """hard = keep or drop each away-moving token; soft = weight it by min(1, 1/x_t) (paper ablation)."""
 
     ratio_cap: float = 20.0
@@ -106,71 +200,34 @@ class CPPOConfig(BaseConfig):
     """Ablation switch: assign each response's position weights in a random order (tests whether the
     early-strict ordering matters). Requires position_weight."""
 
-    # --- kernel selection (issue 8) ---
-    kernel: str = "auto"
+    kernel: Backend = "auto"
     """Implementation of the mask and loss: torch = the pure-torch path (the reference, any device);
     triton = the fused Triton kernel (CUDA tensors; fails on the first call without Triton or a GPU);
     auto = triton on CUDA tensors when Triton is installed, torch otherwise. Both give the same tokens and
-    losses up to float rounding. One of auto, torch, triton."""
-    # --- end kernel selection ---
+    losses up to float rounding."""
 
     def __post_init__(self):
-        for f in fields(self):
-            if f.name != "_target_":
-                _check_field(self, f.name, getattr(self, f.name))
+        _check_fields(self, "cppo", _CPPO_INTERVALS)
         if self.shuffle_positions and not self.position_weight:
             raise ValueError("cppo.shuffle_positions=True requires cppo.position_weight=True (nothing to shuffle)")
+        if self.delta_b * self.delta_b_max_mult > FLOAT32_MAX:
+            raise ValueError(
+                f"cppo.delta_b * cppo.delta_b_max_mult must be at most {FLOAT32_MAX:.4g} (float32), got "
+                f"{self.delta_b!r} * {self.delta_b_max_mult!r}"
+            )
 
 
-def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"cppo.{name} must be {allowed}, got {value!r}")
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        _fail(name, value, "a number")
-    return float(value)
-
-
-_INTERVALS = {
-    # name: (low, low_inclusive, high, high_inclusive, text)
-    "delta": (0.0, False, math.inf, False, "in (0, inf)"),
-    "w_min": (0.0, False, 1.0, True, "in (0, 1]"),
-    "delta_b": (0.0, True, math.inf, False, "in [0, inf)"),
-    "delta_b_quantile": (0.0, True, 1.0, True, "None or in [0, 1]"),
-    "delta_b_scale": (0.0, False, math.inf, False, "in (0, inf)"),
-    "delta_b_max_mult": (1.0, True, math.inf, False, "in [1, inf)"),
-    "ratio_cap": (0.0, False, math.inf, True, "in (0, inf]"),
-}
-
-
-def _check_field(cfg: CPPOConfig, name: str, value: Any) -> None:
-    """Validate one field and normalise ints to floats (Hydra passes `delta=1` as an int)."""
-    if name in _INTERVALS:
-        if value is None and name == "delta_b_quantile":
-            return
-        low, low_in, high, high_in, text = _INTERVALS[name]
-        x = _real(name, value)
-        if not ((x > low or (low_in and x == low)) and (x < high or (high_in and x == high))):
-            _fail(name, value, text)
-        object.__setattr__(cfg, name, x)  # BaseConfig fields are frozen after construction
-    elif name == "position_horizon":
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            _fail(name, value, "None or an int >= 1")
-    elif name == "divergence":
-        if value not in DIVERGENCES:
-            _fail(name, value, f"one of {DIVERGENCES}")
-    elif name == "topk":  # Top-K divergences (issue 7)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            _fail(name, value, "an int >= 1")
-    elif name == "gate":
-        if value not in GATES:
-            _fail(name, value, f"one of {GATES}")
-    elif name == "kernel":
-        if value not in KERNELS:
-            _fail(name, value, f"one of {KERNELS}")
-    elif not isinstance(value, bool):  # position_weight, prefix_budget, shuffle_positions
-        _fail(name, value, "true or false")
+def _validated_node(node: Any, cls: type, where: str) -> Any:
+    """``node`` (a mapping of ``cls`` fields, or an instance) as a validated ``cls``."""
+    if isinstance(node, cls):
+        return node
+    if not isinstance(node, Mapping):
+        raise ValueError(f"{where} must be a mapping of {cls.__name__} fields, got {node!r}")
+    known = {f.name for f in fields(cls)} - {"_target_"}
+    unknown = sorted(set(node) - known - {"_target_"})
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return cls(**{k: node[k] for k in node if k != "_target_"})
 
 
 @dataclass
@@ -185,33 +242,99 @@ class CPPOPolicyLossConfig(PolicyLossConfig):
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
             parent_post_init()
-        if isinstance(self.cppo, CPPOConfig):
-            return
-        if not isinstance(self.cppo, Mapping):
-            raise ValueError(f"policy_loss.cppo must be a mapping of CPPOConfig fields, got {self.cppo!r}")
-        known = {f.name for f in fields(CPPOConfig)}
-        unknown = sorted(set(self.cppo) - known)
-        if unknown:
-            raise ValueError(
-                f"policy_loss.cppo has unknown key(s) {unknown}; known keys: {sorted(known - {'_target_'})}"
-            )
-        object.__setattr__(self, "cppo", CPPOConfig(**dict(self.cppo)))
+        object.__setattr__(self, "cppo", _validated_node(self.cppo, CPPOConfig, "policy_loss.cppo"))
 
 
-_DEFAULT = None
+_CPPO_GRPO_INTERVALS = {
+    "std_epsilon": _Interval(0.0, False, math.inf, False),
+    "zero_variance_atol": _Interval(0.0, True, math.inf, False),
+}
+
+
+@dataclass
+class CPPOGRPOConfig(BaseConfig):
+    """Settings of the ``cppo_grpo`` advantage estimator. Defaults are the authors' configs (arXiv 2606.10968,
+    App. D)."""
+
+    norm_adv_by_std: bool = False
+    """Divide the group-centred score by the group's standard deviation (unbiased, as verl's ``grpo``) plus
+    ``std_epsilon``. False (default) = mean-centring only, as in the authors' configs (Dr. GRPO). verl's own
+    ``algorithm.norm_adv_by_std_in_grpo`` is not read: it belongs to the built-in ``grpo``."""
+
+    std_epsilon: float = 1e-6
+    """Added to the standard deviation before dividing (verl's ``grpo`` uses 1e-6). Range: (0, inf)."""
+
+    exclude_zero_variance: bool = True
+    """Exclude groups whose scores are all equal (every single-response group included) from the gradient
+    AND from the loss normalisers of every loss_agg_mode (the paper's "mask_std_0"). False = their responses
+    keep advantage 0 but still count in the token and sequence counts, as with verl's ``grpo``."""
+
+    zero_variance_atol: float = 0.0
+    """A group has zero variance when max(score) - min(score) <= this tolerance; its advantage is exactly 0.
+    0 (default) = exactly equal scores. Range: [0, inf)."""
+
+    def __post_init__(self):
+        _check_fields(self, "cppo_grpo", _CPPO_GRPO_INTERVALS)
+
+
+@dataclass
+class CPPOAlgoConfig(AlgoConfig):
+    """verl's ``AlgoConfig`` plus the ``cppo_grpo`` node. Select it with
+    ``algorithm._target_=verl_cppo.config.CPPOAlgoConfig``."""
+
+    cppo_grpo: CPPOGRPOConfig = field(default_factory=CPPOGRPOConfig)
+    """Settings of the ``cppo_grpo`` estimator; a mapping (YAML / '+algorithm.cppo_grpo.<key>=' overrides) is
+    validated into CPPOGRPOConfig."""
+
+    def __post_init__(self):
+        parent_post_init = getattr(super(), "__post_init__", None)
+        if parent_post_init is not None:
+            parent_post_init()
+        object.__setattr__(self, "cppo_grpo", _validated_node(self.cppo_grpo, CPPOGRPOConfig, "algorithm.cppo_grpo"))
+
+
+def config_value(config: Any, dotted: str, default: Any = None) -> Any:
+    """``config[a][b]...`` for ``dotted`` = "a.b...." over nested mappings (DictConfig or dict), else default."""
+    node = config
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+_DEFAULTS: dict[type, Any] = {}
+
+
+def _node_of(parent: Any, key: str, cls: type, where: str) -> Any:
+    node = parent.get(key, None) if parent is not None else None
+    if node is None:
+        if cls not in _DEFAULTS:
+            _DEFAULTS[cls] = cls()
+        return _DEFAULTS[cls]
+    if isinstance(node, cls):
+        return node
+    if isinstance(node, Mapping):  # a DictConfig / dict that bypassed instantiation
+        return _validated_node(node, cls, where)
+    raise TypeError(f"{where} must be a {cls.__name__} or a mapping, got {type(node).__name__}")
 
 
 def cppo_config_of(actor_config: Any) -> CPPOConfig:
     """The CPPOConfig carried by a verl actor config, or the defaults for verl's plain PolicyLossConfig."""
-    global _DEFAULT
     policy_loss = actor_config.get("policy_loss", None) if actor_config is not None else None
-    cfg = policy_loss.get("cppo", None) if policy_loss is not None else None
-    if cfg is None:
-        if _DEFAULT is None:
-            _DEFAULT = CPPOConfig()
-        return _DEFAULT
-    if isinstance(cfg, CPPOConfig):
-        return cfg
-    if isinstance(cfg, Mapping):  # a DictConfig / dict that bypassed instantiation
-        return CPPOPolicyLossConfig(cppo=dict(cfg)).cppo
-    raise TypeError(f"actor config policy_loss.cppo must be a CPPOConfig or a mapping, got {type(cfg).__name__}")
+    return _node_of(policy_loss, "cppo", CPPOConfig, "actor config policy_loss.cppo")
+
+
+def cppo_grpo_config_of(algo_config: Any) -> CPPOGRPOConfig:
+    """The settings carried by the ``config`` verl passes to an estimator (the ``algorithm`` DictConfig, an
+    AlgoConfig, or None): its ``cppo_grpo`` node validated, or the defaults when there is none."""
+    return _node_of(algo_config, "cppo_grpo", CPPOGRPOConfig, "algorithm.cppo_grpo")
+
+
+def _check_declared_intervals() -> None:
+    for cls, intervals in ((CPPOConfig, _CPPO_INTERVALS), (CPPOGRPOConfig, _CPPO_GRPO_INTERVALS)):
+        reals = {f.name for f in fields(cls) if f.type in ("float", "float | None")}
+        assert reals == set(intervals), (cls.__name__, reals ^ set(intervals))
+
+
+_check_declared_intervals()

@@ -3,10 +3,10 @@
     actor_rollout_ref.model.external_lib=verl_cppo.megatron_shard_local
 
 verl imports ``model.external_lib`` in every actor worker before it builds the engine; the hook
-(``verl_cppo.megatron_cp``) then skips the CP all-gather of log-probs for training micro-batches whose loss
+(``verl_cppo.sharding.megatron``) then skips the CP all-gather of log-probs for training micro-batches whose loss
 is ``cppo`` and computes the loss on each rank's shard. Off unless this module is imported.
 """
 
-from verl_cppo.megatron_cp import install
+from verl_cppo.sharding.megatron import install
 
 install()

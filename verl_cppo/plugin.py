@@ -5,11 +5,13 @@ imports this package in every process (driver, TaskRunner, Ray workers) unless V
 excludes it; ``actor_rollout_ref.model.external_lib=verl_cppo`` and the ``_target_`` of
 ``CPPOPolicyLossConfig`` import it too. Importing the package calls ``register()`` once:
 
-* it imports ``verl_cppo.loss`` (which registers the policy loss ``cppo``) and installs the driver-side
-  configuration check (``verl_cppo.anchoring``); when VERL_CPPO_TOPK is set (a Top-K divergence is configured,
-  see ``verl_cppo.topk_setup``) it first arranges for the Top-K diffs to be applied to verl's modules;
-* it imports ``verl_cppo.advantage`` (which registers the advantage estimator ``cppo_grpo``) and installs
-  the hooks that carry its excluded groups to the loss normalisers (``verl_cppo.exclusion``);
+* when VERL_CPPO_TOPK is set (a Top-K divergence is configured, see ``verl_cppo.topk.setup``) it first
+  arranges for the Top-K diffs to be applied to verl's modules;
+* it imports ``verl_cppo.loss`` (which registers the policy loss ``cppo``) and
+  ``verl_cppo.advantage.estimator`` (the advantage estimator ``cppo_grpo``);
+* it installs the driver-side checks (``verl_cppo.driver``) and the hooks that carry ``cppo_grpo``'s excluded
+  groups to the loss normalisers (``verl_cppo.advantage.exclusion``); every change to verl goes through
+  ``verl_cppo.hooks``;
 * if that fails, verl would log the exception at DEBUG and later stop with "Unsupported loss mode: cppo".
   Instead the error is logged at ERROR with its traceback, and a stand-in ``cppo`` loss is registered that
   raises a RuntimeError naming the original exception, then the exception propagates.
@@ -32,16 +34,16 @@ def register() -> None:
     if _registered:
         return
     try:
-        from verl_cppo.topk_setup import install_topk_runtime
+        from verl_cppo.topk.setup import install_topk_runtime
 
         install_topk_runtime()  # Top-K divergences: patches verl's modules on import, only if VERL_CPPO_TOPK is set
-        import verl_cppo.advantage  # registers the advantage estimator "cppo_grpo"
+        import verl_cppo.advantage.estimator  # registers the advantage estimator "cppo_grpo"
         import verl_cppo.loss  # noqa: F401  (registers "cppo")
-        from verl_cppo.anchoring import install_driver_check
-        from verl_cppo.exclusion import install_hooks
+        from verl_cppo import driver
+        from verl_cppo.advantage import exclusion
 
-        install_driver_check()
-        install_hooks()  # carries cppo_grpo's excluded groups to the loss normalisers
+        driver.install()
+        exclusion.install()  # carries cppo_grpo's excluded groups to the loss normalisers
     except Exception as exc:
         logger.error(
             "verl-cppo failed to load (%s: %s); loss_mode=cppo cannot run", type(exc).__name__, exc, exc_info=True

@@ -1,7 +1,7 @@
 """The CPPO mask and loss as one Triton program per response (the device code; ``fused_loss.py`` launches it).
 
-The torch path (``verl_cppo.loss.cppo_token_losses`` over ``verl_cppo.mask``) is the reference; this kernel
-computes the same per-token losses and the same per-row sums for the metrics, in three steps per row:
+The torch path (``verl_cppo.core.token_loss.cppo_token_losses`` over ``verl_cppo.core.mask``) is the reference;
+this kernel computes the same per-token losses and the same per-row sums for the metrics, in three steps per row:
 
   pass 1     validity (response mask and finite inputs), the response's length, D_t (stored in the
              coefficient buffer, -1 off valid), the valid count, and the two counts that decide a calibrated
@@ -13,7 +13,7 @@ computes the same per-token losses and the same per-row sums for the metrics, in
              the gate, the coefficient -w_t sg(min(rho_t, cap)) A_t (times the IS weight, overwriting D), the
              per-token loss coefficient * log pi, and the row's metric sums.
 
-Each step mirrors a torch function: ``_divergence`` = verl_cppo.divergence, the weights = position_weights,
+Each step mirrors a torch function of ``verl_cppo.core``: ``_divergence`` = divergence, the weights = position_weights,
 the one-scan hard threshold = mask.hard_gate, the soft gate = mask.prefix_gate, the clamp decided by counting
 = mask._calibrated_delta_b, and the selected quantile = mask.row_quantile (torch.lerp's two forms).
 """
@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from verl_cppo.divergence import KL_MAX
-from verl_cppo.loss import LOG_RATIO_BOUND, STAT_NAMES
+from verl_cppo.core.divergence import KL_MAX
+from verl_cppo.core.token_loss import LOG_RATIO_BOUND, STAT_NAMES
 
 __all__ = ["N_STATS", "cppo_fwd_kernel"]
 
@@ -67,13 +67,13 @@ def _log1p(x, LIBDEVICE: tl.constexpr):
 
 @triton.jit
 def _log1mexp(x, LIBDEVICE: tl.constexpr):
-    """log(1 - exp(x)) for x <= 0, as verl_cppo.divergence.log1mexp."""
+    """log(1 - exp(x)) for x <= 0, as verl_cppo.core.divergence.log1mexp."""
     return tl.where(x > -0.6931471805599453, tl.log(-_expm1(x, LIBDEVICE)), _log1p(-tl.exp(x), LIBDEVICE))
 
 
 @triton.jit
 def _divergence(log_pi, log_mu, KL: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """binary_tv or binary_kl of verl_cppo.divergence, elementwise (finite inputs)."""
+    """binary_tv or binary_kl of verl_cppo.core.divergence, elementwise (finite inputs)."""
     if KL:
         log_pi = tl.minimum(log_pi, 0.0)
         log_mu = tl.minimum(log_mu, 0.0)
@@ -285,14 +285,14 @@ def cppo_fwd_kernel(
             w = tl.where(valid, 1.0, 0.0).to(cdt)
         z = w * d
         over_token = z > delta
-        if SOFT:  # S and W separately, as verl_cppo.mask.prefix_gate
+        if SOFT:  # S and W separately, as verl_cppo.core.mask.prefix_gate
             s_excl = carry_z + (tl.cumsum(z, axis=0) - z)
             w_excl = carry_w + (tl.cumsum(w, axis=0) - w)
             allowance = delta + delta_b * w_excl
             rejected = over_token
             if PREFIX_BUDGET:
                 rejected = over_token | (z > allowance - s_excl)
-        else:  # one scan of delta_b w - Z, as verl_cppo.mask.hard_gate
+        else:  # one scan of delta_b w - Z, as verl_cppo.core.mask.hard_gate
             e = delta_b * w - z
             room = tl.minimum(carry_e + (tl.cumsum(e, axis=0) - e), 0.0)
             rejected = over_token
@@ -332,7 +332,7 @@ def cppo_fwd_kernel(
         gate_v += gate
         neg_lr_v -= tl.where(valid, log_ratio, 0.0)
 
-    # the row's sums, in the order of verl_cppo.loss.STAT_NAMES
+    # the row's sums, in the order of verl_cppo.core.token_loss.STAT_NAMES
     nonempty = (n_valid > 0).to(cdt)
     stats_row = stats_ptr + row * N_STATS
     tl.store(stats_row + 0, tl.sum(n_resp_v, axis=0).to(cdt))

@@ -16,15 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from verl_cppo.config import CPPOConfig
+from verl_cppo.core.mask import response_lengths, shuffled_positions
+from verl_cppo.core.token_loss import RHO_MAX, TokenLossParams, check_shapes
 from verl_cppo.kernels import interpreting
 from verl_cppo.kernels.cppo_triton import N_STATS, cppo_fwd_kernel
-from verl_cppo.loss import STAT_NAMES, _check_shapes
-from verl_cppo.mask import response_lengths, shuffled_positions
 
 __all__ = ["fused_cppo_token_losses"]
-
-RHO_MAX = STAT_NAMES.index("rho_max")
 
 
 @functools.lru_cache(maxsize=64)
@@ -37,7 +34,7 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch(old_log_prob, log_prob, advantages, response_mask, cfg: CPPOConfig, rollout_is_weights, block, debug):
+def _launch(old_log_prob, log_prob, advantages, response_mask, cfg: TokenLossParams, rollout_is_weights, block, debug):
     batch, width = log_prob.shape
     dtype = torch.promote_types(log_prob.dtype, torch.float32)
     device = log_prob.device
@@ -127,20 +124,20 @@ def fused_cppo_token_losses(
     log_prob: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    cfg: CPPOConfig,
+    cfg: TokenLossParams,
     rollout_is_weights: torch.Tensor | None = None,
     *,
     block: int | None = None,
     debug: bool = False,
 ):
-    """The fused path of ``verl_cppo.loss.compute_policy_loss_cppo``.
+    """The fused twin of ``verl_cppo.core.token_loss.cppo_token_losses`` + ``torch_stats`` (whole rows).
 
     Inputs as ``cppo_token_losses`` ([B, T] each). Returns (pg_losses [B, T] with grad to log_prob,
     stats [len(STAT_NAMES)] float64 sums for the metrics) and, with debug=True, also (gate weight [B, T],
     flags [B, T] int8: 1 = masked, 2 = masked by the budget, row_stats [B, len(STAT_NAMES)]).
     block: elements per program step (a power of 2; tests use small blocks to cross block borders).
     """
-    _check_shapes(
+    check_shapes(
         log_prob=log_prob,
         old_log_prob=old_log_prob,
         advantages=advantages,

@@ -1,4 +1,4 @@
-"""Fused Triton kernel for the row statistics of the Top-K divergences (``verl_cppo.topk``).
+"""Fused Triton kernel for the row statistics of the Top-K divergences (``verl_cppo.core.topk_divergence``).
 
 One program per logits row. It first loads the logits at the row's J = K+1 global ids that this vocab shard
 holds and takes the shift c = max(those logits, the first tile): pi's largest logit is almost always among
@@ -12,7 +12,7 @@ by at most ~6e-8 * (max - c) < 2e-6 from the rounding of exp's argument.
 The kernel also returns e_j = exp(z_j - c) computed by the very expression summed in the loop, so that
 ``s - sum_j e_j`` (pi's "other" mass, times s) cancels exactly instead of losing fp32 precision.
 Extra memory: O(N * J); the logits are read once, so the kernel is bound by memory bandwidth (N=8192,
-V=151936 bf16 is 2.5 GB: about 0.6 ms at 4.2 TB/s). The torch backend of ``verl_cppo.topk`` computes the
+V=151936 bf16 is 2.5 GB: about 0.6 ms at 4.2 TB/s). The torch backend of ``verl_cppo.core.topk_divergence`` computes the
 same statistics and is the reference in tests. With TRITON_INTERPRET=1 set before triton is imported, the
 kernel runs on CPU tensors in Triton's interpreter (tests only: slow).
 """
@@ -129,7 +129,7 @@ def row_statistics_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(shift [N] fp32, s [N] fp64, z [N, J] fp32, e [N, J] fp32) for logits [N, V] and global ids [N, J].
 
-    See ``verl_cppo.topk.row_statistics`` for the meaning; block_v / num_warps override the tuning.
+    See ``verl_cppo.core.topk_divergence.RowStatistics`` for the meaning; block_v / num_warps override the tuning.
     """
     if not logits.is_cuda and not _interpreted():
         raise ValueError(

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
+from verl_cppo import hooks
+
 __all__ = ["PlatformCPU", "cpu_device_module", "install"]
 
 
@@ -161,27 +163,25 @@ def _register_cpu_engines() -> None:
             EngineRegistry.register(model_type=model_type, backend="fsdp2", device="cpu")(engine)
 
 
-def _install_process_group_hook() -> None:
-    """verl's default backend string "cpu:gloo,<device>:<backend>" is "cpu:gloo,cpu:gloo" here, which torch
-    rejects (duplicate device type); use "cpu:gloo" when the caller passes none (patches/README.md, 2)."""
-    import sys
-
-    import verl.utils.distributed as distributed
-
-    original = distributed.initialize_global_process_group_ray
-    if getattr(original, "__cpu_backend__", False):
-        return
-
+def _wrap_initialize_global_process_group_ray(original):
     @functools.wraps(original)
     def initialize_global_process_group_ray(timeout_second=None, backend=None):
         return original(timeout_second=timeout_second, backend=backend or "cpu:gloo")
 
-    initialize_global_process_group_ray.__cpu_backend__ = True
-    distributed.initialize_global_process_group_ray = initialize_global_process_group_ray
-    for name in ("verl.workers.engine_workers", "verl.checkpoint_engine.base"):
-        module = sys.modules.get(name)  # modules that bound the name before we ran
-        if module is not None and hasattr(module, "initialize_global_process_group_ray"):
-            module.initialize_global_process_group_ray = initialize_global_process_group_ray
+    return initialize_global_process_group_ray
+
+
+def _install_process_group_hook() -> None:
+    """verl's default backend string "cpu:gloo,<device>:<backend>" is "cpu:gloo,cpu:gloo" here, which torch
+    rejects (duplicate device type); use "cpu:gloo" when the caller passes none (patches/README.md, 2)."""
+    hooks.wrap(
+        "verl.utils.distributed",
+        "initialize_global_process_group_ray",
+        _wrap_initialize_global_process_group_ray,
+        name="cpu_process_group_backend",
+        aliases=("verl.workers.engine_workers", "verl.checkpoint_engine.base"),  # modules that bound the name
+        now=True,
+    )
 
 
 def install() -> None:

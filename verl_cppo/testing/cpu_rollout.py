@@ -8,7 +8,7 @@ the external verl-project/vexact backend:
                       sampling_params, request_id)`` -> ``TokenOutput`` with the sampled tokens and their
                       log-probs under the rollout policy (``rollout_log_probs``, what bypass mode anchors on);
                       under VERL_CPPO_TOPK=K also mu's top-K per token in ``extra_fields``, as verl's vLLM and
-                      SGLang servers give them with the plugin's Top-K patch (``verl_cppo.rollout_topk``).
+                      SGLang servers give them with the plugin's Top-K patch (``verl_cppo.topk.rollout``).
                       Also the control surface verl calls: sleep / wake_up, abort / resume, kv-cache calls.
   HFCPUServerAdapter  the ``BaseRollout`` living in each actor worker (hybrid engine): after every step
                       verl hands it the trained weights (``update_weights``), which it forwards to the server.
@@ -37,9 +37,10 @@ from verl.workers.rollout.base import _ROLLOUT_REGISTRY, BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, RolloutReplicaRegistry, TokenOutput
 from verl.workers.rollout.utils import ensure_async_iterator, get_max_position_embeddings
 
-from verl_cppo.rollout_topk import TOPK_IDS, TOPK_LOG_PROBS, rollout_topk
 from verl_cppo.testing import ROLLOUT_NAME
 from verl_cppo.testing.sampling import SampledTokens, sample_batch
+from verl_cppo.topk.rollout import TOPK_IDS, TOPK_LOG_PROBS, rollout_topk
+from verl_cppo.topk.setup import register_topk_rollout
 
 __all__ = ["HFCPUReplica", "HFCPUServer", "HFCPUServerAdapter", "register"]
 
@@ -160,7 +161,7 @@ class HFCPUServer:
         sampled: SampledTokens = await request.future
         want_log_probs = params.pop("logprobs", False)
         extra_fields = {"global_steps": self.weights_version}
-        if want_log_probs and self.topk:  # what the patched vLLM / SGLang servers add (verl_cppo.rollout_topk)
+        if want_log_probs and self.topk:  # what the patched vLLM / SGLang servers add (verl_cppo.topk.rollout)
             extra_fields[TOPK_IDS] = np.asarray(sampled.topk_ids, dtype=np.int32).reshape(-1, self.topk)
             extra_fields[TOPK_LOG_PROBS] = np.asarray(sampled.topk_log_probs, dtype=np.float32).reshape(-1, self.topk)
         return TokenOutput(
@@ -343,6 +344,7 @@ class HFCPUReplica(RolloutReplica):
 
 
 def register() -> None:
-    """Register ``hf_cpu`` in verl's rollout registries (idempotent)."""
+    """Register ``hf_cpu`` in verl's rollout registries and as a rollout that serves mu's top-K (idempotent)."""
     _ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.HFCPUServerAdapter"
     RolloutReplicaRegistry.register(ROLLOUT_NAME, lambda: HFCPUReplica)
+    register_topk_rollout(ROLLOUT_NAME)

@@ -14,7 +14,7 @@ decoding with the log-probs of ``log_softmax(logits)``.
 
 The result is one ``SampledTokens`` record per row with per-token fields. With ``topk=K > 0`` each token also
 gets mu's top-K ids and log-probs (from the same ``log_pi``, best first), what vLLM's ``logprobs=K`` and
-SGLang's ``top_logprobs_num=K`` give the Top-K divergences (``verl_cppo.rollout_topk``).
+SGLang's ``top_logprobs_num=K`` give the Top-K divergences (``verl_cppo.topk.rollout``).
 """
 
 from __future__ import annotations

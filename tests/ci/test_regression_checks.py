@@ -1,0 +1,138 @@
+"""The tiny regression's checks (ci/regression_checks.py) catch what they claim to, on hand-made metrics."""
+
+import argparse
+import math
+import os
+import sys
+
+import pytest
+
+from tests.support import REPO_ROOT
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "ci"))
+from regression_checks import CPPO_METRICS, check, summarize
+
+STEPS = 6
+ARGS = argparse.Namespace(steps=STEPS, seed=0, lr=1.5e-3, adv_estimator="cppo_grpo")
+
+
+def rows(rewards, masked=0.02, **extra):
+    out = []
+    for step, reward in enumerate(rewards, start=1):
+        row = {"step": step, "reward": reward, "masked_frac": masked, "actor/pg_loss": 0.1, "actor/grad_norm": 1.0}
+        row.update({key: 0.5 for key in CPPO_METRICS})
+        row["training/rollout_probs_diff_max"] = 1e-7
+        row.update(extra)
+        out.append(row)
+    return out
+
+
+def good():
+    rising = [0.1, 0.2, 0.4, 0.6, 0.8, 0.9]
+    metrics = {"cppo": rows(rising), "dppo_tv": rows(rising), "vanilla": rows(rising)}
+    runs = {arm: {"exit_code": 0} for arm in metrics}
+    return metrics, runs
+
+
+def golden_of(metrics, tol=0.05):
+    return {
+        "config": {"steps": STEPS, "seed": 0, "lr": 1.5e-3, "adv_estimator": "cppo_grpo"},
+        "arms": {arm: {k: {"value": v, "tol": tol} for k, v in summarize(r).items()} for arm, r in metrics.items()},
+    }
+
+
+def test_summary_by_hand():
+    s = summarize(rows([0.1, 0.2, 0.4, 0.6, 0.8, 0.9], masked=0.25))
+    assert s["reward_first"] == 0.1
+    assert s["reward_mean"] == pytest.approx(3.0 / 6)
+    assert s["reward_last5"] == pytest.approx(2.9 / 5)
+    assert s["masked_mean"] == 0.25
+
+
+def test_a_good_run_passes_sanity_and_its_own_golden():
+    metrics, runs = good()
+    assert check(metrics, runs, ARGS, None) == []
+    assert check(metrics, runs, ARGS, golden_of(metrics)) == []
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (lambda m, r: r["dppo_tv"].update(exit_code=1), "dppo_tv: main_ppo exited 1"),
+        (lambda m, r: m["vanilla"].pop(), "vanilla: main_ppo exited 0 after 5/6"),
+        (lambda m, r: m["cppo"][2].update({"actor/pg_loss": math.nan}), "cppo step 3: missing or non-finite"),
+        (lambda m, r: m["cppo"][4].pop("actor/cppo_delta_b_mean"), "actor/cppo_delta_b_mean"),
+        (lambda m, r: [row.update(reward=0.1 + 0.01 * row["step"]) for row in m["cppo"]], "cppo: reward over"),
+        (lambda m, r: m["vanilla"][1].update({"training/rollout_probs_diff_max": 0.3}), "weights not synced"),
+        (lambda m, r: [row.update(masked_frac=0.0) for row in m["cppo"][:2]], "cppo: masked tokens in 4 of 6 steps"),
+    ],
+    ids=["exit-code", "missing-step", "nan-loss", "missing-cppo-metric", "no-rise", "stale-rollout", "mask-idle"],
+)
+def test_sanity_failures_are_reported(break_it, message):
+    metrics, runs = good()
+    break_it(metrics, runs)
+    failures = check(metrics, runs, ARGS, None)
+    assert any(message in f for f in failures), failures
+
+
+def test_golden_tolerance_and_configuration():
+    metrics, runs = good()
+    golden = golden_of(metrics, tol=0.05)
+    for row in metrics["dppo_tv"]:
+        row["reward"] += 0.04  # inside the tolerance
+    assert check(metrics, runs, ARGS, golden) == []
+    for row in metrics["dppo_tv"]:
+        row["masked_frac"] += 0.06  # outside
+    assert check(metrics, runs, ARGS, golden) == ["dppo_tv: masked_mean = 0.0800, golden 0.0200 +- 0.0500"]
+    golden["arms"]["cppo"]["masked_mean"] = {"value": 0.01, "log_tol": math.log(2.0)}  # band [0.005, 0.02]
+    for masked, inside in [(0.0199, True), (0.0051, True), (0.0201, False), (0.0049, False), (0.0, False)]:
+        for row in metrics["cppo"]:
+            row["masked_frac"] = masked
+        failures = [f for f in check(metrics, runs, ARGS, golden) if f.startswith("cppo: masked_mean")]
+        expected = [] if inside else [f"cppo: masked_mean = {masked:.4f}, golden 0.0100 in [0.0050, 0.0200] (x/ 2.00)"]
+        assert failures == expected, masked
+    metrics, runs = good()
+    other = argparse.Namespace(**{**vars(ARGS), "lr": 3e-3})
+    assert "another configuration" in check(metrics, runs, other, golden)[0]
+    overridden = argparse.Namespace(**{**vars(ARGS), "override": ["actor_rollout_ref.actor.ppo_mini_batch_size=32"]})
+    assert "without overrides" in check(metrics, runs, overridden, golden)[0]
+
+
+def test_not_compared_entries_are_skipped():
+    metrics, runs = good()
+    golden = golden_of(metrics)
+    golden["arms"]["dppo_tv"]["masked_mean"] = {"not_compared": "near 0 on this task", "runs": [0.0001, 0.01]}
+    for row in metrics["dppo_tv"]:
+        row["masked_frac"] = 0.9
+    assert check(metrics, runs, ARGS, golden) == []
+
+
+def test_make_golden_by_hand(tmp_path):
+    """Two runs: rewards get mean +- max(4 sd, pooled, floor); cppo's masked fraction a geometric band."""
+    import json
+    import subprocess
+
+    masked = {"cppo": (0.01, 0.04), "dppo_tv": (0.001, 0.0), "vanilla": (0.03, 0.03)}
+    last = {"cppo": (0.9, 0.7), "dppo_tv": (0.8, 0.8), "vanilla": (0.9, 0.9)}
+    dirs = []
+    for i in range(2):
+        metrics = {arm: rows([0.1, 0.2, 0.3, 0.4, 0.5, last[arm][i]], masked=masked[arm][i]) for arm in masked}
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        (run / "summary.json").write_text(json.dumps({"config": {"steps": STEPS, "seed": 0}}))
+        dirs.append(str(run))
+    out = tmp_path / "golden.json"
+    script = os.path.join(REPO_ROOT, "ci", "make_golden.py")
+    subprocess.run([sys.executable, script, *dirs, "--out", str(out)], check=True, capture_output=True, timeout=60)
+    arms = json.loads(out.read_text())["arms"]
+    # reward_last5 (mean of the last 5 of 6 steps): cppo 0.46 / 0.42 -> mean 0.44, sd 0.04 / sqrt(2); others sd 0
+    sd = 0.04 / math.sqrt(2)
+    assert arms["cppo"]["reward_last5"]["value"] == pytest.approx(0.44, abs=1e-4)
+    assert arms["cppo"]["reward_last5"]["tol"] == pytest.approx(4 * sd, abs=1e-4)
+    assert arms["vanilla"]["reward_last5"]["tol"] == pytest.approx(max(4 * sd / math.sqrt(3), 0.05), abs=1e-4)
+    # masked: geometric mean of 0.01 and 0.04 is 0.02; sd of ln = ln(4) / sqrt(2); vanilla at the ln 2 floor
+    assert arms["cppo"]["masked_mean"]["value"] == pytest.approx(0.02, abs=1e-4)
+    assert arms["cppo"]["masked_mean"]["log_tol"] == pytest.approx(4 * math.log(4) / math.sqrt(2), abs=1e-4)
+    assert arms["vanilla"]["masked_mean"]["log_tol"] == pytest.approx(math.log(2), abs=1e-4)
+    assert "not_compared" in arms["dppo_tv"]["masked_mean"]  # a run at exactly 0 is fine there

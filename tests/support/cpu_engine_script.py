@@ -1,0 +1,169 @@
+"""Run by tests/e2e/test_cpu_engine.py in a fresh process with the CPU test backend switched on.
+
+The switch registered the platform and the rollout in verl's registries (the script reports them); verl's
+``TrainingWorker`` (the worker behind ``compute_log_prob`` / ``update_actor``) builds the FSDP2 engine on the
+CPU platform around the tiny model; the script then
+  1. computes log-probs with ``infer_batch`` and compares them with a plain HF forward;
+  2. trains 3 mini-batches with ``loss_mode=cppo`` through verl's ``ppo_loss`` (``train_mini_batch``);
+  3. exports the trained weights with the engine's ``get_per_tensor_param`` (what verl hands the rollout in
+     ``update_weights``), loads them into the hf_cpu server and checks the server's sampled log-probs against
+     the engine's own log-probs of those tokens.
+It prints one JSON line with the measurements.   python tests/support/cpu_engine_script.py MODEL_DIR
+"""
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from functools import partial
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+os.environ["MASTER_PORT"] = str(free_port())
+
+import verl  # noqa: E402, F401  (imports verl_cppo.testing.register: VERL_USE_EXTERNAL_MODULES)
+from verl import DataProto  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.utils.device import get_device_name  # noqa: E402
+from verl.workers.config import (  # noqa: E402
+    FSDPActorConfig,
+    FSDPEngineConfig,
+    FSDPOptimizerConfig,
+    HFModelConfig,
+    RolloutConfig,
+    TrainingWorkerConfig,
+)
+from verl.workers.engine_workers import TrainingWorker  # noqa: E402
+from verl.workers.rollout.replica import RolloutMode  # noqa: E402
+from verl.workers.utils.losses import ppo_loss  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
+
+from verl_cppo.config import CPPOConfig, CPPOPolicyLossConfig  # noqa: E402
+from verl_cppo.testing import tiny_task as T  # noqa: E402
+from verl_cppo.testing.cpu_rollout import HFCPUServer  # noqa: E402
+
+MODEL_DIR = sys.argv[1]
+B, P, R = 8, 9, 6  # responses, prompt length, response length
+
+
+def batch(prompt_ids: torch.Tensor, responses: torch.Tensor, old: torch.Tensor, adv: torch.Tensor):
+    """A left/right padded verl batch (no padding needed here) in the engine's no-padding TensorDict form."""
+    input_ids = torch.cat([prompt_ids, responses], dim=1)  # [B, P + R]
+    data = DataProto.from_dict(
+        {
+            "prompts": prompt_ids,
+            "responses": responses,
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "position_ids": torch.arange(P + R).expand(B, -1).clone(),
+            "response_mask": torch.ones_like(responses),
+            "old_log_probs": old,
+            "advantages": adv,
+        }
+    ).to_tensordict()
+    data = left_right_2_no_padding(data)
+    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, global_token_num=[P + R] * B)
+    return data
+
+
+def main() -> None:
+    from verl.plugin.platform import PlatformRegistry
+    from verl.workers.rollout.base import get_rollout_class
+    from verl.workers.rollout.replica import get_rollout_replica_class
+
+    out = {"device": get_device_name(), "platforms": list(PlatformRegistry.registered_names())}
+    out["rollout"] = [get_rollout_class("hf_cpu").__name__, get_rollout_replica_class("hf_cpu").__name__]
+    model_config = HFModelConfig(
+        path=MODEL_DIR, use_remove_padding=False, enable_gradient_checkpointing=False,
+        override_config={"attn_implementation": "sdpa"},
+    )  # fmt: skip
+    engine_config = FSDPEngineConfig(
+        strategy="fsdp2", model_dtype="fp32", use_torch_compile=False,
+        mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
+        micro_batch_size_per_gpu=4, infer_micro_batch_size_per_gpu=8, max_token_len_per_gpu=1024,
+        infer_max_token_len_per_gpu=1024,
+    )  # fmt: skip
+    optim_config = FSDPOptimizerConfig(lr=3e-3, total_training_steps=10, weight_decay=0.0)
+    actor_config = FSDPActorConfig(
+        strategy="fsdp2", rollout_n=1, ppo_mini_batch_size=B, ppo_micro_batch_size_per_gpu=4,
+        use_torch_compile=False, fsdp_config=engine_config, optim=optim_config,
+        loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=R,
+        policy_loss=CPPOPolicyLossConfig(loss_mode="cppo", cppo=CPPOConfig()),
+    )  # fmt: skip
+    worker = TrainingWorker(
+        TrainingWorkerConfig(
+            model_type="language_model", model_config=model_config, engine_config=engine_config,
+            optimizer_config=optim_config, checkpoint_config=actor_config.checkpoint,
+        )
+    )  # fmt: skip
+    worker.reset()
+    worker.set_loss_fn(partial(ppo_loss, config=actor_config))
+    out["engine"] = type(worker.engine).__name__
+
+    gen = torch.Generator().manual_seed(0)
+    tok = T.build_tokenizer()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "b"}], add_generation_prompt=True, tokenize=True)
+    prompt_ids = torch.tensor(prompt["input_ids"] if hasattr(prompt, "keys") else prompt).expand(B, -1).clone()
+    responses = torch.randint(5, len(T.VOCAB), (B, R), generator=gen)  # [B, R]
+
+    # 1. log-probs: engine vs plain HF forward
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(MODEL_DIR, attn_implementation="sdpa").eval()
+
+    def hf_log_probs(model) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(torch.cat([prompt_ids, responses], 1)).logits[:, P - 1 : -1].float()  # [B, R, V]
+        return torch.log_softmax(logits, -1).gather(-1, responses[..., None]).squeeze(-1)  # [B, R]
+
+    def engine_log_probs() -> torch.Tensor:
+        data = batch(prompt_ids, responses, torch.zeros(B, R), torch.zeros(B, R))
+        tu.assign_non_tensor(data, compute_loss=False)
+        result = worker.infer_batch(data)
+        return no_padding_2_padding(result["log_probs"], data)  # [B, R]
+
+    before = engine_log_probs()
+    out["infer_vs_hf_max_abs"] = float((before - hf_log_probs(reference)).abs().max())
+
+    # 2. three CPPO mini-batches through ppo_loss, anchored on the log-probs above (mu)
+    adv = torch.tensor([1.0, -1.0] * (B // 2))[:, None].expand(B, R).contiguous()  # [B, R]
+    losses, masked = [], []
+    for _ in range(3):
+        data = batch(prompt_ids, responses, before, adv)
+        tu.assign_non_tensor(data, mini_batch_size=B, epochs=1, seed=0, global_batch_size=B)
+        metrics = tu.get(worker.train_mini_batch(data), "metrics")
+        losses.append(float(torch.tensor(metrics["loss"]).mean()))
+        masked.append(float(torch.tensor(metrics["actor/cppo_masked_frac"]).mean()))
+    after = engine_log_probs()
+    out.update(losses=losses, masked=masked, cppo_metrics=sorted(k for k in metrics if k.startswith("actor/cppo_")))
+    out["moved_toward_advantage"] = float(((after - before) * adv).sum())
+
+    # 3. weight export -> hf_cpu server -> the server's log-probs equal the engine's
+    params, _ = worker.engine.get_per_tensor_param()
+    named = [(name, t.detach().to("cpu", copy=True)) for name, t in params]
+    server = HFCPUServer(
+        RolloutConfig(name="hf_cpu", dtype="float32", prompt_length=16, response_length=R),
+        model_config, RolloutMode.HYBRID, replica_rank=0, node_rank=0,
+    )  # fmt: skip
+    out["exported"] = sorted(name for name, _ in named)
+    out["loaded"] = asyncio.run(server.update_weights(named, global_steps=1))
+    sampled = asyncio.run(
+        server.generate(prompt_ids[0].tolist(), {"temperature": 1.0, "max_tokens": R, "logprobs": True}, "r")
+    )
+    n = len(sampled.token_ids)
+    responses[0, :n] = torch.tensor(sampled.token_ids)
+    out["server_vs_engine_max_abs"] = float((torch.tensor(sampled.log_probs) - engine_log_probs()[0, :n]).abs().max())
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Driver-side refusal of configurations in which CPPO would not measure against the rollout policy."""
+
+import logging
+
+import pytest
+import torch
+import verl.utils.config
+
+from tests.support.verl_hydra import CPPO_TARGET, ENGINES, compose_trainer
+from verl_cppo import hooks
+from verl_cppo.driver import STRICT_ANCHOR_ENV, check_cppo_config, install
+
+CPPO = "actor_rollout_ref.actor.policy_loss.loss_mode=cppo"
+BYPASS = "algorithm.rollout_correction.bypass_mode=true"
+
+
+def _check(engine, *overrides):
+    return check_cppo_config(compose_trainer(engine, list(overrides)))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bypass_mode_on_the_v1_trainer_is_clean(engine):
+    assert _check(engine, CPPO, BYPASS) == ([], [])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_recomputed_anchor_warns_and_strict_mode_refuses(engine, monkeypatch):
+    errors, warnings = _check(engine, CPPO)
+    assert errors == [] and len(warnings) == 1
+    assert "bypass_mode=False makes old_log_prob the actor's recomputed pi_old" in warnings[0]
+    monkeypatch.setenv(STRICT_ANCHOR_ENV, "1")
+    errors, warnings = _check(engine, CPPO)
+    assert warnings == [] and "set algorithm.rollout_correction.bypass_mode=True" in errors[0]
+
+
+def test_use_rollout_log_probs_is_called_out_as_ineffective():
+    _, warnings = _check("dp", CPPO, "+actor_rollout_ref.actor.use_rollout_log_probs=true")
+    assert "use_rollout_log_probs=True has no effect in verl 0.9.1" in warnings[0]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_legacy_trainer_with_bypass_is_an_error(engine):
+    errors, _ = _check(engine, CPPO, BYPASS, "trainer.use_v1=false")
+    assert len(errors) == 1 and "rewrites policy_loss.loss_mode to 'bypass_mode'" in errors[0]
+
+
+def test_the_legacy_rewrite_is_real():
+    """verl's own apply_bypass_mode (called by the v0 RayPPOTrainer) replaces loss_mode=cppo."""
+    from verl import DataProto
+    from verl.trainer.ppo.rollout_corr_helper import apply_bypass_mode
+
+    cfg = compose_trainer("dp", [CPPO, BYPASS])
+    batch = DataProto.from_dict({"rollout_log_probs": torch.zeros(2, 3), "old_log_probs": torch.ones(2, 3)})
+    apply_bypass_mode(batch, cfg.algorithm.rollout_correction, cfg.actor_rollout_ref.actor.policy_loss)
+    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "bypass_mode"
+
+
+def test_bypass_without_rollout_log_probs_is_an_error():
+    errors, _ = _check("dp", CPPO, BYPASS, "actor_rollout_ref.rollout.calculate_log_probs=false")
+    assert "calculate_log_probs=False" in errors[0]
+
+
+def test_shard_local_engines_with_context_parallel_are_refused():
+    errors, _ = _check("torchtitan", CPPO, BYPASS, "actor_rollout_ref.actor.torchtitan.context_parallel_size=2")
+    assert "'torchtitan' with context parallel size 2" in errors[0]
+    assert _check("torchtitan", CPPO, BYPASS) == ([], [])
+
+
+def test_cppo_node_without_the_target_is_an_error():
+    errors, _ = _check("dp", CPPO, BYPASS, "+actor_rollout_ref.actor.policy_loss.cppo.delta=0.2")
+    assert f"add {CPPO_TARGET}" in errors[0]
+
+
+def test_other_loss_modes_are_not_checked():
+    assert _check("dp", "actor_rollout_ref.actor.policy_loss.loss_mode=dppo_tv") == ([], [])
+
+
+def test_verl_validate_config_runs_the_check_first(caplog):
+    """main_ppo binds the wrapped validate_config because the plugin loads during `import verl`."""
+    import verl.trainer.main_ppo as main_ppo
+
+    assert main_ppo.validate_config is verl.utils.config.validate_config
+    assert hooks.hook_name(main_ppo.validate_config) == "driver_check"
+    install()  # idempotent
+    assert main_ppo.validate_config.__wrapped__.__module__ == "verl.utils.config"
+    with pytest.raises(ValueError, match="verl-cppo configuration error"):
+        main_ppo.validate_config(
+            compose_trainer("dp", [CPPO, BYPASS, "trainer.use_v1=false"]),
+            use_reference_policy=False,
+            use_critic=False,
+        )
+    with caplog.at_level(logging.WARNING, logger="verl_cppo.driver"):
+        main_ppo.validate_config(compose_trainer("megatron", [CPPO]), use_reference_policy=False, use_critic=False)
+    assert "verl-cppo WARNING" in caplog.text and "!!!!" in caplog.text

@@ -1,0 +1,291 @@
+"""Rollout side of the Top-K divergences: mu's top-K token ids and log-probs for every generated token.
+
+Data flow (each step names the verl 0.9.1 function that ``patches/topk_*.diff`` extends, see patches/README.md):
+
+    vLLM / SGLang server  generate(): asks the engine for K top log-probs (vLLM ``SamplingParams.logprobs=K``,
+        SGLang ``top_logprobs_num=K``) and adds ``[n, K]`` numpy arrays to ``TokenOutput.extra_fields``
+        (``vllm_topk`` / ``sglang_topk``)
+    agent-loop worker    ``LLMServerClient.generate``: pops the arrays from every server answer and records them
+        with the turn's token ids (``record_generation``) in a per-trajectory ``generation_recorder``, opened by
+        ``AgentLoopWorker._run_agent_loop``; the async trainers' resume loop calls it once per partial answer
+    TransferQueue put    ``AgentLoopWorkerTQ._agent_loop_postprocess``: ``response_topk_fields`` lines the
+        recorded turns up with the response (runs of response_mask = 1 are generated tokens; tool / context
+        tokens and trimmed turn ends get no entry) and stores ``rollout_topk_ids`` int32 ``[T, K]`` (-1 = no
+        entry) and ``rollout_topk_log_probs`` float32 ``[T, K]`` next to ``rollout_log_probs``
+    batch padding        ``construct_minimal_padding_template``: synthetic no-op samples get ``[1, K]`` empty rows
+
+K reaches every process of the job through the environment variable VERL_CPPO_TOPK, set by the driver from
+``actor_rollout_ref.actor.policy_loss.cppo.topk`` (``verl_cppo.topk.setup``). Nothing here imports vLLM or SGLang:
+the server functions read the objects those engines hand to verl.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ENV_TOPK",
+    "TOPK_IDS",
+    "TOPK_LOG_PROBS",
+    "Generation",
+    "add_sglang_topk",
+    "add_vllm_topk",
+    "align_response_topk",
+    "generation_recorder",
+    "pad_topk_fields",
+    "record_generation",
+    "response_topk_fields",
+    "rollout_topk",
+    "sglang_topk",
+    "vllm_topk",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_TOPK = "VERL_CPPO_TOPK"
+"""K of the Top-K divergence, set for every Ray process by the driver; unset = Top-K plumbing off."""
+
+TOPK_IDS = "rollout_topk_ids"
+"""Batch field: int32 [T, K] per response, mu's top-K token ids of each response token (-1 = no entry)."""
+
+TOPK_LOG_PROBS = "rollout_topk_log_probs"
+"""Batch field: float32 [T, K] per response, mu's log-probs of those ids (0 where the id is -1)."""
+
+
+def rollout_topk() -> int:
+    """K from VERL_CPPO_TOPK, or 0 when the Top-K plumbing is off."""
+    raw = os.environ.get(ENV_TOPK, "")
+    if not raw:
+        return 0
+    try:
+        k = int(raw)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ValueError(f"{ENV_TOPK} must be an int >= 1 (mu's top-K per token), got {raw!r}")
+    return k
+
+
+def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((n, k), -1, dtype=np.int32), np.zeros((n, k), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Servers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def vllm_topk(position_logprobs: Sequence[dict | None], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """mu's top-K from vLLM's sample logprobs (``CompletionOutput.logprobs`` of a ``logprobs=k`` request).
+
+    vLLM (0.24, ``vllm.logprobs.append_logprobs_for_next_position``) builds each position's dict
+    ``{token_id: Logprob(logprob, rank)}`` from [sampled, top_1 .. top_k] in that order: k + 1 entries when the
+    sampled token is not in the top-k (the first entry, whose rank may even tie with the k-th), k entries when it
+    is (the dict keeps its first position, with the top-k rank). The top-k are thus the entries after the first
+    when there are k + 1, all of them otherwise, ordered by rank. Returns ids int32 [n, k], log-probs float32.
+    """
+    n = len(position_logprobs)
+    ids, lps = _empty(n, k)
+    for i, entry in enumerate(position_logprobs):
+        if not entry:
+            raise ValueError(f"vLLM returned no logprobs for generated position {i}; requested logprobs={k}")
+        items = list(entry.items())
+        if len(items) == k + 1:
+            items = items[1:]
+        elif len(items) != k:
+            raise ValueError(
+                f"vLLM returned {len(items)} logprobs at generated position {i}; a logprobs={k} request gives "
+                f"{k} (sampled token in the top-{k}) or {k + 1}"
+            )
+        items.sort(key=lambda item: item[1].rank)
+        ids[i] = [token for token, _ in items]
+        lps[i] = [logprob.logprob for _, logprob in items]
+    return ids, lps
+
+
+def add_vllm_topk(extra_fields: dict, position_logprobs: Sequence[dict | None], k: int) -> None:
+    """Put mu's top-k of a vLLM answer into ``TokenOutput.extra_fields`` (no-op when k is 0)."""
+    if k > 0:
+        extra_fields[TOPK_IDS], extra_fields[TOPK_LOG_PROBS] = vllm_topk(position_logprobs, k)
+
+
+def sglang_topk(meta_info: dict, num_tokens: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """mu's top-K from SGLang's ``meta_info["output_top_logprobs"]`` of a ``top_logprobs_num=k`` request.
+
+    SGLang (0.5.12, ``TokenizerManager.detokenize_top_logprobs_tokens``) gives one list per generated token of
+    ``(logprob, token_id, text_or_None)`` tuples ranked best-first. ``num_tokens`` is the number of token ids
+    verl kept (0 when it dropped a mismatched answer). Returns ids int32 [n, k], log-probs float32 [n, k].
+    """
+    if num_tokens == 0:
+        return _empty(0, k)
+    top = meta_info.get("output_top_logprobs") or []
+    if len(top) != num_tokens:
+        raise ValueError(
+            f"SGLang returned output_top_logprobs for {len(top)} tokens but {num_tokens} output ids; "
+            f"requested top_logprobs_num={k}"
+        )
+    ids, lps = _empty(num_tokens, k)
+    for i, entries in enumerate(top):
+        if not entries or len(entries) != k:
+            raise ValueError(f"SGLang returned {len(entries or [])} top logprobs at generated position {i}, not {k}")
+        ids[i] = [int(token) for _, token, _ in entries]
+        lps[i] = [float(logprob) for logprob, _, _ in entries]
+    return ids, lps
+
+
+def add_sglang_topk(extra_fields: dict, meta_info: dict, num_tokens: int, k: int) -> None:
+    """Put mu's top-k of an SGLang answer into ``TokenOutput.extra_fields`` (no-op when k is 0)."""
+    if k > 0:
+        extra_fields[TOPK_IDS], extra_fields[TOPK_LOG_PROBS] = sglang_topk(meta_info, num_tokens, k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Agent loop: record every server answer of a trajectory, then line the turns up with the response
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    """One server answer: the prompt length it continued and the tokens it generated with their top-K."""
+
+    prompt_len: int
+    token_ids: list[int]
+    topk_ids: np.ndarray  # [n, K] int32
+    topk_log_probs: np.ndarray  # [n, K] float32
+
+
+_RECORDER: ContextVar[list[Generation] | None] = ContextVar("verl_cppo_rollout_topk", default=None)
+_warned_unrecorded = False
+
+
+@contextmanager
+def generation_recorder() -> Iterator[list[Generation]]:
+    """Scope of one trajectory (one ``_run_agent_loop`` task): collects its server answers in order."""
+    token = _RECORDER.set([])
+    try:
+        yield _RECORDER.get()
+    finally:
+        _RECORDER.reset(token)
+
+
+def record_generation(prompt_ids: Sequence[int], output: Any) -> None:
+    """Move the top-K arrays of a ``TokenOutput`` into the current trajectory's recorder.
+
+    They are always taken out of ``extra_fields``, which verl would otherwise carry as non-tensor data.
+    """
+    global _warned_unrecorded
+    ids = output.extra_fields.pop(TOPK_IDS, None)
+    lps = output.extra_fields.pop(TOPK_LOG_PROBS, None)
+    if ids is None:
+        return
+    recorder = _RECORDER.get()
+    if recorder is None:
+        if not _warned_unrecorded:
+            _warned_unrecorded = True
+            logger.warning("verl-cppo: rollout top-K answered outside an agent-loop trajectory; dropped")
+        return
+    tokens = list(output.token_ids)
+    if len(ids) != len(tokens) or len(lps) != len(tokens):
+        raise ValueError(f"rollout top-K has {len(ids)} rows for {len(tokens)} generated tokens")
+    recorder.append(Generation(len(prompt_ids), tokens, np.asarray(ids), np.asarray(lps)))
+
+
+def _turns(generations: Sequence[Generation]) -> list[Generation]:
+    """Join answers that continue the previous one exactly (the async trainers' abort-and-resume)."""
+    turns: list[Generation] = []
+    for gen in generations:
+        prev = turns[-1] if turns else None
+        if prev is not None and gen.prompt_len == prev.prompt_len + len(prev.token_ids):
+            turns[-1] = Generation(
+                prev.prompt_len,
+                prev.token_ids + gen.token_ids,
+                np.concatenate([prev.topk_ids, gen.topk_ids]),
+                np.concatenate([prev.topk_log_probs, gen.topk_log_probs]),
+            )
+        else:
+            turns.append(gen)
+    return turns
+
+
+def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of nonzero entries."""
+    runs, start = [], None
+    for i, m in enumerate(mask):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    if start is not None:
+        runs.append((start, len(mask)))
+    return runs
+
+
+def align_response_topk(
+    response_ids: Sequence[int], response_mask: Sequence[int], generations: Sequence[Generation], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Line recorded answers up with a response: ids int32 [T, k] (-1 = no entry), log-probs float32 [T, k].
+
+    Generated tokens are the runs of response_mask = 1. Each run continues the turn that matched last or starts
+    at a later turn whose tokens begin with the run's tokens (a turn may lose its tail to the response length or
+    to a chat-template merge, and a run may span two turns that nothing separates). Token ids are compared, so
+    a misalignment raises instead of attaching another token's distribution.
+    """
+    response_ids = [int(t) for t in response_ids]
+    ids, lps = _empty(len(response_ids), k)
+    turns = _turns(generations)
+    nxt = 0
+    for start, end in _runs(response_mask):
+        pos = start
+        while pos < end:
+            for j in range(nxt, len(turns)):
+                m = min(len(turns[j].token_ids), end - pos)
+                if m > 0 and turns[j].token_ids[:m] == response_ids[pos : pos + m]:
+                    break
+            else:
+                raise ValueError(
+                    f"rollout top-K: generated tokens at response positions [{pos}, {end}) match no recorded "
+                    f"server answer (turns {nxt}..{len(turns) - 1} of {len(turns)}); was the response edited "
+                    "after generation?"
+                )
+            if turns[j].topk_ids.shape[-1] != k:
+                raise ValueError(f"rollout top-K: server returned K={turns[j].topk_ids.shape[-1]}, expected {k}")
+            ids[pos : pos + m] = turns[j].topk_ids[:m]
+            lps[pos : pos + m] = turns[j].topk_log_probs[:m]
+            pos += m
+            nxt = j + 1
+    return ids, lps
+
+
+def response_topk_fields(output: Any, k: int | None = None) -> dict[str, torch.Tensor]:
+    """Batch fields ``rollout_topk_ids`` / ``rollout_topk_log_probs`` of one ``AgentLoopOutput`` ({} when off)."""
+    k = rollout_topk() if k is None else k
+    if k == 0:
+        return {}
+    recorder = _RECORDER.get()
+    generated = any(output.response_mask)
+    if generated and not recorder:
+        raise RuntimeError(
+            f"{ENV_TOPK}={k} but no rollout top-K was recorded for this trajectory: the rollout server did not "
+            "return it (is verl-cppo installed, and its Top-K patches applied, in the rollout server processes?)"
+        )
+    ids, lps = align_response_topk(output.response_ids, output.response_mask, recorder or [], k)
+    return {TOPK_IDS: torch.from_numpy(ids), TOPK_LOG_PROBS: torch.from_numpy(lps)}
+
+
+def pad_topk_fields(sample: dict, response_length: int) -> None:
+    """Give a synthetic padding sample empty top-K rows of its own response length (in place)."""
+    if TOPK_IDS not in sample:
+        return
+    k = sample[TOPK_IDS].shape[-1]
+    sample[TOPK_IDS] = torch.full((response_length, k), -1, dtype=torch.int32)
+    sample[TOPK_LOG_PROBS] = torch.zeros((response_length, k), dtype=torch.float32)

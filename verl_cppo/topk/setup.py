@@ -1,0 +1,94 @@
+"""Turning the Top-K divergences on: one config key in the driver, the same K in every Ray process.
+
+The user selects ``actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv`` (or ``topk_kl``) and may set
+``cppo.topk`` (K, default 20). Everything else follows from that node:
+
+1. driver (``verl.utils.config.validate_config``, wrapped by ``verl_cppo.driver``): the driver's
+   ``check_topk_config`` refuses configurations the Top-K path cannot serve, then ``propagate_topk`` exports
+   VERL_CPPO_TOPK=K to the driver's environment and to ``ray_kwargs.ray_init.runtime_env.env_vars``, the Ray
+   job's runtime environment that verl's ``run_ppo`` passes to ``ray.init``, so every process of the job
+   (TaskRunner, agent-loop workers, rollout servers, actor workers) starts with it;
+2. each process (``verl_cppo.plugin``, during ``import verl``): ``install_topk_runtime`` applies the Top-K diffs
+   of ``verl_cppo/hooks/patches`` to the verl modules when they are imported, only when VERL_CPPO_TOPK is set.
+
+The rollouts that serve mu's top-K are ``TOPK_ROLLOUTS`` (verl's vllm and sglang servers with the diffs);
+a test backend that serves it too adds its name with ``register_topk_rollout``.
+
+Nothing is patched, and nothing changes in verl, unless a Top-K divergence is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from verl_cppo import hooks
+from verl_cppo.config import config_value
+from verl_cppo.core.divergence import TOPK_DIVERGENCES
+from verl_cppo.topk.rollout import ENV_TOPK, rollout_topk
+
+__all__ = [
+    "ENV_TOPK",
+    "TOPK_DIFFS",
+    "TOPK_ROLLOUTS",
+    "configured_topk",
+    "install_topk_runtime",
+    "propagate_topk",
+    "register_topk_rollout",
+]
+
+logger = logging.getLogger(__name__)
+
+TOPK_DIFFS = ["topk_rollout_servers.diff", "topk_agent_loop.diff", "topk_actor_update.diff"]
+"""Diffs against verl 0.9.1 applied at import time when VERL_CPPO_TOPK is set (patches/README.md)."""
+
+VLLM_DEFAULT_MAX_LOGPROBS = 20
+"""vLLM's ModelConfig.max_logprobs default: a request for more top log-probs is rejected."""
+
+TOPK_ROLLOUTS = {"vllm", "sglang"}
+"""``actor_rollout_ref.rollout.name`` values whose servers return mu's top-K (with the Top-K diffs)."""
+
+
+def register_topk_rollout(name: str) -> None:
+    """Declare that the rollout backend ``name`` serves mu's top-K as verl's patched servers do."""
+    TOPK_ROLLOUTS.add(name)
+
+
+def configured_topk(config: Any) -> int:
+    """K when the composed trainer config selects a Top-K divergence of the cppo loss, else 0."""
+    policy_loss = config_value(config, "actor_rollout_ref.actor.policy_loss", {}) or {}
+    if policy_loss.get("loss_mode") != "cppo":
+        return 0
+    cppo = policy_loss.get("cppo", None) or {}
+    if cppo.get("divergence", "binary_tv") not in TOPK_DIVERGENCES:
+        return 0
+    k = cppo.get("topk", 20)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"cppo.topk must be an int >= 1, got {k!r}")
+    return k
+
+
+def propagate_topk(config: Any) -> int:
+    """Export VERL_CPPO_TOPK=K to this process and to the Ray job's runtime env (no-op without Top-K)."""
+    k = configured_topk(config)
+    if k == 0:
+        return 0
+    from omegaconf import OmegaConf
+
+    os.environ[ENV_TOPK] = str(k)
+    keys = ["ray_kwargs", "ray_init", "runtime_env", "env_vars"]
+    for depth in range(1, len(keys) + 1):  # a null node on the way (e.g. runtime_env: null) becomes {}
+        node = ".".join(keys[:depth])
+        if OmegaConf.select(config, node) is None:
+            OmegaConf.update(config, node, {}, force_add=True)
+    OmegaConf.update(config, f"{node}.{ENV_TOPK}", str(k), force_add=True)
+    logger.info("verl-cppo: Top-K divergence with K=%d; %s=%d exported to the Ray job's runtime env", k, ENV_TOPK, k)
+    return k
+
+
+def install_topk_runtime() -> list[str]:
+    """In a process with VERL_CPPO_TOPK set, patch the Top-K modules on import; returns their names."""
+    if not rollout_topk():
+        return []
+    return hooks.apply_diffs(TOPK_DIFFS)
