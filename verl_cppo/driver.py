@@ -43,7 +43,8 @@ from typing import Any
 
 from verl_cppo import hooks
 from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET, config_value
-from verl_cppo.topk.setup import ENV_TOPK, TOPK_ROLLOUTS, VLLM_DEFAULT_MAX_LOGPROBS, configured_topk, propagate_topk
+from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS
+from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, configured_topk, propagate_topk
 
 __all__ = [
     "STRICT_ANCHOR_ENV",

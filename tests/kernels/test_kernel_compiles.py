@@ -67,7 +67,14 @@ def test_kernel_compiles_to_an_sm90_cubin():
     """Both ends of the constexpr space (the default config; binary KL, soft gate, IS weights, shuffled
     positions and the debug outputs), in one fresh process."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "0"}
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.test_kernel_compiles"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(results) == sorted(VARIANTS)

@@ -62,7 +62,7 @@ def test_cpu_test_rollout_serves_topk_only_once_registered():
     """hf_cpu serves mu's top-K once ``cpu_rollout.register`` ran, which only ``verl_cppo.testing.register``
     calls, and only with VERL_CPPO_CPU_TESTING=1 (tests/e2e/test_cpu_engine.py checks that switch)."""
     from verl_cppo.testing import cpu_rollout
-    from verl_cppo.topk.setup import TOPK_ROLLOUTS
+    from verl_cppo.topk.rollout import TOPK_ROLLOUTS
 
     cfg = _config("dp", "+actor_rollout_ref.actor.policy_loss.cppo.topk=4", rollout="hf_cpu")
     was_registered = "hf_cpu" in TOPK_ROLLOUTS

@@ -39,8 +39,7 @@ from verl.workers.rollout.utils import ensure_async_iterator, get_max_position_e
 
 from verl_cppo.testing import ROLLOUT_NAME
 from verl_cppo.testing.sampling import SampledTokens, sample_batch
-from verl_cppo.topk.rollout import TOPK_IDS, TOPK_LOG_PROBS, rollout_topk
-from verl_cppo.topk.setup import register_topk_rollout
+from verl_cppo.topk.rollout import TOPK_IDS, TOPK_LOG_PROBS, register_topk_rollout, rollout_topk
 
 __all__ = ["HFCPUReplica", "HFCPUServer", "HFCPUServerAdapter", "register"]
 

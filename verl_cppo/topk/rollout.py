@@ -36,6 +36,7 @@ __all__ = [
     "ENV_TOPK",
     "TOPK_IDS",
     "TOPK_LOG_PROBS",
+    "TOPK_ROLLOUTS",
     "Generation",
     "add_sglang_topk",
     "add_vllm_topk",
@@ -43,6 +44,7 @@ __all__ = [
     "generation_recorder",
     "pad_topk_fields",
     "record_generation",
+    "register_topk_rollout",
     "response_topk_fields",
     "rollout_topk",
     "sglang_topk",
@@ -59,6 +61,15 @@ TOPK_IDS = "rollout_topk_ids"
 
 TOPK_LOG_PROBS = "rollout_topk_log_probs"
 """Batch field: float32 [T, K] per response, mu's log-probs of those ids (0 where the id is -1)."""
+
+
+TOPK_ROLLOUTS = {"vllm", "sglang"}
+"""``actor_rollout_ref.rollout.name`` values whose servers return mu's top-K (with the Top-K diffs)."""
+
+
+def register_topk_rollout(name: str) -> None:
+    """Declare that the rollout backend ``name`` serves mu's top-K as verl's patched servers do."""
+    TOPK_ROLLOUTS.add(name)
 
 
 def rollout_topk() -> int:

@@ -11,8 +11,8 @@ The user selects ``actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv``
 2. each process (``verl_cppo.plugin``, during ``import verl``): ``install_topk_runtime`` applies the Top-K diffs
    of ``verl_cppo/hooks/patches`` to the verl modules when they are imported, only when VERL_CPPO_TOPK is set.
 
-The rollouts that serve mu's top-K are ``TOPK_ROLLOUTS`` (verl's vllm and sglang servers with the diffs);
-a test backend that serves it too adds its name with ``register_topk_rollout``.
+The rollouts that serve mu's top-K are ``verl_cppo.topk.rollout.TOPK_ROLLOUTS`` (verl's vllm and sglang
+servers with the diffs); a test backend that serves it too adds its name with ``register_topk_rollout``.
 
 Nothing is patched, and nothing changes in verl, unless a Top-K divergence is configured.
 """
@@ -26,7 +26,7 @@ from typing import Any
 from verl_cppo import hooks
 from verl_cppo.config import config_value
 from verl_cppo.core.divergence import TOPK_DIVERGENCES
-from verl_cppo.topk.rollout import ENV_TOPK, rollout_topk
+from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS, register_topk_rollout, rollout_topk
 
 __all__ = [
     "ENV_TOPK",
@@ -45,14 +45,6 @@ TOPK_DIFFS = ["topk_rollout_servers.diff", "topk_agent_loop.diff", "topk_actor_u
 
 VLLM_DEFAULT_MAX_LOGPROBS = 20
 """vLLM's ModelConfig.max_logprobs default: a request for more top log-probs is rejected."""
-
-TOPK_ROLLOUTS = {"vllm", "sglang"}
-"""``actor_rollout_ref.rollout.name`` values whose servers return mu's top-K (with the Top-K diffs)."""
-
-
-def register_topk_rollout(name: str) -> None:
-    """Declare that the rollout backend ``name`` serves mu's top-K as verl's patched servers do."""
-    TOPK_ROLLOUTS.add(name)
 
 
 def configured_topk(config: Any) -> int:
