@@ -123,7 +123,7 @@ def _rank_body(rank, world, rows, entropy):
             config=cfg,
             shard=ctx,
         )
-        if entropy:  # the entropy bonus's share, reduced in one more message (megatron_cp.shard_local_ppo_loss)
+        if entropy:  # the entropy bonus, one more message (as sharding.megatron.shard_local_ppo_loss does)
             ctx.whole_losses([ctx.aggregate(local, mask, cfg.loss_agg_mode, {})])
     finally:
         dist.all_gather = original

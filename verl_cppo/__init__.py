@@ -34,7 +34,7 @@ if importlib.util.find_spec("verl") is not None:
     _register()
 
     from verl_cppo.config import CPPOAlgoConfig, CPPOConfig, CPPOGRPOConfig, CPPOPolicyLossConfig
-else:  # the pure-torch modules (divergence, mask, topk, shard_layout) stay usable without verl
+else:  # verl_cppo.core and verl_cppo.kernels stay usable without verl
 
     def __getattr__(name: str):
         if name in __all__:

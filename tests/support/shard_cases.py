@@ -4,7 +4,7 @@ A case is B responses inside sequences (prompt + response, verl's columns: the r
 [prompt - 1, prompt - 1 + response_len)) with random lengths (0 and 1 included), interior mask holes, rows
 with no valid token, and NaN garbage wherever no response token is (the loss must never read it). Each
 rank's local tensor is cut from the packed / padded sequences exactly as the layout's docstring draws it,
-so a wrong index in ``shard_layout`` cannot hide behind a consistent test.
+so a wrong index in ``verl_cppo.sharding.layout`` cannot hide behind a consistent test.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 import torch
+from torch.distributed import ProcessGroup
 
 from verl_cppo import hooks
 
@@ -135,7 +136,7 @@ def _zero_rows(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, mask, torch.zeros_like(mask))
 
 
-def exclude_responses(data: Any, dp_group: Any = None, device: Any = "cpu") -> tuple[int, int]:
+def exclude_responses(data: Any, dp_group: ProcessGroup | None = None, device: Any = "cpu") -> tuple[int, int]:
     """Remove the responses marked by ``KEEP_FIELD`` from a mini-batch's loss, gradient and normalisers.
 
     ``data`` is the TensorDict of one mini-batch on one DP rank, as ``TrainingWorker.train_batch`` gets it::

@@ -214,7 +214,9 @@ def _row_statistics_torch(logits, ids, start, chunk_rows) -> RowStatistics:
     return RowStatistics(shift, s, z, e)
 
 
-def _combine_shards(stats: RowStatistics, found: torch.Tensor, group) -> tuple[RowStatistics, torch.Tensor]:
+def _combine_shards(
+    stats: RowStatistics, found: torch.Tensor, group: dist.ProcessGroup
+) -> tuple[RowStatistics, torch.Tensor]:
     """Full-vocabulary statistics from vocab shards: MAX of (shift, z), then SUM of rescaled (s, e) and found."""
     shift, s, z, e = stats
     has_mass = s > 0  # [N] False for a shard of -inf only: it must not raise the common shift

@@ -241,7 +241,9 @@ def _to_shard(field: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
     return torch.where(inside, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))[None]
 
 
-def shard_local_ppo_loss(config, model_output=None, data=None, dp_group=None, *, outputs: dict):
+def shard_local_ppo_loss(
+    config, model_output=None, data=None, dp_group: torch.distributed.ProcessGroup | None = None, *, outputs: dict
+):
     """verl's ``ppo_loss`` (verl/workers/utils/losses.py) on this CP rank's tokens, with the ``cppo`` loss.
 
     Same global batch info, metrics and aggregation types as verl's; entropy bonus and KL loss included.

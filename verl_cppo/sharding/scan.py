@@ -58,7 +58,7 @@ class CommStats:
     log: list = field(default_factory=list)  # (tag, bytes sent) per collective
 
 
-def gather_rows(x: torch.Tensor, group, stats: CommStats | None, tag: str) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None, stats: CommStats | None, tag: str) -> torch.Tensor:
     """[*] -> [world, *]; a group of None (or of size 1) communicates nothing."""
     world = dist.get_world_size(group) if group is not None else 1
     if world == 1:
@@ -74,7 +74,7 @@ def gather_rows(x: torch.Tensor, group, stats: CommStats | None, tag: str) -> to
     return torch.stack(out)
 
 
-def _rank(group) -> int:
+def _rank(group: dist.ProcessGroup | None) -> int:
     return dist.get_rank(group) if group is not None else 0
 
 
@@ -139,7 +139,7 @@ def shard_prefix_scan(
     valid: torch.Tensor,
     in_mask: torch.Tensor,
     layout: ShardLayout,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     *,
     w_min: float,
     position_horizon: int | None = None,
@@ -238,7 +238,7 @@ def shard_quantile(
     layout: ShardLayout,
     q: float,
     dtype: torch.dtype,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     *,
     radix_bits: int = 4,
     stats: CommStats | None = None,

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed import ProcessGroup
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.losses import ppo_loss
@@ -59,7 +60,9 @@ TOPK_COVERAGE_METRIC = "actor/cppo_topk_coverage"
 _KIND = {"topk_tv": "tv", "topk_kl": "kl"}
 
 
-def ppo_loss_with_topk(config: Any, model_output: dict | None = None, data: Any = None, dp_group=None, **hook):
+def ppo_loss_with_topk(
+    config: Any, model_output: dict | None = None, data: Any = None, dp_group: ProcessGroup | None = None, **hook
+):
     """verl's ``ppo_loss`` that also serves the engine's logits hook (see the module docstring)."""
     if "student_logits" in hook:
         div = shard_topk_divergence(config, hook["student_logits"], data, hook.get("data_format"))
