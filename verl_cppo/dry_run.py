@@ -21,8 +21,8 @@ It does, in order, what the launch would do before and just after Ray starts:
    its ``cppo`` node included), rollout, algorithm, plus ref / critic when the run needs them, and
    the model config when ``actor_rollout_ref.model.path`` is a local directory;
 4. resolve the names verl looks up only at run time: the policy loss and the advantage estimator in verl's
-   registries (after the plugin registered its own), the rollout backend, the reward manager and the custom
-   reward function;
+   registries (after the plugin registered its own), the rollout backend, the reward manager, the custom
+   reward function and the checkpoint callback (built with its options);
 5. check the launch layout that verl checks only on the GPUs: the GPU count against the model-parallel sizes,
    mini-batches that split evenly over data-parallel ranks, whole updates per rollout, a token budget that
    holds the longest sequence.
@@ -151,6 +151,11 @@ def check_names(config: DictConfig, report: Report, working_dir: str | None = No
             report.notes.append(f"reward function: {path}:{config.reward.custom_reward_function.name}")
         with open_dict(config):
             config.reward.custom_reward_function.path = path
+    if config.trainer.get("checkpoint_callback_class"):  # built by the trainer on the driver, after Ray started
+        from verl.trainer.ppo.checkpoint_callback import build_checkpoint_callback
+
+        if report.step("trainer.checkpoint_callback_class", build_checkpoint_callback, config) is not None:
+            report.notes.append(f"checkpoint callback: {config.trainer.checkpoint_callback_class}")
 
 
 LAYOUT_SIZES = [

@@ -1,0 +1,110 @@
+"""The averaged AIME validation metric (the paper's "AIME24/25/26 Avg@16") in verl's training logs.
+
+verl 0.9.1 reports validation per data source: ``val-core/<data_source>/<var>/mean@<n>`` (and ``std@``,
+``best@``, ``maj@`` statistics), where ``<var>`` is ``acc`` when the reward returns one (``verl_cppo.math_reward``
+does) and ``reward`` otherwise. The paper's headline number is the mean over the AIME years of their Avg@16,
+which no verl key holds. verl has no extension point for validation metrics: both trainers build the flat
+dict in one method, ``_val_metrics_update`` (v1: ``verl.trainer.ppo.v1.trainer_base.PPOTrainer``; v0:
+``verl.trainer.ppo.ray_trainer.RayPPOTrainer``), whose result ``_validate`` returns and ``fit`` logs.
+
+* ``add_averages(metrics)`` is the computation: for every group in ``AVERAGES`` (default ``aime_avg`` = the
+  data sources whose name starts with ``aime``, as ``examples/data/prepare_data.py`` names them), and every
+  ``(section, var, mean@n)`` that each matching source reports, the unweighted mean over those sources, under
+  ``<section>/<group>/<var>/mean@<n>`` (e.g. ``val-core/aime_avg/acc/mean@16``). Unweighted: each year counts
+  once, as in the paper's average of the per-year columns (AIME years have 30 problems each, so it equals the
+  per-problem mean there). Only ``mean@n`` is averaged; a standard deviation or a bootstrap statistic of a
+  mean over sources is not the mean of theirs.
+* ``install()`` wraps ``_val_metrics_update`` of both trainer classes so that its result gains those keys
+  (idempotent; ``uninstall()`` restores verl's methods). It must run in the process that runs the trainer
+  (verl's ``TaskRunner`` Ray actor), after ``verl.trainer.ppo.v1.trainer_base`` (and, for the v0 trainer,
+  ``verl.trainer.ppo.ray_trainer``) are imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+
+__all__ = ["AVERAGES", "add_averages", "average_metrics", "install", "uninstall"]
+
+AVERAGES: dict[str, str] = {"aime_avg": r"^aime(?!_avg$)"}
+"""Averaged groups: name -> regular expression on the data source (``re.search``)."""
+
+_MEAN = re.compile(r"^mean@\d+$")
+_WRAPPED = "__verl_cppo_val_average__"
+
+
+def average_metrics(metrics: Mapping[str, float], averages: Mapping[str, str] | None = None) -> dict[str, float]:
+    """The averaged keys for verl's flat validation dict ``metrics`` (nothing else).
+
+    A key ``<section>/<data_source>/<var>/mean@<n>`` (``section`` = ``val-core`` or ``val-aux``; a data source
+    may contain ``/``) counts for group G when the data source matches G's pattern. A ``(section, var,
+    mean@n)`` is averaged only when every data source of G that reports anything reports it, so that a year
+    missing from one validation never silently shifts the average."""
+    averages = AVERAGES if averages is None else averages
+    out: dict[str, float] = {}
+    for group, pattern in averages.items():
+        regex = re.compile(pattern)
+        values: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
+        sources: set[str] = set()
+        for key, value in metrics.items():
+            parts = key.split("/")
+            if len(parts) < 4 or parts[0] not in ("val-core", "val-aux"):
+                continue
+            section, source, var, name = parts[0], "/".join(parts[1:-2]), parts[-2], parts[-1]
+            if source == group or not regex.search(source):
+                continue
+            sources.add(source)
+            if _MEAN.match(name):
+                values[(section, var, name)][source] = float(value)
+        for (section, var, name), per_source in sorted(values.items()):
+            if set(per_source) == sources:
+                out[f"{section}/{group}/{var}/{name}"] = sum(per_source.values()) / len(per_source)
+    return out
+
+
+def add_averages(metrics: dict, averages: Mapping[str, str] | None = None) -> dict:
+    """``metrics`` with the averaged keys added (in place; also returned)."""
+    metrics.update(average_metrics(metrics, averages))
+    return metrics
+
+
+def _wrap(cls) -> None:
+    original = cls.__dict__["_val_metrics_update"]
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def _val_metrics_update(self, *args, **kwargs):
+        return add_averages(original(self, *args, **kwargs))
+
+    setattr(_val_metrics_update, _WRAPPED, True)
+    _val_metrics_update.__verl_original__ = original
+    cls._val_metrics_update = _val_metrics_update
+
+
+def _trainer_classes() -> list[type]:
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    classes = [PPOTrainer]
+    try:
+        from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    except ImportError:  # the deprecated v0 trainer's dependencies may be absent
+        return classes
+    return [*classes, RayPPOTrainer]
+
+
+def install() -> None:
+    """Add the averaged keys to the validation metrics of verl's v1 and v0 trainers (idempotent)."""
+    for cls in _trainer_classes():
+        _wrap(cls)
+
+
+def uninstall() -> None:
+    """Restore verl's ``_val_metrics_update`` methods."""
+    for cls in _trainer_classes():
+        method = cls.__dict__["_val_metrics_update"]
+        if getattr(method, _WRAPPED, False):
+            cls._val_metrics_update = method.__verl_original__
