@@ -108,9 +108,7 @@ def summarize(problems: list[Problem], scores: list[list[float]]) -> dict:
             f"avg@{n}": sum(sum(r) / n for r in rows) / len(rows),
             f"pass@{n}": sum(any(v > 0 for v in r) for r in rows) / len(rows),
         }
-    average = {
-        key: sum(s[key] for s in sources.values()) / len(sources) for key in (f"avg@{n}", f"pass@{n}")
-    }
+    average = {key: sum(s[key] for s in sources.values()) / len(sources) for key in (f"avg@{n}", f"pass@{n}")}
     return {"n": n, "sources": sources, "average": {**average, "over": list(sources)}}
 
 
@@ -118,9 +116,8 @@ def format_table(summary: dict) -> str:
     n = summary["n"]
     lines = [f"{'data source':<24} {'problems':>8} {'samples':>8} {f'Avg@{n}':>8} {f'Pass@{n}':>8}"]
     for source, s in summary["sources"].items():
-        lines.append(
-            f"{source:<24} {s['problems']:>8} {s['samples']:>8} {100 * s[f'avg@{n}']:>8.2f} {100 * s[f'pass@{n}']:>8.2f}"
-        )
+        avg_n, pass_n = 100 * s[f"avg@{n}"], 100 * s[f"pass@{n}"]
+        lines.append(f"{source:<24} {s['problems']:>8} {s['samples']:>8} {avg_n:>8.2f} {pass_n:>8.2f}")
     avg = summary["average"]
     label = f"average ({len(avg['over'])} sources)"
     lines.append(f"{label:<24} {'':>8} {'':>8} {100 * avg[f'avg@{n}']:>8.2f} {100 * avg[f'pass@{n}']:>8.2f}")
@@ -194,9 +191,9 @@ def generate_hf(args, tokenizer, prompts: list[list[int]]) -> list[list[list[int
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=dtype, trust_remote_code=args.trust_remote_code
-    ).to(device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code).to(
+        device
+    )
     model.eval()
     torch.manual_seed(args.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -254,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="hf engine: prompts per generate call")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument(
-        "--chat-template-kwargs", default="{}", help='JSON for apply_chat_template, e.g. \'{"enable_thinking": false}\''
+        "--chat-template-kwargs", default="{}", help="JSON for apply_chat_template, e.g. '{\"enable_thinking\": false}'"
     )
     parser.add_argument("--limit", type=int, default=None, help="at most this many problems per file (smoke test)")
     parser.add_argument("--output", default=None, help="write the JSON report here")

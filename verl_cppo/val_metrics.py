@@ -33,7 +33,20 @@ AVERAGES: dict[str, str] = {"aime_avg": r"^aime(?!_avg$)"}
 """Averaged groups: name -> regular expression on the data source (``re.search``)."""
 
 _MEAN = re.compile(r"^mean@\d+$")
+_BOOTSTRAP = re.compile(r"^(best|worst|maj)@\d+$")
 _WRAPPED = "__verl_cppo_val_average__"
+
+
+def _parse(key: str) -> tuple[str, str, str, str] | None:
+    """``<section>/<data_source>/<var>/<metric>`` -> its parts; metric is ``mean@n``, ``std@n`` or a two-part
+    bootstrap statistic such as ``best@n/mean``; None for any other key."""
+    parts = key.split("/")
+    if parts[0] not in ("val-core", "val-aux"):
+        return None
+    width = 2 if len(parts) >= 5 and _BOOTSTRAP.match(parts[-2]) else 1
+    if len(parts) < 3 + width:
+        return None
+    return parts[0], "/".join(parts[1 : -1 - width]), parts[-1 - width], "/".join(parts[-width:])
 
 
 def average_metrics(metrics: Mapping[str, float], averages: Mapping[str, str] | None = None) -> dict[str, float]:
@@ -50,10 +63,10 @@ def average_metrics(metrics: Mapping[str, float], averages: Mapping[str, str] | 
         values: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
         sources: set[str] = set()
         for key, value in metrics.items():
-            parts = key.split("/")
-            if len(parts) < 4 or parts[0] not in ("val-core", "val-aux"):
+            parsed = _parse(key)
+            if parsed is None:
                 continue
-            section, source, var, name = parts[0], "/".join(parts[1:-2]), parts[-2], parts[-1]
+            section, source, var, name = parsed
             if source == group or not regex.search(source):
                 continue
             sources.add(source)
