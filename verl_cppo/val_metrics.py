@@ -14,8 +14,10 @@ dict in one method, ``_val_metrics_update`` (v1: ``verl.trainer.ppo.v1.trainer_b
   once, as in the paper's average of the per-year columns (AIME years have 30 problems each, so it equals the
   per-problem mean there). Only ``mean@n`` is averaged; a standard deviation or a bootstrap statistic of a
   mean over sources is not the mean of theirs.
-* ``install()`` wraps ``_val_metrics_update`` of both trainer classes so that its result gains those keys
-  (idempotent; ``uninstall()`` restores verl's methods). It must run in the process that runs the trainer
+* ``install()`` wraps ``_val_metrics_update`` of both trainer classes with ``with_average`` so that its
+  result gains those keys (idempotent; ``uninstall()`` restores verl's methods; it imports both trainer
+  modules, so a lazy runtime hook that applies ``with_average`` when verl imports them is the lighter
+  wiring). It must run in the process that runs the trainer
   (verl's ``TaskRunner`` Ray actor), after ``verl.trainer.ppo.v1.trainer_base`` (and, for the v0 trainer,
   ``verl.trainer.ppo.ray_trainer``) are imported.
 """
@@ -27,7 +29,7 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping
 
-__all__ = ["AVERAGES", "add_averages", "average_metrics", "install", "uninstall"]
+__all__ = ["AVERAGES", "add_averages", "average_metrics", "install", "uninstall", "with_average"]
 
 AVERAGES: dict[str, str] = {"aime_avg": r"^aime(?!_avg$)"}
 """Averaged groups: name -> regular expression on the data source (``re.search``)."""
@@ -84,18 +86,25 @@ def add_averages(metrics: dict, averages: Mapping[str, str] | None = None) -> di
     return metrics
 
 
-def _wrap(cls) -> None:
-    original = cls.__dict__["_val_metrics_update"]
-    if getattr(original, _WRAPPED, False):
-        return
+def with_average(original):
+    """A ``_val_metrics_update`` that returns ``original``'s metrics with the averaged keys added (the
+    ``make_wrapper`` of a runtime hook on ``PPOTrainer._val_metrics_update`` / ``RayPPOTrainer._...``)."""
 
     @functools.wraps(original)
     def _val_metrics_update(self, *args, **kwargs):
         return add_averages(original(self, *args, **kwargs))
 
-    setattr(_val_metrics_update, _WRAPPED, True)
-    _val_metrics_update.__verl_original__ = original
-    cls._val_metrics_update = _val_metrics_update
+    return _val_metrics_update
+
+
+def _wrap(cls) -> None:
+    original = cls.__dict__["_val_metrics_update"]
+    if getattr(original, _WRAPPED, False):
+        return
+    wrapper = with_average(original)
+    setattr(wrapper, _WRAPPED, True)
+    wrapper.__verl_original__ = original
+    cls._val_metrics_update = wrapper
 
 
 def _trainer_classes() -> list[type]:
