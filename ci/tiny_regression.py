@@ -10,7 +10,11 @@ the reward loop) on the tiny copy task of ``verl_cppo.testing.tiny_task``, with 
            users run); its rollout-vs-actor log-prob gap also checks the CPU rollout's weight sync
 
 OUTDIR/metrics.json is ``{arm: [{"step", "reward", "masked_frac", <every numeric verl metric>}, ...]}``,
-OUTDIR/reward.png plots reward and masked fraction per arm, OUTDIR/<arm>/main_ppo.log keeps verl's output.
+OUTDIR/reward.png plots reward and masked fraction per arm and, for the CPPO arms, the share of masked tokens
+the prefix budget masked and the mean delta_b; OUTDIR/<arm>/main_ppo.log keeps verl's output (and its
+progress bar). The terminal gets one line per step with the elapsed time and an ETA: the mean step time so
+far (verl's ``timing_s/step``) times the steps left, and with more arms to run, those arms projected at this
+arm's wall time.
 The checks (``check``) compare with ``ci/golden/tiny_regression.json``; see ci/README.md for how its
 tolerances were measured. Exit status 0 only when every check passed.
 
@@ -169,16 +173,64 @@ def read_steps(path: str) -> list[dict]:
     return rows
 
 
-def progress_line(arm: str, row: dict, steps: int) -> str:
+def duration(seconds: float) -> str:
+    """42s, 3m05s, 1h02m ("?" when unknown)."""
+    if seconds != seconds or seconds < 0:  # NaN
+        return "?"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+
+
+def eta_seconds(rows: list[dict], steps: int) -> float:
+    """Seconds left in an arm: the mean of verl's timing_s/step so far times the steps left (NaN if unknown)."""
+    times = [r["timing_s/step"] for r in rows if _finite(r.get("timing_s/step"))]
+    if not rows or not times:
+        return float("nan")
+    return sum(times) / len(times) * max(steps - rows[-1]["step"], 0)
+
+
+def progress_line(
+    arm: str,
+    row: dict,
+    steps: int,
+    elapsed: float | None = None,
+    eta: float | None = None,
+    eta_all: float | None = None,
+) -> str:
     masked = row.get(MASKED_KEY[arm], float("nan"))
-    return (
+    line = (
         f"[{arm}] step {row['step']:3d}/{steps}  reward {row.get('critic/score/mean', float('nan')):.3f}  "
         f"masked {masked:.3f}  len {row.get('response_length/mean', float('nan')):.2f}  "
         f"step time {row.get('timing_s/step', float('nan')):.1f}s"
     )
+    if elapsed is not None:
+        line += f"  elapsed {duration(elapsed)}"
+    if eta is not None:
+        line += f"  eta {duration(eta)}"
+    if eta_all is not None:
+        line += f" (all arms {duration(eta_all)})"
+    return line
 
 
-def run_arm(arm: str, task: dict, args: argparse.Namespace) -> tuple[list[dict], float, int]:
+def progress_lines(arm: str, rows: list[dict], shown: int, steps: int, elapsed: float, arms_after: int) -> list[str]:
+    """The progress lines of rows[shown:], each with the elapsed time and the ETA as of that row."""
+    lines = []
+    for i in range(shown, len(rows)):
+        eta = eta_seconds(rows[: i + 1], steps)
+        eta_all = eta + arms_after * (elapsed + eta) if arms_after else None
+        lines.append(progress_line(arm, rows[i], steps, elapsed, eta, eta_all))
+    return lines
+
+
+def run_arm(arm: str, task: dict, args: argparse.Namespace, arms_after: int = 0) -> tuple[list[dict], float, int]:
     """Run one arm through main_ppo; stream one progress line per step. Returns (rows, wall s, exit code)."""
     arm_dir = os.path.join(args.outdir, arm)
     os.makedirs(arm_dir, exist_ok=True)
@@ -211,8 +263,8 @@ def run_arm(arm: str, task: dict, args: argparse.Namespace) -> tuple[list[dict],
             while proc.poll() is None:
                 time.sleep(1.0)
                 rows = read_steps(metrics_path)
-                for row in rows[shown:]:
-                    print(progress_line(arm, row, args.steps), flush=True)
+                for line in progress_lines(arm, rows, shown, args.steps, time.time() - start, arms_after):
+                    print(line, flush=True)
                 shown = len(rows)
                 if time.time() - start > args.arm_timeout:
                     print(f"[{arm}] timed out after {args.arm_timeout} s", flush=True)
@@ -223,8 +275,8 @@ def run_arm(arm: str, task: dict, args: argparse.Namespace) -> tuple[list[dict],
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     rows = read_steps(metrics_path)
-    for row in rows[shown:]:
-        print(progress_line(arm, row, args.steps), flush=True)
+    for line in progress_lines(arm, rows, shown, args.steps, time.time() - start, arms_after):
+        print(line, flush=True)
     wall = time.time() - start
     print(f"[{arm}] main_ppo exited {proc.returncode} after {wall:.0f} s", flush=True)
     for row in rows:
@@ -233,27 +285,47 @@ def run_arm(arm: str, task: dict, args: argparse.Namespace) -> tuple[list[dict],
     return rows, wall, proc.returncode
 
 
-def plot(metrics: dict[str, list[dict]], path: str) -> None:
+PANELS = (
+    # (row key, title, y label, y limits): reward and masked fraction for every arm, CPPO's budget panels for
+    # the arms that log them (the loss's actor/cppo_* metrics)
+    ("reward", "reward", "reward (critic/score/mean)", (0, 1.02)),
+    ("masked_frac", "masked / clipped fraction", "fraction of valid tokens", None),
+    ("actor/cppo_masked_by_budget_share", "masked by the prefix budget", "share of masked tokens", (0, 1.02)),
+    ("actor/cppo_delta_b_mean", "delta_b in effect", "mean delta_b per response", None),
+)
+
+
+def plot(metrics: dict[str, list[dict]], path: str) -> list[dict]:
+    """Write the 2 x 2 panels of PANELS to ``path``; returns, per panel, its title and the arms drawn in it."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_reward, ax_masked) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for arm, rows in metrics.items():
-        steps = [r["step"] for r in rows]
-        ax_reward.plot(steps, [r["reward"] for r in rows], marker=".", label=arm)
-        ax_masked.plot(steps, [r["masked_frac"] for r in rows], marker=".", label=arm)
-    ax_reward.set(xlabel="step", ylabel="reward (critic/score/mean)", title="reward", ylim=(0, 1.02))
-    ax_masked.set(xlabel="step", ylabel="fraction of valid tokens", title="masked / clipped fraction")
-    for ax in (ax_reward, ax_masked):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    drawn = []
+    for ax, (key, title, ylabel, ylim) in zip(axes.flat, PANELS):
+        arms = []
+        for arm, rows in metrics.items():
+            points = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=arm)
+                arms.append(arm)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        if ylim:
+            ax.set_ylim(*ylim)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if arms:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no arm logs this metric", ha="center", va="center", transform=ax.transAxes)
+        drawn.append({"title": title, "key": key, "arms": arms})
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn
 
 
 def main() -> int:
@@ -286,8 +358,8 @@ def main() -> int:
     task = tiny_task.build(os.path.join(args.outdir, "task"), seed=args.seed)
     metrics: dict[str, list[dict]] = {}
     runs: dict[str, dict] = {}
-    for arm in arms:
-        rows, wall, code = run_arm(arm, task, args)
+    for index, arm in enumerate(arms):
+        rows, wall, code = run_arm(arm, task, args, arms_after=len(arms) - index - 1)
         metrics[arm] = rows
         runs[arm] = {"wall_s": round(wall, 1), "exit_code": code, "steps": len(rows)}
     with open(os.path.join(args.outdir, "metrics.json"), "w") as f:

@@ -6,8 +6,12 @@
 # which assembles the ONE override list of the run and hands it to exactly one of:
 #     CPPO_DRY_RUN=1      python examples/dry_run.py     compose + validate + instantiate, no Ray, no GPU
 #     LAUNCHER=ray        ray job submit ... -- python3 -m verl.trainer.main_ppo   (default when NNODES > 1)
-#     LAUNCHER=local      python3 -m verl.trainer.main_ppo   (default on 1 node; joins a running local Ray)
+#     LAUNCHER=local      python3 -m verl.trainer.main_ppo   (default on 1 node; joins the Ray cluster named by
+#                         RAY_ADDRESS=<head>:6379 or a running local one: examples/slurm, examples/kuberay)
 #     CPPO_PRINT_CMD=1    print the launch command, one argument per line, and exit
+# Before a real launch (not the dry run, not CPPO_PRINT_CMD, which only warn) cppo_preflight stops with a
+# message when the launch would fail or lose results after Ray starts: wandb asked for without a key the job
+# can reach, or a multi-node run without an explicit (shared) CKPTS_DIR.
 
 EXAMPLES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "${EXAMPLES_DIR}/.." && pwd)
@@ -16,7 +20,10 @@ REPO_ROOT=$(cd "${EXAMPLES_DIR}/.." && pwd)
 #   cppo                     CPPO (position weight + prefix budget)
 #   cppo_no_position_weight  ablation: w_t = 1
 #   cppo_no_prefix_budget    ablation: token-level position-weighted threshold only
-#   dppo_tv                  verl's built-in DPPO binary-TV, threshold DELTA (the paper's DPPO row uses Top-K TV)
+#   dppo_tv                  verl's built-in DPPO binary-TV, threshold DELTA
+#   dppo_topk_tv             the paper's "DPPO (Top-K TV)" row: CPPO with w_min=1 and no prefix budget, i.e.
+#                            keep a token iff A_t (rho_t - 1) <= 0 or D_t <= DELTA, D = Top-K TV (K=TOPK)
+#   dppo_topk_kl             the same with D = Top-K KL(mu || pi)
 #   grpo_clip_higher         GRPO / PPO ratio clip with clip-higher 0.2 / 0.28
 METHOD=${METHOD:-cppo}
 # Per-token divergence of CPPO. The paper's main tables use topk_tv (K=TOPK=20): the rollout then returns mu's
@@ -43,12 +50,24 @@ TRAIN_FILE=${TRAIN_FILE:-${DATA_DIR}/dapo-math-17k.parquet}
 VAL_FILES=${VAL_FILES:-${DATA_DIR}/aime-2024.parquet,${DATA_DIR}/aime-2025.parquet,${DATA_DIR}/aime-2026.parquet}
 PROJECT_NAME=${PROJECT_NAME:-verl_cppo}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-${RUN_NAME}_${METHOD}}
+# Checkpoints: every node writes its ranks' shards under CKPTS_DIR and a resumed job reads them from whichever
+# node it lands on, so a multi-node run must name a shared filesystem path explicitly (cppo_preflight).
+CKPTS_DIR_GIVEN=${CKPTS_DIR:+1}
 CKPTS_DIR=${CKPTS_DIR:-${RAY_DATA_HOME}/ckpts/${PROJECT_NAME}/${EXPERIMENT_NAME}}
+# Logging: console + wandb (WANDB_API_KEY, passed to the Ray job when set) or e.g. LOGGER=[console,tensorboard]
+# (event files under TENSORBOARD_DIR, exported to every Ray process: make it a shared path on several nodes).
 LOGGER=${LOGGER:-[console,wandb]}
+TENSORBOARD_DIR=${TENSORBOARD_DIR:-${RAY_DATA_HOME}/tensorboard/${PROJECT_NAME}/${EXPERIMENT_NAME}}
 TOTAL_EPOCHS=${TOTAL_EPOCHS:-10}
-SAVE_FREQ=${SAVE_FREQ:-50}
 TEST_FREQ=${TEST_FREQ:-10}
+# A checkpoint at every validation (the paper reports the best validated checkpoint). Disk stays bounded:
+# KEEP_CKPTS latest checkpoints for resume, plus (KEEP_BEST_CKPT=1) the best one by BEST_METRIC, pruned by
+# verl_cppo.checkpoints.KeepLatestAndBest; KEEP_BEST_CKPT=0 leaves it to verl's max_actor_ckpt_to_keep.
+SAVE_FREQ=${SAVE_FREQ:-${TEST_FREQ}}
+KEEP_CKPTS=${KEEP_CKPTS:-2}
+KEEP_BEST_CKPT=${KEEP_BEST_CKPT:-1}
 VAL_N=${VAL_N:-16}
+BEST_METRIC=${BEST_METRIC:-val-core/aime_avg/acc/mean@${VAL_N}}
 ROLLOUT_GPU_MEM_UTIL=${ROLLOUT_GPU_MEM_UTIL:-0.7}
 PPO_MAX_TOKEN_LEN_PER_GPU=${PPO_MAX_TOKEN_LEN_PER_GPU:-$((2 * (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH)))}
 if [ "${NNODES}" -gt 1 ]; then LAUNCHER=${LAUNCHER:-ray}; else LAUNCHER=${LAUNCHER:-local}; fi
@@ -67,11 +86,16 @@ cppo_hydra_list() {
 }
 
 cppo_method_overrides() {
-    local loss=actor_rollout_ref.actor.policy_loss position_weight=true prefix_budget=true
+    local loss=actor_rollout_ref.actor.policy_loss position_weight=true prefix_budget=true w_min=${W_MIN}
     case "${METHOD}" in
         cppo) ;;
         cppo_no_position_weight) position_weight=false ;;
         cppo_no_prefix_budget) prefix_budget=false ;;
+        dppo_topk_tv | dppo_topk_kl)
+            # CPPO's exact special case: w_t = 1 everywhere and no budget leave DPPO's rule on D (spec,
+            # "Special cases"); tests/e2e/test_dppo_topk.py checks it token for token
+            w_min=1.0 prefix_budget=false DIVERGENCE=${METHOD#dppo_}
+            ;;
         dppo_tv)
             METHOD_ARGS=(
                 "${loss}.loss_mode=dppo_tv"
@@ -92,7 +116,7 @@ cppo_method_overrides() {
             ;;
         *)
             echo "METHOD=${METHOD} is not one of: cppo cppo_no_position_weight cppo_no_prefix_budget dppo_tv" \
-                "grpo_clip_higher" >&2
+                "dppo_topk_tv dppo_topk_kl grpo_clip_higher" >&2
             return 1
             ;;
     esac
@@ -100,7 +124,7 @@ cppo_method_overrides() {
         "${loss}._target_=verl_cppo.config.CPPOPolicyLossConfig"
         "${loss}.loss_mode=cppo"
         "+${loss}.cppo.delta=${DELTA}"
-        "+${loss}.cppo.w_min=${W_MIN}"
+        "+${loss}.cppo.w_min=${w_min}"
         "+${loss}.cppo.delta_b=${DELTA_B}"
         "+${loss}.cppo.delta_b_quantile=${DELTA_B_QUANTILE}"
         "+${loss}.cppo.delta_b_scale=${DELTA_B_SCALE}"
@@ -192,6 +216,84 @@ cppo_common_overrides() {
         "trainer.default_local_dir=${CKPTS_DIR}"
         trainer.resume_mode=auto
     )
+    if [ "${KEEP_BEST_CKPT}" = 1 ]; then
+        COMMON_ARGS+=(
+            trainer.max_actor_ckpt_to_keep=null # pruned by the callback, which keeps the best one too
+            trainer.checkpoint_callback_class=verl_cppo.checkpoints.KeepLatestAndBest
+            "+trainer.cppo_checkpoints.keep_latest=${KEEP_CKPTS}"
+            "+trainer.cppo_checkpoints.best_metric=${BEST_METRIC}"
+        )
+    else
+        COMMON_ARGS+=("trainer.max_actor_ckpt_to_keep=${KEEP_CKPTS}")
+    fi
+    case "${LOGGER}" in
+        *tensorboard*) # read by verl's tracker in the trainer process: export it to every Ray process
+            COMMON_ARGS+=("+ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR='${TENSORBOARD_DIR}'") ;;
+    esac
+}
+
+# Variables passed to the Ray job's runtime env when set in the submitting shell (LAUNCHER=ray). They go
+# into a generated runtime-env file (mode 600), never onto a command line: main_ppo prints its Hydra
+# overrides and `ray job submit` arguments show in the process list.
+RUNTIME_ENV_PASSTHROUGH=${RUNTIME_ENV_PASSTHROUGH:-WANDB_API_KEY WANDB_ENTITY WANDB_BASE_URL WANDB_MODE HF_TOKEN}
+
+# The problems a real launch would only hit after Ray started (or that lose its results), one per line.
+cppo_preflight_problems() {
+    local mode=${WANDB_MODE:-online}
+    case "${LOGGER}" in
+        *wandb*)
+            if [ -z "${WANDB_API_KEY:-}" ] && [[ ! "${mode}" =~ ^(offline|disabled|dryrun)$ ]]; then
+                if [ "${LAUNCHER}" = ray ]; then
+                    echo "LOGGER=${LOGGER} logs to wandb, but WANDB_API_KEY is not set: the Ray job would stop at" \
+                        "wandb.init (a 'wandb login' on this machine does not reach the cluster). Export" \
+                        "WANDB_API_KEY (it is passed through the job's runtime env), or set" \
+                        "LOGGER=[console,tensorboard], or WANDB_MODE=offline (WANDB_DIR on a shared path)."
+                elif ! grep -qs "api.wandb.ai" "${NETRC:-${HOME}/.netrc}"; then
+                    echo "LOGGER=${LOGGER} logs to wandb, but there is no W&B key (WANDB_API_KEY unset, no" \
+                        "'wandb login' entry in ~/.netrc): main_ppo would stop at wandb.init. Export" \
+                        "WANDB_API_KEY, or set LOGGER=[console,tensorboard], or WANDB_MODE=offline."
+                fi
+            fi
+            ;;
+    esac
+    if [ "${NNODES}" -gt 1 ] && [ -z "${CKPTS_DIR_GIVEN}" ]; then
+        echo "NNODES=${NNODES}: set CKPTS_DIR to a directory on a filesystem every node shares (every node" \
+            "writes its shards there and a resumed job reads them from any node); the default" \
+            "${CKPTS_DIR} is a path on each node's own disk unless \$HOME is shared."
+    fi
+}
+
+# Stop a real launch on any preflight problem; a dry run or CPPO_PRINT_CMD=1 only warns.
+cppo_preflight() {
+    local problems line prefix="error: "
+    problems=$(cppo_preflight_problems)
+    [ -z "${problems}" ] && return 0
+    if [ "${CPPO_DRY_RUN:-0}" = 1 ] || [ "${CPPO_PRINT_CMD:-0}" = 1 ]; then
+        prefix="warning: a real launch would stop here: "
+    fi
+    while IFS= read -r line; do echo "${prefix}${line}" >&2; done <<<"${problems}"
+    [ "${prefix}" = "error: " ] || return 0
+    return 1
+}
+
+# The runtime env of a ray job: examples/runtime_env.yaml plus the RUNTIME_ENV_PASSTHROUGH variables that are
+# set (written to a private temporary file); RUNTIME_ENV itself when none is set.
+cppo_runtime_env() {
+    local name present=()
+    for name in ${RUNTIME_ENV_PASSTHROUGH}; do
+        [ -n "${!name:-}" ] && present+=("${name}")
+    done
+    JOB_RUNTIME_ENV=${RUNTIME_ENV}
+    [ "${#present[@]}" -eq 0 ] && return 0
+    JOB_RUNTIME_ENV=$(umask 077 && mktemp "${TMPDIR:-/tmp}/cppo_runtime_env.XXXXXX.yaml")
+    "${PYTHON}" - "${RUNTIME_ENV}" "${JOB_RUNTIME_ENV}" "${present[@]}" <<'PY'
+import os, sys, yaml
+source, target, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+spec = yaml.safe_load(open(source)) or {}
+spec.setdefault("env_vars", {}).update({name: os.environ[name] for name in names})
+with open(target, "w") as f:
+    yaml.safe_dump(spec, f, sort_keys=False)
+PY
 }
 
 # ray job submit joins the entrypoint with subprocess.list2cmdline and the head node runs it with a shell.
@@ -214,21 +316,32 @@ cppo_launch() {
     cppo_method_overrides
     cppo_common_overrides
     OVERRIDES=("${COMMON_ARGS[@]}" "${METHOD_ARGS[@]}" "$@")
+    if [ "${LAUNCHER}" != ray ] && [ "${LAUNCHER}" != local ]; then
+        echo "LAUNCHER=${LAUNCHER} is not one of: ray local" >&2
+        return 1
+    fi
+    cppo_preflight || return 1
     if [ "${CPPO_DRY_RUN:-0}" = 1 ]; then
         CMD=("${PYTHON}" "${EXAMPLES_DIR}/dry_run.py" "${OVERRIDES[@]}")
     elif [ "${LAUNCHER}" = ray ]; then
         cppo_ray_entrypoint python3 -m verl.trainer.main_ppo "${OVERRIDES[@]}"
-        CMD=(ray job submit --address="${RAY_ADDRESS}" --runtime-env="${RUNTIME_ENV}"
+        cppo_runtime_env
+        CMD=(ray job submit --address="${RAY_ADDRESS}" --runtime-env="${JOB_RUNTIME_ENV}"
             --working-dir="${WORKING_DIR}" -- "${ENTRYPOINT[@]}")
-    elif [ "${LAUNCHER}" = local ]; then
-        CMD=("${PYTHON}" -m verl.trainer.main_ppo "${OVERRIDES[@]}")
     else
-        echo "LAUNCHER=${LAUNCHER} is not one of: ray local" >&2
-        return 1
+        CMD=("${PYTHON}" -m verl.trainer.main_ppo "${OVERRIDES[@]}")
     fi
     if [ "${CPPO_PRINT_CMD:-0}" = 1 ]; then
         printf '%s\n' "${CMD[@]}"
+        [ "${JOB_RUNTIME_ENV:-${RUNTIME_ENV}}" != "${RUNTIME_ENV}" ] &&
+            echo "note: ${JOB_RUNTIME_ENV} holds the passed-through variables (mode 600); delete it when done" >&2
         return 0
+    fi
+    if [ "${JOB_RUNTIME_ENV:-${RUNTIME_ENV}}" != "${RUNTIME_ENV}" ]; then
+        # not exec: remove the file holding the key once `ray job submit` returns (or is interrupted)
+        trap 'rm -f "${JOB_RUNTIME_ENV}"' EXIT
+        "${CMD[@]}"
+        return
     fi
     exec "${CMD[@]}"
 }

@@ -29,6 +29,12 @@ ACTOR_ETP=${ACTOR_ETP:-1}
 CP_SIZE=${CP_SIZE:-1}
 OFFLOAD=${OFFLOAD:-True} # param + optimizer offload while vLLM holds the GPUs
 
+# Megatron's TP/SP communication overlap needs one CUDA hardware queue (as verl's Megatron scripts export).
+# verl sets it for Ray workers only when the driver itself sees a Hopper/Ampere GPU, which a CPU-only head
+# node or a `ray job submit` entrypoint does not; so export it here (a Ray started by this driver inherits it)
+# and pass it to every Ray process of the job (below), whatever the launcher.
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+
 # shellcheck source=examples/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -47,5 +53,6 @@ ENGINE=(
     actor_rollout_ref.actor.megatron.override_transformer_config.recompute_num_layers=1
     +actor_rollout_ref.actor.megatron.override_transformer_config.moe_router_dtype=fp32
     +actor_rollout_ref.actor.megatron.override_transformer_config.moe_permute_fusion=True
+    "+ray_kwargs.ray_init.runtime_env.env_vars.CUDA_DEVICE_MAX_CONNECTIONS='1'"
 )
 cppo_launch "${ENGINE[@]}" "$@"

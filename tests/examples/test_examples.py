@@ -21,7 +21,15 @@ EXAMPLES = ROOT / "examples"
 SCRIPTS = sorted(p.name for p in EXAMPLES.glob("run_*.sh"))
 SHELL_FILES = [*SCRIPTS, "common.sh"]
 FSDP_SCRIPT, MEGATRON_SCRIPT = "run_qwen3_1.7b_fsdp.sh", "run_qwen3_30b_a3b_base_megatron.sh"
-METHODS = ["cppo", "cppo_no_position_weight", "cppo_no_prefix_budget", "dppo_tv", "grpo_clip_higher"]
+METHODS = [
+    "cppo",
+    "cppo_no_position_weight",
+    "cppo_no_prefix_budget",
+    "dppo_tv",
+    "dppo_topk_tv",
+    "dppo_topk_kl",
+    "grpo_clip_higher",
+]
 
 _spec = importlib.util.spec_from_file_location("cppo_examples_dry_run", EXAMPLES / "dry_run.py")
 dry_run = importlib.util.module_from_spec(_spec)
@@ -29,8 +37,11 @@ sys.modules[_spec.name] = dry_run
 _spec.loader.exec_module(dry_run)
 
 
+_AMBIENT = ("CPPO_", "METHOD", "LAUNCHER", "VERL_CPPO", "WANDB_", "HF_TOKEN", "CKPTS_DIR", "LOGGER", "TENSORBOARD")
+
+
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CPPO_", "METHOD", "LAUNCHER", "VERL_CPPO"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_AMBIENT)}
     env.update({"PYTHON": sys.executable, "HOME": os.environ.get("HOME", "/root"), **extra})
     return env
 
@@ -170,12 +181,23 @@ def test_paper_settings(name):
 # the Megatron one (METHOD=cppo, the default, is test_paper_settings).
 METHOD_RUNS = [(FSDP_SCRIPT, m) for m in METHODS] + [
     (MEGATRON_SCRIPT, "dppo_tv"),
+    (MEGATRON_SCRIPT, "dppo_topk_tv"),
     (MEGATRON_SCRIPT, "grpo_clip_higher"),
 ]
 
 
+@pytest.fixture
+def restore_topk_env():
+    """The driver's Top-K check exports VERL_CPPO_TOPK to this process too."""
+    previous = os.environ.pop("VERL_CPPO_TOPK", None)
+    yield
+    os.environ.pop("VERL_CPPO_TOPK", None)
+    if previous is not None:
+        os.environ["VERL_CPPO_TOPK"] = previous
+
+
 @pytest.mark.parametrize(("name", "method"), METHOD_RUNS)
-def test_every_method_passes_the_dry_run(name, method):
+def test_every_method_passes_the_dry_run(name, method, restore_topk_env):
     report = dry_run.dry_run(_overrides(name, METHOD=method))
     assert report.errors == []
     actor = report.built["actor"]
@@ -184,6 +206,9 @@ def test_every_method_passes_the_dry_run(name, method):
         assert pl.loss_mode == "cppo"
         assert pl.cppo.position_weight == (method != "cppo_no_position_weight")
         assert pl.cppo.prefix_budget == (method != "cppo_no_prefix_budget")
+    elif method.startswith("dppo_topk_"):  # CPPO's DPPO special case (tests/e2e/test_dppo_topk.py)
+        assert pl.loss_mode == "cppo" and pl.cppo.divergence == method.removeprefix("dppo_")
+        assert (pl.cppo.w_min, pl.cppo.prefix_budget, pl.cppo.delta, pl.cppo.topk) == (1.0, False, delta, 20)
     elif method == "dppo_tv":
         assert (pl.loss_mode, actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c) == (
             "dppo_tv",
@@ -401,3 +426,98 @@ def test_cppo_grpo_settings_reach_the_algorithm_config_and_a_typo_fails():
     assert report.built["algorithm"].cppo_grpo.norm_adv_by_std is True
     report = dry_run.dry_run([*_overrides(FSDP_SCRIPT), target, "+algorithm.cppo_grpo.norm_by_std=true"])
     assert any("algorithm.cppo_grpo has unknown key(s) ['norm_by_std']" in e for e in report.errors), report.errors
+
+
+# ------------------------------------------------------------- checkpoints, logging, preflight, dry run module
+
+
+def test_checkpoint_defaults_save_at_every_validation_and_bound_disk():
+    config = dry_run.compose_config(_overrides(FSDP_SCRIPT))
+    trainer = config.trainer
+    assert trainer.save_freq == trainer.test_freq == 10
+    assert trainer.checkpoint_callback_class == "verl_cppo.checkpoints.KeepLatestAndBest"
+    assert trainer.max_actor_ckpt_to_keep is None  # the callback prunes (keeping the best one too)
+    assert dict(trainer.cppo_checkpoints) == {"keep_latest": 2, "best_metric": "val-core/aime_avg/acc/mean@16"}
+    config = dry_run.compose_config(_overrides(FSDP_SCRIPT, KEEP_BEST_CKPT="0", KEEP_CKPTS="3", TEST_FREQ="5"))
+    assert config.trainer.max_actor_ckpt_to_keep == 3 and not config.trainer.checkpoint_callback_class
+    assert config.trainer.save_freq == 5
+    assert dry_run.compose_config(_overrides(FSDP_SCRIPT, SAVE_FREQ="50")).trainer.save_freq == 50
+
+
+def test_megatron_script_exports_cuda_device_max_connections():
+    env_vars = dry_run.compose_config(_overrides(MEGATRON_SCRIPT)).ray_kwargs.ray_init.runtime_env.env_vars
+    assert env_vars["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"  # a string, as Ray requires
+    assert (
+        "CUDA_DEVICE_MAX_CONNECTIONS"
+        not in dry_run.compose_config(_overrides(FSDP_SCRIPT)).ray_kwargs.ray_init.runtime_env
+    )
+
+
+def test_tensorboard_dir_reaches_every_ray_process():
+    config = dry_run.compose_config(_overrides(FSDP_SCRIPT, LOGGER="[console,tensorboard]", TENSORBOARD_DIR="/tb/x"))
+    assert list(config.trainer.logger) == ["console", "tensorboard"]
+    assert config.ray_kwargs.ray_init.runtime_env.env_vars["TENSORBOARD_DIR"] == "/tb/x"
+
+
+def test_wandb_without_a_key_stops_before_ray(tmp_path):
+    """A real launch (no dry run, no CPPO_PRINT_CMD) with wandb and no key stops in the script; PYTHON points
+    at a command that fails loudly if the script got as far as starting main_ppo."""
+    never = tmp_path / "main_ppo_started"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f"#!/bin/sh\ntouch {never}\nexit 0\n")
+    fake_python.chmod(0o755)
+    for launcher, message in [("local", "no 'wandb login' entry in ~/.netrc"), ("ray", "WANDB_API_KEY is not set")]:
+        out = _bash(FSDP_SCRIPT, LAUNCHER=launcher, PYTHON=str(fake_python), HOME=str(tmp_path))
+        assert out.returncode == 1, out.stderr
+        assert message in out.stderr and "LOGGER=[console,tensorboard]" in out.stderr
+        assert not never.exists()
+    # offline mode, another logger, or a key: no stop (the fake main_ppo runs)
+    for env in ({"WANDB_MODE": "offline"}, {"LOGGER": "[console,tensorboard]"}, {"WANDB_API_KEY": "k"}):
+        out = _bash(FSDP_SCRIPT, LAUNCHER="local", PYTHON=str(fake_python), HOME=str(tmp_path), **env)
+        assert out.returncode == 0 and never.exists(), out.stderr
+        never.unlink()
+    # a dry run only warns
+    out = _bash(FSDP_SCRIPT, CPPO_PRINT_CMD="1", HOME=str(tmp_path))
+    assert out.returncode == 0 and "warning: a real launch would stop here: LOGGER=[console,wandb]" in out.stderr
+
+
+def test_multi_node_launch_requires_an_explicit_ckpts_dir(tmp_path):
+    out = _bash("run_qwen3_8b_base_fsdp_sp.sh", LOGGER="[console]", PYTHON="/bin/false", LAUNCHER="local")
+    assert out.returncode == 1 and "NNODES=2: set CKPTS_DIR to a directory on a filesystem every node" in out.stderr
+    out = _bash(FSDP_SCRIPT, LOGGER="[console]", NNODES="2", CPPO_PRINT_CMD="1")
+    assert out.returncode == 0 and "warning: a real launch would stop here: NNODES=2: set CKPTS_DIR" in out.stderr
+    out = _bash(FSDP_SCRIPT, LOGGER="[console]", NNODES="2", CPPO_PRINT_CMD="1", CKPTS_DIR="/shared/c")
+    assert out.returncode == 0 and out.stderr == ""
+
+
+def test_ray_job_gets_the_wandb_key_through_a_private_runtime_env_file(tmp_path):
+    """With WANDB_API_KEY set, `ray job submit` gets runtime_env.yaml plus the key in a mode-600 file; the key
+    is on no command line (main_ppo prints its overrides, and the process list shows arguments)."""
+    cmd = _launch_args(
+        FSDP_SCRIPT, LAUNCHER="ray", WANDB_API_KEY="secret-123", WANDB_ENTITY="team", TMPDIR=str(tmp_path)
+    )
+    assert not any("secret-123" in arg for arg in cmd)
+    (path,) = [arg.split("=", 1)[1] for arg in cmd if arg.startswith("--runtime-env=")]
+    assert Path(path).parent == tmp_path and (os.stat(path).st_mode & 0o777) == 0o600
+    generated = yaml.safe_load(Path(path).read_text())
+    original = yaml.safe_load((EXAMPLES / "runtime_env.yaml").read_text())
+    assert generated["env_vars"] == {**original["env_vars"], "WANDB_API_KEY": "secret-123", "WANDB_ENTITY": "team"}
+    assert {k: v for k, v in generated.items() if k != "env_vars"} == {
+        k: v for k, v in original.items() if k != "env_vars"
+    }
+    # Ray reads it as it reads runtime_env.yaml
+    from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
+
+    parsed = parse_runtime_env_args(runtime_env=path, working_dir=str(ROOT))
+    assert parsed["env_vars"]["WANDB_API_KEY"] == "secret-123" and parsed["working_dir"] == str(ROOT)
+
+
+def test_dry_run_module_is_reachable_from_the_installed_package(tmp_path):
+    """`python -m verl_cppo.dry_run` (no repository needed) has --help and checks a main_ppo command line."""
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = {"capture_output": True, "text": True, "timeout": 300, "cwd": tmp_path, "env": env}
+    out = subprocess.run([sys.executable, "-m", "verl_cppo.dry_run", "--help"], **run)
+    assert out.returncode == 0 and "usage: python -m verl_cppo.dry_run" in out.stdout and "--working-dir" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "verl_cppo.dry_run", "--quiet", *_overrides(FSDP_SCRIPT)], **run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[dry-run] OK:" in out.stdout

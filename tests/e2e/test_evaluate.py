@@ -1,0 +1,193 @@
+"""``python -m verl_cppo.evaluate``: Avg@n / Pass@n against hand computations on fixed completions, and the
+whole entry point end to end on CPU (``--engine hf``) on a tiny Qwen3 model built here from a config."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from verl_cppo.evaluate import Problem, format_table, score_completions, summarize
+from verl_cppo.math_reward import compute_score
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _problem(source, truth):
+    return Problem(source, [{"role": "user", "content": "q"}], truth)
+
+
+# Fixed completions and, written out by hand, what math-verify must score them (the DAPO "Answer:" line,
+# else the last \boxed{}; 1/2 = 0.5 = \frac{1}{2}).
+FIXED = [
+    (_problem("aime2024", "7"), ["Answer: 7", "Answer: 8", "so \\boxed{7}", "no answer here"], [1, 0, 1, 0]),
+    (_problem("aime2024", "1/2"), ["Answer: 0.5", "Answer: \\frac{1}{2}", "Answer: 2", "Answer: 1/2"], [1, 1, 0, 1]),
+    (_problem("aime2025", "42"), ["Answer: 41", "Answer: 24", "42", "Answer: 43"], [0, 0, 0, 0]),
+    (_problem("aime2025", "3"), ["Answer: 3"] * 4, [1, 1, 1, 1]),
+    (_problem("aime2025", "100"), ["Answer: 10", "Answer: 100", "Answer: 1000", "Answer:"], [0, 1, 0, 0]),
+]
+
+
+def test_avg_at_n_of_fixed_completions_by_hand():
+    problems = [p for p, _, _ in FIXED]
+    scores = score_completions(problems, [c for _, c, _ in FIXED])
+    assert scores == [[float(v) for v in expected] for _, _, expected in FIXED]
+    summary = summarize(problems, scores)
+    # aime2024: (2/4 + 3/4) / 2; aime2025: (0 + 4/4 + 1/4) / 3; average over the two years, unweighted
+    assert summary["n"] == 4
+    s24, s25 = summary["sources"]["aime2024"], summary["sources"]["aime2025"]
+    assert (s24["problems"], s24["samples"], s25["problems"], s25["samples"]) == (2, 8, 3, 12)
+    assert s24["avg@4"] == pytest.approx(0.625) and s24["pass@4"] == 1.0
+    assert s25["avg@4"] == pytest.approx(5 / 12) and s25["pass@4"] == pytest.approx(2 / 3)
+    assert summary["average"]["avg@4"] == pytest.approx((0.625 + 5 / 12) / 2)
+    assert summary["average"]["pass@4"] == pytest.approx((1 + 2 / 3) / 2)
+    assert summary["average"]["over"] == ["aime2024", "aime2025"]
+    table = format_table(summary)
+    assert "Avg@4" in table and "62.50" in table and "41.67" in table and f"{100 * (0.625 + 5 / 12) / 2:.2f}" in table
+
+
+def test_unequal_sample_counts_are_refused():
+    with pytest.raises(ValueError, match="same positive number of samples"):
+        summarize([_problem("aime2024", "1"), _problem("aime2024", "2")], [[1.0, 0.0], [1.0]])
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+VOCAB = (*SPECIAL, "\n", "user", "assistant", "Answer:", "7", "8")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tiny_model(directory: Path) -> None:
+    """A 2-layer Qwen3 with a word-level tokenizer whose words can form "Answer: 7" (random weights)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token=SPECIAL[0]))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(" ", "removed"), pre_tokenizers.Split("\n", "isolated")]
+    )
+    core.decoder = decoders.WordPiece(prefix="##")
+    core.add_special_tokens(list(SPECIAL))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=SPECIAL[0], eos_token=SPECIAL[2])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = Qwen3Config(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0, bos_token_id=1)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _parquet(path: Path, source: str, truths: list[str]) -> None:
+    rows = [
+        {
+            "data_source": source,
+            "prompt": [{"role": "user", "content": "user"}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": truth},
+            "extra_info": {"index": i},
+        }
+        for i, truth in enumerate(truths)
+    ]
+    pd.DataFrame(rows).to_parquet(path)
+
+
+def _run(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "verl_cppo.evaluate", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    _tiny_model(tmp / "model")
+    _parquet(tmp / "aime-2024.parquet", "aime2024", ["7", "8"])
+    _parquet(tmp / "aime-2025.parquet", "aime2025", ["7"])
+    data = f"{tmp / 'aime-2024.parquet'},{tmp / 'aime-2025.parquet'}"
+    n = 8
+    out = _run(
+        *("--model", str(tmp / "model"), "--data", data, "--engine", "hf", "--n", str(n), "--max-tokens", "5"),
+        *("--output", str(tmp / "report.json"), "--save-generations", str(tmp / "gens.jsonl"), "--batch-size", "2"),
+    )
+    return tmp, n, out
+
+
+def test_end_to_end_on_cpu_with_the_hf_engine(tiny_eval):
+    tmp, n, out = tiny_eval
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    report = json.loads((tmp / "report.json").read_text())
+    lines = [json.loads(line) for line in (tmp / "gens.jsonl").read_text().splitlines()]
+    assert [line["data_source"] for line in lines] == ["aime2024", "aime2024", "aime2025"]
+    assert all(len(line["completions"]) == n and len(line["scores"]) == n for line in lines)
+    # independent of the module's scoring and averaging: re-score the saved completions with the reward
+    # function itself and average by hand, per year and over the years
+    by_source = {}
+    for line in lines:
+        rescored = [compute_score(line["data_source"], c, line["ground_truth"])["score"] for c in line["completions"]]
+        assert rescored == line["scores"]
+        by_source.setdefault(line["data_source"], []).append(sum(rescored) / n)
+    expected = {source: sum(v) / len(v) for source, v in by_source.items()}
+    assert report["n"] == n and report["engine"] == "hf"
+    for source, value in expected.items():
+        assert report["sources"][source][f"avg@{n}"] == pytest.approx(value)
+        assert report["sources"][source]["samples"] == n * len(by_source[source])
+    assert report["average"][f"avg@{n}"] == pytest.approx(sum(expected.values()) / 2)
+    assert f"Avg@{n}" in out.stdout and "average (2 sources)" in out.stdout
+    # the completions are the model's own text (the vocabulary's words), not empty strings
+    assert any(c.strip() for line in lines for c in line["completions"])
+
+
+def test_vllm_engine_without_vllm_stops_with_a_clear_error(tiny_eval):
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    tmp, _, _ = tiny_eval
+    out = _run("--model", str(tmp / "model"), "--data", str(tmp / "aime-2024.parquet"), timeout=120)
+    assert out.returncode != 0
+    assert "--engine vllm needs vLLM" in out.stderr and "--engine hf" in out.stderr
+
+
+def test_a_verl_checkpoint_directory_is_refused_with_the_merge_command(tmp_path, tiny_eval):
+    ckpt = tmp_path / "global_step_10" / "actor"
+    (ckpt / "huggingface").mkdir(parents=True)
+    data = str(tiny_eval[0] / "aime-2024.parquet")
+    out = _run("--model", str(tmp_path / "global_step_10"), "--data", data, "--engine", "hf", timeout=120)
+    assert out.returncode != 0
+    assert f"python -m verl.model_merger merge --backend fsdp --local_dir {ckpt}" in out.stderr
+
+
+def test_help():
+    out = _run("--help", timeout=120)
+    assert out.returncode == 0 and "--engine {hf,vllm}" in out.stdout and "Avg@n" in out.stdout
