@@ -39,6 +39,7 @@ import functools
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 from verl_cppo import hooks
@@ -120,8 +121,37 @@ def check_cppo_config(config: Any) -> tuple[list[str], list[str]]:
             f"actor strategy {_get(config, 'actor_rollout_ref.actor.strategy')!r} with context parallel size {cp} "
             "gives the loss shard-local rows in verl 0.9.1; CPPO's prefix sums need whole responses"
         )
+    errors.extend(_ignored_clip_settings(config))
     errors.extend(check_topk_config(config))
     return errors, warnings
+
+
+_CLIP_KEYS = {
+    "clip_ratio": "cppo.delta (the token threshold at t = 1)",
+    "clip_ratio_low": "cppo.delta (the token threshold at t = 1)",
+    "clip_ratio_high": "cppo.delta (the token threshold at t = 1)",
+    "clip_ratio_c": "cppo.ratio_cap (the truncation of the detached ratio, default 20)",
+}
+
+
+def _ignored_clip_settings(config: Any) -> list[str]:
+    """Errors for verl's ratio-clip keys set away from verl's defaults under loss_mode=cppo, which reads none of
+    them: a user coming from the authors' port (clip_ratio=0.2, clip_ratio_c) would silently train at CPPO's
+    defaults."""
+    from verl.workers.config.actor import ActorConfig
+
+    defaults = {f.name: f.default for f in fields(ActorConfig) if f.name in _CLIP_KEYS}
+    actor = _get(config, "actor_rollout_ref.actor", {}) or {}
+    errors = []
+    for key, replacement in _CLIP_KEYS.items():
+        value = actor.get(key, defaults[key])
+        if value is not None and value != defaults[key]:
+            errors.append(
+                f"loss_mode=cppo does not read actor_rollout_ref.actor.{key} (set to {value!r}, verl's default is "
+                f"{defaults[key]!r}); CPPO's setting is +actor_rollout_ref.actor.policy_loss.{replacement} with "
+                f"actor_rollout_ref.actor.policy_loss._target_={CPPO_TARGET}: move the value there or drop {key}"
+            )
+    return errors
 
 
 def check_topk_config(config: Any) -> list[str]:
@@ -196,6 +226,13 @@ def check_cppo_grpo_config(config: Any) -> None:
         from verl.utils.config import omega_conf_to_dataclass
 
         omega_conf_to_dataclass(algorithm)  # raises naming the key and its allowed range
+    n = _get(config, "actor_rollout_ref.rollout.n", 1)
+    if selected and isinstance(n, int) and n < 2:
+        raise ValueError(
+            f"algorithm.adv_estimator=cppo_grpo with actor_rollout_ref.rollout.n={n}: every group holds one "
+            "response, so every advantage is 0 (and cppo_grpo.exclude_zero_variance drops every group): nothing "
+            "would train; set actor_rollout_ref.rollout.n >= 2 (the paper samples 8 or 16 per prompt)"
+        )
 
 
 def validate_cppo_config(config: Any) -> None:

@@ -24,6 +24,8 @@ from verl_cppo.config import CPPO_ALGO_TARGET, cppo_grpo_config_of
 from verl_cppo.driver import check_cppo_grpo_config as validate_cppo_grpo_config
 
 ALGO_TARGET = f"algorithm._target_={CPPO_ALGO_TARGET}"
+CPPO_GRPO = ["algorithm.adv_estimator=cppo_grpo", "actor_rollout_ref.rollout.n=8"]
+"""Selects the estimator with groups of 8 responses (verl's default rollout.n=1 is refused)."""
 
 
 def random_groups(seed, n_groups=24, width=12):
@@ -148,10 +150,10 @@ def test_registered_under_its_name():
 
 
 OVERRIDES = {
-    "defaults": ["algorithm.adv_estimator=cppo_grpo"],  # verl's norm_adv_by_std_in_grpo=True is not read
-    "std": ["algorithm.adv_estimator=cppo_grpo", ALGO_TARGET, "+algorithm.cppo_grpo.norm_adv_by_std=true"],
+    "defaults": CPPO_GRPO,  # verl's norm_adv_by_std_in_grpo=True is not read
+    "std": [*CPPO_GRPO, ALGO_TARGET, "+algorithm.cppo_grpo.norm_adv_by_std=true"],
     "no_exclusion": [
-        "algorithm.adv_estimator=cppo_grpo",
+        *CPPO_GRPO,
         ALGO_TARGET,
         "+algorithm.cppo_grpo.exclude_zero_variance=false",
     ],
@@ -176,7 +178,7 @@ def test_through_verl_call_site_with_composed_config(case):
 
 
 def test_v1_multi_trajectory_call_site_gives_the_same_advantages():
-    cfg = compose_trainer("dp", ["algorithm.adv_estimator=cppo_grpo"])
+    cfg = compose_trainer("dp", CPPO_GRPO)
     rewards, mask, uids = random_groups(12)
     keys = [f"{uid}_0_{i}" for i, uid in enumerate(uids)]
     with capture_exclusions() as captured:
@@ -251,7 +253,7 @@ def test_hydra_form_on_verl_config(engine):
     cfg = compose_trainer(
         engine,
         [
-            "algorithm.adv_estimator=cppo_grpo",
+            *CPPO_GRPO,
             ALGO_TARGET,
             "+algorithm.cppo_grpo.norm_adv_by_std=true",
             "+algorithm.cppo_grpo.std_epsilon=1e-4",
@@ -273,6 +275,7 @@ def test_yaml_form_on_verl_config(tmp_path):
         f"  _target_: {CPPO_ALGO_TARGET}\n"
         "  adv_estimator: cppo_grpo\n"
         "  cppo_grpo: {exclude_zero_variance: false, zero_variance_atol: 1.0e-6}\n"
+        "actor_rollout_ref: {rollout: {n: 8}}\n"
     )
     cfg = compose_trainer("dp", config_name="cppo_grpo", config_dir=str(tmp_path))
     validate_cppo_grpo_config(cfg)
@@ -280,16 +283,14 @@ def test_yaml_form_on_verl_config(tmp_path):
 
 
 def test_invalid_value_stops_the_driver_naming_key_and_range():
-    cfg = compose_trainer(
-        "dp", ["algorithm.adv_estimator=cppo_grpo", ALGO_TARGET, "+algorithm.cppo_grpo.std_epsilon=0"]
-    )
+    cfg = compose_trainer("dp", [*CPPO_GRPO, ALGO_TARGET, "+algorithm.cppo_grpo.std_epsilon=0"])
     with pytest.raises(InstantiationException, match=r"cppo_grpo\.std_epsilon must be in \(0, inf\), got 0") as info:
         validate_cppo_grpo_config(cfg)
     assert "full_key: algorithm" in str(info.value)
 
 
 def test_node_without_target_is_refused():
-    cfg = compose_trainer("dp", ["algorithm.adv_estimator=cppo_grpo", "+algorithm.cppo_grpo.norm_adv_by_std=true"])
+    cfg = compose_trainer("dp", [*CPPO_GRPO, "+algorithm.cppo_grpo.norm_adv_by_std=true"])
     with pytest.raises(ValueError, match=rf"add algorithm\._target_={CPPO_ALGO_TARGET}"):
         validate_cppo_grpo_config(cfg)
 
@@ -299,9 +300,22 @@ def test_verl_validate_config_runs_the_check_before_its_own():
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
-    cfg = compose_trainer(
-        "dp", ["algorithm.adv_estimator=cppo_grpo", ALGO_TARGET, "+algorithm.cppo_grpo.zero_variance_atol=-1"]
-    )
+    cfg = compose_trainer("dp", [*CPPO_GRPO, ALGO_TARGET, "+algorithm.cppo_grpo.zero_variance_atol=-1"])
     with pytest.raises(InstantiationException, match=r"cppo_grpo\.zero_variance_atol must be in \[0, inf\)"):
         validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     assert need_critic(cfg) is False  # an outcome estimator: no critic
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_one_response_per_prompt_is_refused_before_ray_starts(exclude):
+    """With rollout.n = 1 every group has one response: advantage 0 everywhere (and every group excluded)."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    overrides = ["algorithm.adv_estimator=cppo_grpo"]
+    if not exclude:
+        overrides += [ALGO_TARGET, "+algorithm.cppo_grpo.exclude_zero_variance=false"]
+    cfg = compose_trainer("dp", [*overrides, "actor_rollout_ref.rollout.n=1"])
+    with pytest.raises(ValueError, match=r"adv_estimator=cppo_grpo with actor_rollout_ref\.rollout\.n=1"):
+        validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    validate_cppo_grpo_config(compose_trainer("dp", [*overrides, "actor_rollout_ref.rollout.n=2"]))
