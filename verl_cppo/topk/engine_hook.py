@@ -57,8 +57,6 @@ TOPK_DIV_KEY = "cppo_topk_div"
 TOPK_COVERAGE_METRIC = "actor/cppo_topk_coverage"
 """Fraction of the micro-batch's response tokens with a full top-K row from the rollout (no -1 entry)."""
 
-_KIND = {"topk_tv": "tv", "topk_kl": "kl"}
-
 
 def ppo_loss_with_topk(
     config: Any, model_output: dict | None = None, data: Any = None, dp_group: ProcessGroup | None = None, **hook
@@ -165,7 +163,7 @@ def shard_topk_divergence(config: Any, logits: torch.Tensor, data: Any, data_for
         data_format: None for FSDP (the hook passes none), "thd" / "bshd" for Megatron.
     """
     name = cppo_config_of(config).divergence
-    if name not in _KIND:
+    if name not in TOPK_DIVERGENCES:
         raise ValueError(
             f"the engine's Top-K divergence hook is on ({ENV_TOPK} set) but policy_loss.cppo.divergence={name!r} "
             f"is not one of {TOPK_DIVERGENCES}"
@@ -188,7 +186,7 @@ def shard_topk_divergence(config: Any, logits: torch.Tensor, data: Any, data_for
         shard["sampled"].reshape(-1),
         shard["ids"].reshape(-1, k),
         shard["lps"].reshape(-1, k),
-        _KIND[name],
+        name.removeprefix("topk_"),  # topk_tv -> "tv", topk_kl -> "kl"
         mu_sampled_logprobs=shard["mu_sampled"].reshape(-1),
         tp_group=tp_group,
         vocab_start_index=vocab_start,
