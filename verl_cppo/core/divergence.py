@@ -87,20 +87,21 @@ def binary_kl(log_pi: torch.Tensor, log_mu: torch.Tensor) -> torch.Tensor:
     and the result is clamped to [0, KL_MAX]. Shapes: any, both the same; returns that shape.
 
     The values of mu (log mu - log pi) + where(log mu < 0, -expm1(log mu) (log1mexp(log mu) - log1mexp(log pi)),
-    0) with mu = exp(log mu), capped as above (bit for bit, up to the sign of a zero D); each intermediate is
-    written into a buffer no longer needed, and log1mexp's -inf at 0 (slow on CPU) is kept out of the sums:
+    0) with mu = exp(log mu), capped as above (bit for bit, up to the sign of a zero D). The mu and pi halves
+    share each pass ([2, ...] tensors), each intermediate is written into a buffer no longer needed, and
+    log1mexp's -inf at 0 (slow on CPU) is kept out of the sums:
     where log mu = 0 the term is (1 - mu) * finite = 0, and where pi = 1 > mu (the infinite KL) D is set last.
     """
-    log_pi = log_pi.clamp(max=0.0)  # new tensors (the inputs are not changed), overwritten below
-    log_mu = log_mu.clamp(max=0.0)
-    mu, pi = torch.exp(log_mu), torch.exp(log_pi)
-    head = (log_mu - log_pi).mul_(mu)  # mu (log mu - log pi)
-    near_mu, near_pi = (torch.gt(x, LOG_HALF, out=torch.empty_like(x)) for x in (log_mu, log_pi))  # 0/1
-    infinite = torch.eq(log_pi, 0.0, out=torch.empty_like(log_pi))  # 0/1: pi = 1 ...
-    infinite.mul_(torch.lt(log_mu, 0.0, out=torch.empty_like(log_mu))).mul_(KL_MAX)  # ... > mu: KL_MAX, else 0
-    one_minus_mu = log_mu.expm1_().neg_()  # -expm1(log mu), in log_mu's buffer
-    rest = _log1mexp_into(near_mu, one_minus_mu.clone(), mu)  # log1mexp(log mu), finite
-    rest = rest.sub_(_log1mexp_into(near_pi, log_pi.expm1_().neg_(), pi)).mul_(one_minus_mu)  # finite
+    x = torch.stack([log_mu, log_pi]).clamp_(max=0.0)  # [2, ...] log mu, log pi (a copy, overwritten below)
+    p = torch.exp(x)  # [2, ...] mu, pi
+    head = (x[0] - x[1]).mul_(p[0])  # [...] mu (log mu - log pi)
+    near = torch.gt(x, LOG_HALF, out=torch.empty_like(x))  # [2, ...] 0/1
+    infinite = torch.eq(x, 0.0, out=torch.empty_like(x))  # [2, ...] 0/1: log mu = 0, log pi = 0
+    infinite = torch.gt(infinite[1], infinite[0], out=infinite[1]).mul_(KL_MAX)  # [...] pi = 1 > mu: KL_MAX, else 0
+    one_minus = x.expm1_().neg_()  # [2, ...] -expm1(log mu), -expm1(log pi), in x's buffer
+    one_minus_mu = one_minus[0].clone()  # [...]
+    logs = _log1mexp_into(near, one_minus, p)  # [2, ...] log1mexp of log mu and log pi, finite
+    rest = logs[0].sub_(logs[1]).mul_(one_minus_mu)  # [...] finite
     # were denormals flushed, log(0) = -inf comes back (_log1mexp_into): NaN where mu = 1 is the dropped term
     rest = rest.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
     kl = head.add_(rest).nan_to_num_(nan=KL_MAX, posinf=KL_MAX).clamp_(0.0, KL_MAX)
