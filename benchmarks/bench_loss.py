@@ -1,20 +1,23 @@
 """Forward + backward time and peak extra memory of the policy losses, as ratios measured in one run.
 
-Cases: verl's ``vanilla`` and ``dppo_tv`` and our ``cppo`` (torch path: fixed delta_b, calibrated delta_b, and
-calibrated with every row's quantile inside the clamp so that every row runs the selection; fused Triton kernel:
-the same three on CUDA), each called through verl's policy-loss registry exactly as verl's ``ppo_loss`` calls
-it: one call returning (loss, metrics) including the metrics' host copy, then ``loss.backward()``.
-Before timing, every cppo implementation is checked against the float64 loop reference of tests/support/reference.py.
+Cases: verl's ``vanilla`` and ``dppo_tv`` and our ``cppo`` (torch path: fixed delta_b, calibrated delta_b = the
+default settings, and calibrated with every row's quantile inside the clamp so that every row runs the selection;
+the non-default settings soft gate, binary_kl (calibrated and fixed delta_b), shuffle_positions, and the default
+settings on inputs with 1% NaN log mu and 1% NaN log pi tokens; fused Triton kernel: the first three on CUDA),
+each called through verl's policy-loss registry exactly as verl's ``ppo_loss`` calls it: one call returning
+(loss, metrics) including the metrics' host copy, then ``loss.backward()``. Ratios are printed to ``dppo_tv``
+and to the default cppo case. Before timing, every cppo implementation is checked against the float64 loop
+reference of tests/support/reference.py.
 
     python benchmarks/bench_loss.py                      # CPU, 16 x 4096 fp32, 1 thread (reduced size)
     python benchmarks/bench_loss.py --device cuda        # GPU, 64 x 8192 and 16 x 32768 fp32
 
-Time: CPU, interleaved rounds of every case, the median over rounds of each case's ratio to dppo_tv in the
-same round (robust to a shared machine), plus the fastest round; CUDA, CUDA events around each iteration
-after a warm-up, the median. Peak extra memory: CUDA, max_memory_allocated above the inputs; CPU, the peak of
-live tensor bytes created during one forward + backward, from the profiler's memory timeline. The bytes
-floor is the time to read log_prob, old_log_prob, advantages, response_mask and write the gradient once, at
-the copy bandwidth measured in the same run.
+Time: CPU, interleaved rounds of every case, the median over rounds of each case's ratio to dppo_tv (and to
+the default cppo case) in the same round (robust to a shared machine), plus the fastest round; CUDA, CUDA
+events around each iteration after a warm-up, the median. Peak extra memory: CUDA, max_memory_allocated above
+the inputs; CPU, the peak of live tensor bytes created during one forward + backward, from the profiler's
+memory timeline. The bytes floor is the time to read log_prob, old_log_prob, advantages, response_mask and
+write the gradient once, at the copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -39,12 +42,22 @@ from verl_cppo.config import CPPOConfig
 from verl_cppo.kernels import triton_installed
 
 SELECT_ALL = {"delta_b": 1e-6, "delta_b_max_mult": 1e9}  # every row's quantile lies inside the clamp
+DEFAULT = "cppo torch calibrated"  # the default cppo settings: the base of the non-default settings' ratios
+NAN_INPUTS = "cppo torch NaN inputs"  # default settings; 1% of tokens with NaN log mu, 1% with NaN log pi
 CASES = {
     "vanilla": ("vanilla", None),
     "dppo_tv": ("dppo_tv", None),
     "cppo torch fixed": ("cppo", {"kernel": "torch", "delta_b_quantile": None, "delta_b": 0.015}),
-    "cppo torch calibrated": ("cppo", {"kernel": "torch"}),
+    DEFAULT: ("cppo", {"kernel": "torch"}),
     "cppo torch select-all": ("cppo", {"kernel": "torch", **SELECT_ALL}),
+    "cppo torch soft gate": ("cppo", {"kernel": "torch", "gate": "soft"}),
+    "cppo torch binary_kl": ("cppo", {"kernel": "torch", "divergence": "binary_kl"}),
+    "cppo torch kl fixed": (
+        "cppo",
+        {"kernel": "torch", "divergence": "binary_kl", "delta_b_quantile": None, "delta_b": 0.015},
+    ),
+    "cppo torch shuffle": ("cppo", {"kernel": "torch", "shuffle_positions": True}),
+    NAN_INPUTS: ("cppo", {"kernel": "torch"}),
     "cppo fused fixed": ("cppo", {"kernel": "triton", "delta_b_quantile": None, "delta_b": 0.015}),
     "cppo fused calibrated": ("cppo", {"kernel": "triton"}),
     "cppo fused select-all": ("cppo", {"kernel": "triton", **SELECT_ALL}),
@@ -62,6 +75,16 @@ def make_batch(batch: int, width: int, device, dtype, seed: int = 0, spread: flo
     log_pi = (log_mu + spread * torch.randn(batch, width, generator=gen)).clamp(max=0.0)
     adv = torch.randn(batch, 1, generator=gen).expand(batch, width).contiguous()
     return [t.to(device=device, dtype=dtype) for t in (log_mu, log_pi, adv)] + [mask.to(device)]
+
+
+def with_nan(data, frac: float = 0.01, seed: int = 1):
+    """A copy of a batch with NaN log mu at a random `frac` of the tokens and NaN log pi at another `frac`."""
+    old, new, adv, mask = data
+    gen = torch.Generator().manual_seed(seed)
+    old, new = old.clone(), new.clone()
+    for t in (old, new):
+        t[(torch.rand(t.shape, generator=gen) < frac).to(t.device)] = torch.nan
+    return [old, new, adv, mask]
 
 
 def make_call(case: str, data):
@@ -86,8 +109,12 @@ def make_call(case: str, data):
 def check_against_reference(device, kernels) -> None:
     """Loss and gradient of the registered loss vs the float64 loop reference, per kernel (small rows)."""
     gen = torch.Generator().manual_seed(3)
-    for setting in ({}, {"delta_b_quantile": None, "delta_b": 0.015}, {"gate": "soft"}, SELECT_ALL):
+    settings = ({}, {"delta_b_quantile": None, "delta_b": 0.015}, {"gate": "soft"}, SELECT_ALL)
+    settings += ({"divergence": "binary_kl"}, {"nan": True})
+    for setting in settings:
         old, new, adv, mask = random_case(gen, batch=6, width=37, spread=0.4)
+        if setting.pop("nan", False):  # (the reference drops non-finite tokens too)
+            old, new, adv, mask = with_nan([old, new, adv, mask], frac=0.1)
         ref_loss, ref_grad, _ = reference_loss_and_grad(old, new, adv, mask, RefParams(**setting), "token-mean")
         for kernel in kernels:
             cfg = actor_config("token-mean", cppo={**setting, "kernel": kernel})
@@ -103,7 +130,24 @@ def check_against_reference(device, kernels) -> None:
             loss.backward()
             assert abs(loss.item() - ref_loss) <= 1e-12 * abs(ref_loss) + 1e-14, (kernel, setting, loss.item())
             torch.testing.assert_close(leaf.grad.cpu(), ref_grad, rtol=1e-12, atol=1e-14)
-    print(f"check: cppo {'/'.join(kernels)} loss and gradient == float64 loop reference (float64, 4 settings)")
+    check_shuffle()
+    print(
+        f"check: cppo {'/'.join(kernels)} loss and gradient == float64 loop reference (float64, {len(settings)} "
+        "settings incl. soft gate, binary_kl, NaN inputs; shuffle: the mask of the drawn positions)"
+    )
+
+
+def check_shuffle() -> None:
+    """shuffle_positions: the torch path's mask == the loop reference's for the positions it drew."""
+    from verl_cppo.core.mask import response_lengths, shuffled_positions
+    from verl_cppo.core.token_loss import cppo_token_losses
+
+    old, new, adv, mask = random_case(torch.Generator().manual_seed(4), batch=6, width=37, spread=0.4)
+    torch.manual_seed(11)
+    terms = cppo_token_losses(old, new, adv, mask, CPPOConfig(shuffle_positions=True))
+    torch.manual_seed(11)  # the same draw from the global generator
+    positions = shuffled_positions(response_lengths(mask), mask.shape[-1])
+    assert terms.gate.masked.tolist() == reference_cppo(old, new, adv, mask, RefParams(), positions).masked
 
 
 def check_fused_on_device(device, batch: int, width: int) -> None:
@@ -179,7 +223,8 @@ def time_cuda(calls: dict, repeats: int, warmup: int) -> dict:
 
 
 def time_cpu(calls: dict, rounds: int, inner: int) -> dict:
-    """Interleaved rounds; per case the fastest round and the median over rounds of its ratio to dppo_tv.
+    """Interleaved rounds; per case the fastest round and the medians over rounds of its ratios to dppo_tv
+    and to the default cppo case in the same round.
 
     Two clocks: wall time, and the process CPU time (time.process_time, all threads), which a shared
     machine's other processes do not inflate (with more torch threads it also counts their spinning)."""
@@ -196,10 +241,11 @@ def time_cpu(calls: dict, rounds: int, inner: int) -> dict:
     out = {}
     for name, clocks in per_round.items():
         out[name] = {"time": min(clocks["wall"]), "cpu_time": min(clocks["cpu"])}
-        for clock, times in clocks.items():
-            ratios = [t / b for t, b in zip(times, per_round["dppo_tv"][clock])]
-            q1, median, q3 = statistics.quantiles(ratios, n=4)
-            out[name][f"{clock}_ratio"] = (median, q1, q3)
+        for base, key in (("dppo_tv", "ratio"), (DEFAULT, "default")):
+            for clock, times in clocks.items():
+                ratios = [t / b for t, b in zip(times, per_round[base][clock])]
+                q1, median, q3 = statistics.quantiles(ratios, n=4)
+                out[name][f"{clock}_{key}"] = (median, q1, q3)
     return out
 
 
@@ -226,7 +272,8 @@ def peak_memory(call, device) -> int:
 
 def run_size(device, batch, width, cases, args, bandwidth) -> None:
     data = make_batch(batch, width, device, torch.float32, spread=args.spread)
-    calls = {name: make_call(name, data) for name in cases}
+    nan_data = with_nan(data)
+    calls = {name: make_call(name, nan_data if name == NAN_INPUTS else data) for name in cases}
     if torch.device(device).type == "cuda":
         results = time_cuda(calls, args.repeats, args.warmup)
     else:
@@ -234,27 +281,32 @@ def run_size(device, batch, width, cases, args, bandwidth) -> None:
     for name, call in calls.items():
         results[name]["memory"] = peak_memory(call, device)
     floor = batch * width * (4 + 4 + 4 + 1 + 4) / bandwidth  # read 3 fp32 + bool mask, write fp32 grad
-    base = results["dppo_tv"]
+    base, default = results["dppo_tv"], results[DEFAULT]
     print(f"\n{batch} x {width} fp32 on {describe(device)}; bytes floor {floor * 1e3:.4f} ms")
     cpu = "cpu_time" in base
-    header = f"{'case':24s} {'fwd+bwd ms':>11s} {'/ dppo_tv':>10s} {'/ floor':>9s} {'peak MB':>8s} {'/ dppo_tv':>9s}"
+    header = (
+        f"{'case':24s} {'fwd+bwd ms':>11s} {'/ dppo_tv':>10s} {'/ default':>10s} {'/ floor':>9s} {'peak MB':>8s}"
+        f" {'/ dppo_tv':>9s}"
+    )
     if cpu:
         header = (
             f"{'case':24s} {'wall ms':>8s} {'cpu ms':>8s} {'/ floor':>8s} {'peak MB':>8s} {'/ dppo_tv':>9s}"
-            f"   per-round ratio to dppo_tv, median [IQR]: cpu time | wall time"
+            f"   per-round ratio, median [IQR] of cpu time: to dppo_tv | to {DEFAULT}; wall time: to dppo_tv"
         )
     print(header)
     for name, r in results.items():
         memory = f"{r['memory'] / 2**20:8.2f} {r['memory'] / max(base['memory'], 1):9.2f}"
         if cpu:
-            (cm, c1, c3), (wm, w1, w3) = r["cpu_ratio"], r["wall_ratio"]
+            (cm, c1, c3), (dm, d1, d3), (wm, w1, w3) = r["cpu_ratio"], r["cpu_default"], r["wall_ratio"]
             print(
                 f"{name:24s} {r['time'] * 1e3:8.3f} {r['cpu_time'] * 1e3:8.3f} {r['cpu_time'] / floor:8.1f} {memory}"
-                f"   {cm:.2f} [{c1:.2f}, {c3:.2f}] | {wm:.2f} [{w1:.2f}, {w3:.2f}]"
+                f"   {cm:.2f} [{c1:.2f}, {c3:.2f}] | {dm:.2f} [{d1:.2f}, {d3:.2f}]; {wm:.2f} [{w1:.2f}, {w3:.2f}]"
             )
         else:
-            ratio = r["time"] / base["time"]
-            print(f"{name:24s} {r['time'] * 1e3:11.3f} {ratio:10.2f} {r['time'] / floor:9.1f} {memory}")
+            ratio, to_default = r["time"] / base["time"], r["time"] / default["time"]
+            print(
+                f"{name:24s} {r['time'] * 1e3:11.3f} {ratio:10.2f} {to_default:10.2f} {r['time'] / floor:9.1f} {memory}"
+            )
 
 
 def describe(device) -> str:
@@ -273,6 +325,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50, help="CUDA: timed iterations per case")
     parser.add_argument("--warmup", type=int, default=10, help="CUDA: untimed iterations per case")
     parser.add_argument("--spread", type=float, default=0.05, help="std of log pi - log mu")
+    parser.add_argument(
+        "--cases", default=None, help="comma-separated subset of the cases (dppo_tv and the default always run)"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     parser.add_argument("--check-only", action="store_true", help="run the correctness checks only")
     args = parser.parse_args()
@@ -282,6 +337,12 @@ def main() -> None:
     torch.set_num_threads(args.threads) if device == "cpu" else None
     fused = device == "cuda" and triton_installed()
     cases = [c for c in CASES if fused or "fused" not in c]
+    if args.cases:
+        chosen = {"dppo_tv", DEFAULT, *(c.strip() for c in args.cases.split(","))}
+        unknown = chosen - set(CASES)
+        if unknown:
+            sys.exit(f"--cases: unknown {sorted(unknown)}; known: {list(CASES)}")
+        cases = [c for c in cases if c in chosen]
     if not args.no_check:
         check_against_reference(device, ["torch", "triton"] if fused else ["torch"])
         if fused:

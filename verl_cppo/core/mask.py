@@ -98,11 +98,27 @@ def response_lengths(mask: torch.Tensor) -> torch.Tensor:
     return (maskf * cols).amax(dim=-1).long()
 
 
-def shuffled_positions(lengths: torch.Tensor, width: int, generator: torch.Generator | None = None):
+def shuffled_positions(
+    lengths: torch.Tensor, width: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.int64
+):
     """1-based positions with each row's first `lengths[b]` positions randomly permuted (shuffle ablation).
 
-    lengths [B] int64 -> positions [B, width] int64; columns at or past the length keep their own position.
+    lengths [B] int64 -> positions [B, width] in `dtype` (int64, or a float dtype that holds `width` exactly);
+    columns at or past the length keep their own position. On CPU each row is one ``torch.randperm`` of its own
+    length (Fisher-Yates: about a tenth of a sort's cost there; the same permutation in every dtype for the
+    same generator state); elsewhere one argsort of random keys for all rows (a few launches, not one a row).
     """
+    if lengths.device.type == "cpu":
+        positions = torch.arange(width, dtype=dtype).repeat(lengths.shape[0], 1)  # [B, T] 0-based
+        for row, n in zip(positions, lengths.tolist(), strict=True):
+            if n > 1:
+                torch.randperm(min(n, width), generator=generator, dtype=dtype, out=row[:n])  # [n] into the row
+        return positions.add_(1)
+    return _shuffled_by_sort(lengths, width, generator).to(dtype)
+
+
+def _shuffled_by_sort(lengths: torch.Tensor, width: int, generator: torch.Generator | None) -> torch.Tensor:
+    """shuffled_positions as int64 from one argsort of random keys (any device)."""
     cols = torch.arange(width, device=lengths.device)  # [T]
     inside = cols < lengths[:, None]  # [B, T]
     keys = torch.rand(lengths.shape[0], width, device=lengths.device, generator=generator)  # [B, T]
@@ -230,23 +246,25 @@ def prefix_gate(
     Returns (weight [B, T] float, masked [B, T] bool, masked_by_budget [B, T] bool).
     """
     delta = params.delta
-    over_token = z > delta  # [B, T] the position-weighted threshold alone rejects
+    over_token = compare(torch.gt, z, delta).bool()  # [B, T] the position-weighted threshold alone rejects
     if params.prefix_budget:
         allowance = delta + delta_b[:, None] * w_excl  # [B, T] delta + delta_b W_{t-1}
-        over_budget = z > allowance - s_excl  # [B, T] Z_t > delta + delta_b W_{t-1} - S_{t-1}
+        over_budget = compare(torch.gt, z, allowance - s_excl).bool()  # [B, T] Z_t > delta + delta_b W_{t-1} - S_{t-1}
         rejected = over_token | over_budget  # [B, T] Z_t > c_t
     else:
         rejected = over_token
     masked = valid & ~toward_mu & rejected  # [B, T]
     keep = valid & ~masked  # [B, T]
+    keepf = as_float(keep, z.dtype)  # [B, T]
     if params.gate == "hard":
-        weight = keep.to(z.dtype)
-    else:
+        weight = keepf
+    else:  # where(keep, 1, 1 / max(x, 1)) on valid, 0 off it, as keep + (valid - keep) / max(x, 1): the
+        # products are by 0 or 1 and 1 / max(x, 1) is finite (x is, for finite z and s), so this is exact
         x = z / delta  # [B, T]
         if params.prefix_budget:
             x = torch.maximum(x, (s_excl + z) / allowance)  # S_t / (delta + delta_b W_{t-1})
-        soft = torch.where(keep, 1.0, 1.0 / x.clamp(min=1.0))  # [B, T] exactly 1 wherever hard keeps
-        weight = torch.where(valid, soft, 0.0)
+        soft = x.clamp_(min=1.0).reciprocal_()  # [B, T] (1.0 / x in torch is reciprocal(x) * 1.0)
+        weight = keepf + (as_float(valid, z.dtype) - keepf).mul_(soft)  # [B, T]
     return weight, masked, masked & ~over_token
 
 
