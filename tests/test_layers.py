@@ -36,7 +36,7 @@ def _imports(name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base]).strip(".")
             for alias in node.names:
                 child = f"{base}.{alias.name}"
                 found.add(child if child in MODULES else base)
@@ -85,7 +85,7 @@ def test_no_import_cycles():
         path.append(name)
         for dep in sorted(_internal(name)):
             if state.get(dep) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(dep) :] + [dep]))
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(dep) :], dep]))
             if dep not in state:
                 visit(dep)
         path.pop()
