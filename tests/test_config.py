@@ -1,6 +1,7 @@
 """CPPOConfig validation, and the Hydra form against verl 0.9.1's real config files (FSDP and Megatron)."""
 
 import math
+import re
 import textwrap
 
 import pytest
@@ -184,3 +185,78 @@ def test_invalid_value_is_refused_at_instantiation_naming_key_and_range(engine, 
 def test_cppo_keys_without_the_plus_are_refused_by_hydra():
     with pytest.raises(ConfigCompositionException, match=r"policy_loss\.cppo"):
         compose_trainer("dp", [CPPO_TARGET, "actor_rollout_ref.actor.policy_loss.cppo.delta=0.2"])
+
+
+BEYOND_FLOAT32 = [
+    ("delta", 1e39),
+    ("delta_b", 1e39),
+    ("ratio_cap", 1e39),
+    ("delta_b_scale", 3.5e38),
+    ("delta_b_max_mult", 1e300),
+    ("delta", 10**400),  # an int beyond any float
+    ("ratio_cap", -(10**400)),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BEYOND_FLOAT32, ids=[f"{k}={str(v)[:6]}" for k, v in BEYOND_FLOAT32])
+def test_finite_values_beyond_float32_are_refused_naming_key_and_value(key, value):
+    """The loss computes in float32: a finite setting beyond it would overflow to inf at the first loss call."""
+    with pytest.raises(ValueError, match=rf"cppo\.{key} must be .*, got ") as info:
+        CPPOConfig(**{key: value})
+    assert str(info.value).endswith(f"got {value!r}")
+
+
+def test_float32_max_itself_and_inf_where_allowed_are_accepted():
+    assert CPPOConfig(ratio_cap=math.inf).ratio_cap == math.inf  # (0, inf]: inf = no truncation
+    assert CPPOConfig(delta=3.4e38, delta_b=1e38, delta_b_max_mult=3.0).delta == 3.4e38
+
+
+def test_the_calibrated_cap_beyond_float32_is_refused():
+    with pytest.raises(ValueError, match=r"cppo\.delta_b \* cppo\.delta_b_max_mult must be at most .*got 1e\+38 \* 5"):
+        CPPOConfig(delta_b=1e38, delta_b_max_mult=5.0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        ("ratio_cap", "1e39", "1e+39"),
+        ("delta_b", "1e39", "1e+39"),
+        ("delta", "1" + "0" * 400, "1" + "0" * 400),  # Hydra parses it as a Python int
+    ],
+    ids=["ratio_cap=1e39", "delta_b=1e39", "delta=10**400"],
+)
+def test_beyond_float32_is_refused_by_the_driver_through_hydra(key, value, shown):
+    """verl's validate_config (wrapped by the plugin, as main_ppo calls it) instantiates the node and refuses."""
+    import verl.trainer.main_ppo as main_ppo
+
+    cfg = compose_trainer(
+        "dp",
+        [
+            CPPO_TARGET,
+            "actor_rollout_ref.actor.policy_loss.loss_mode=cppo",
+            "algorithm.rollout_correction.bypass_mode=true",
+            f"+actor_rollout_ref.actor.policy_loss.cppo.{key}={value}",
+        ],
+    )
+    with pytest.raises(
+        InstantiationException, match=rf"cppo\.{key} must be .*\(float32\), got {re.escape(shown)}"
+    ) as info:
+        main_ppo.validate_config(cfg, use_reference_policy=False, use_critic=False)
+    assert "full_key: actor_rollout_ref.actor.policy_loss" in str(info.value)
+
+
+def test_the_calibrated_cap_beyond_float32_is_refused_by_the_driver():
+    import verl.trainer.main_ppo as main_ppo
+
+    cfg = compose_trainer(
+        "megatron",
+        [
+            CPPO_TARGET,
+            "actor_rollout_ref.actor.policy_loss.loss_mode=cppo",
+            "algorithm.rollout_correction.bypass_mode=true",
+            "+actor_rollout_ref.actor.policy_loss.cppo.delta_b=1e38",
+            "+actor_rollout_ref.actor.policy_loss.cppo.delta_b_max_mult=5",
+        ],
+    )
+    with pytest.raises(InstantiationException, match=r"cppo\.delta_b \* cppo\.delta_b_max_mult must be at most"):
+        main_ppo.validate_config(cfg, use_reference_policy=False, use_critic=False)

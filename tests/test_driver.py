@@ -1,6 +1,7 @@
 """Driver-side refusal of configurations in which CPPO would not measure against the rollout policy."""
 
 import logging
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import verl.utils.config
 
 from tests.support.verl_hydra import CPPO_TARGET, ENGINES, compose_trainer
 from verl_cppo import hooks
-from verl_cppo.driver import STRICT_ANCHOR_ENV, check_cppo_config, install
+from verl_cppo.driver import STRICT_ANCHOR_ENV, check_cppo_config, install, validate
 
 CPPO = "actor_rollout_ref.actor.policy_loss.loss_mode=cppo"
 BYPASS = "algorithm.rollout_correction.bypass_mode=true"
@@ -115,3 +116,69 @@ def test_ratio_clip_keys_at_verls_defaults_or_under_other_losses_pass():
     assert check_cppo_config(compose_trainer("dp", [CPPO, BYPASS, *defaults]))[0] == []
     vanilla = ["actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "actor_rollout_ref.actor.clip_ratio_high=0.28"]
     assert check_cppo_config(compose_trainer("dp", vanilla))[0] == []
+
+
+CPPO_NODE = "+actor_rollout_ref.actor.policy_loss.cppo"
+
+
+@pytest.mark.parametrize("loss_mode", [None, "vanilla", "CPPO", "dppo_tv"])
+def test_a_cppo_node_without_loss_mode_cppo_is_refused_naming_loss_mode_and_the_keys(loss_mode):
+    """Every CPPO setting would be dropped while another loss trains: refused before Ray starts."""
+    overrides = [CPPO_TARGET, BYPASS, f"{CPPO_NODE}.divergence=topk_tv", f"{CPPO_NODE}.delta=0.2"]
+    if loss_mode is not None:  # None: loss_mode left at verl's default, vanilla
+        overrides.append(f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}")
+    cfg = compose_trainer("dp", overrides)
+    errors, _ = check_cppo_config(cfg)
+    shown = repr(loss_mode or "vanilla")
+    assert len(errors) == 1
+    assert (
+        f"policy_loss.cppo sets ['delta', 'divergence'] but actor_rollout_ref.actor.policy_loss.loss_mode={shown}"
+        in errors[0]
+    )
+    assert "set actor_rollout_ref.actor.policy_loss.loss_mode=cppo" in errors[0]
+    with pytest.raises(ValueError, match=r"policy_loss\.cppo sets \['delta', 'divergence'\] but .*loss_mode="):
+        verl.utils.config.validate_config(cfg, use_reference_policy=False, use_critic=False)
+
+
+def test_an_empty_cppo_node_and_the_target_alone_pass_with_another_loss_mode():
+    """Only settings that would be dropped are refused: the target alone (a superset of verl's config) is not."""
+    assert _check("dp", CPPO_TARGET, "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla") == ([], [])
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "CPPO_GRPO"])
+def test_a_cppo_grpo_node_without_the_estimator_is_refused(estimator):
+    cfg = compose_trainer(
+        "dp",
+        [
+            f"algorithm.adv_estimator={estimator}",
+            "algorithm._target_=verl_cppo.config.CPPOAlgoConfig",
+            "+algorithm.cppo_grpo.norm_adv_by_std=true",
+        ],
+    )
+    with pytest.raises(ValueError, match=rf"algorithm\.cppo_grpo sets \['norm_adv_by_std'\] but .*={estimator!r}"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        (f"{CPPO_NODE}=0.2", "actor_rollout_ref.actor.policy_loss.cppo"),
+        (f"{CPPO_NODE}=[1,2]", "actor_rollout_ref.actor.policy_loss.cppo"),
+        ("+algorithm.cppo_grpo=0.2", "algorithm.cppo_grpo"),
+    ],
+)
+@pytest.mark.parametrize("loss_mode", ["cppo", "vanilla"])
+def test_a_scalar_where_a_node_belongs_is_refused_naming_key_and_value(override, key, loss_mode):
+    cfg = compose_trainer(
+        "dp",
+        [
+            CPPO_TARGET,
+            BYPASS,
+            "algorithm._target_=verl_cppo.config.CPPOAlgoConfig",
+            f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
+            override,
+        ],
+    )
+    value = override.partition("=")[2].replace(",", ", ")
+    with pytest.raises(ValueError, match=rf"^{key} must be a config node .*, got {re.escape(value)}$"):
+        validate(cfg)

@@ -139,3 +139,44 @@ def test_pure_math_modules_work_without_verl():
     assert out.returncode == 0, out.stderr
     assert "[[1.0, 0.8999999761581421, 0.800000011920929]] False" in out.stdout
     assert "ImportError: verl_cppo.CPPOConfig needs verl" in out.stdout
+
+
+def test_broken_install_stops_a_launch_that_needs_the_plugin_in_the_driver():
+    """verl's validate_config (what main_ppo calls before Ray starts) refuses launches that select cppo,
+    cppo_grpo or a verl-cppo node, with the original import error as the cause; other launches go on."""
+    out = _python(
+        """
+        import sys
+        sys.modules["verl_cppo.core.mask"] = None  # simulates a broken install of one of our modules
+        import verl
+        import verl.trainer.main_ppo as main_ppo
+        from tests.support.verl_hydra import CPPO_TARGET, compose_trainer
+
+        launches = {
+            "cppo": ["actor_rollout_ref.actor.policy_loss.loss_mode=cppo"],
+            "legacy": ["actor_rollout_ref.actor.policy_loss.loss_mode=cppo", "trainer.use_v1=false",
+                       "algorithm.rollout_correction.bypass_mode=true"],
+            "estimator": ["algorithm.adv_estimator=cppo_grpo"],
+            "target": [CPPO_TARGET],
+            "vanilla": [],
+        }
+        for name, overrides in launches.items():
+            try:
+                main_ppo.validate_config(compose_trainer("dp", overrides), use_reference_policy=False,
+                                         use_critic=False)
+                print(name, "PASSED")
+            except RuntimeError as exc:
+                print(name, "REFUSED", exc, "| cause:", type(exc.__cause__).__name__)
+        """
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = ("cppo", "legacy", "estimator", "target", "vanilla")
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(names))
+    broken = "needs verl-cppo, which is installed but failed to import (ModuleNotFoundError: import of verl_cppo.core"
+    assert lines["cppo"].startswith(f"REFUSED actor_rollout_ref.actor.policy_loss.loss_mode=cppo {broken}")
+    assert lines["legacy"].startswith("REFUSED actor_rollout_ref.actor.policy_loss.loss_mode=cppo needs verl-cppo")
+    assert lines["estimator"].startswith(f"REFUSED algorithm.adv_estimator=cppo_grpo {broken}")
+    assert lines["target"].startswith("REFUSED actor_rollout_ref.actor.policy_loss._target_=verl_cppo.config.")
+    refused = [line for name, line in lines.items() if name != "vanilla"]
+    assert all(line.endswith("| cause: ModuleNotFoundError") for line in refused), refused
+    assert lines["vanilla"] == "PASSED"

@@ -40,6 +40,7 @@ __all__ = [
     "CPPOGRPOConfig",
     "CPPOPolicyLossConfig",
     "Gate",
+    "config_node",
     "config_value",
     "cppo_config_of",
     "cppo_grpo_config_of",
@@ -303,6 +304,24 @@ def config_value(config: Any, dotted: str, default: Any = None) -> Any:
     return node
 
 
+def config_node(config: Any, dotted: str) -> Mapping:
+    """The config node (mapping) at ``dotted`` of a raw composed config; {} where it is absent or null.
+
+    The one reader of the nodes the driver-side checks look into (``policy_loss``, ``policy_loss.cppo``,
+    ``algorithm``, ``algorithm.cppo_grpo``, ...): a node set to a scalar or a list (``+...policy_loss.cppo=0.2``)
+    is refused here, naming the key and the value, instead of failing later on a ``.get`` of a float."""
+    node, path = config, []
+    for key in dotted.split("."):
+        path.append(key)
+        node = node.get(key, None) if isinstance(node, Mapping) else None
+        if node is None:
+            return {}
+        if not isinstance(node, Mapping):
+            where = ".".join(path)
+            raise ValueError(f"{where} must be a config node (a mapping, e.g. +{where}.<key>=<value>), got {node!r}")
+    return node
+
+
 _DEFAULTS: dict[type, Any] = {}
 
 
@@ -316,7 +335,7 @@ def _node_of(parent: Any, key: str, cls: type, where: str) -> Any:
         return node
     if isinstance(node, Mapping):  # a DictConfig / dict that bypassed instantiation
         return _validated_node(node, cls, where)
-    raise TypeError(f"{where} must be a {cls.__name__} or a mapping, got {type(node).__name__}")
+    raise ValueError(f"{where} must be a {cls.__name__} or a mapping, got {node!r}")
 
 
 def cppo_config_of(actor_config: Any) -> CPPOConfig:

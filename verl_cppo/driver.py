@@ -2,17 +2,22 @@
 
 verl's driver calls ``verl.utils.config.validate_config`` before it starts Ray; ``install`` wraps it (through
 ``verl_cppo.hooks``, documented in patches/README.md) so that ``validate`` runs first and stops the launch
-with one ``ValueError`` listing every problem. Three groups of checks:
+with one ``ValueError`` listing every problem. Four groups of checks:
 
-* anchoring (``check_cppo_config``): ``loss_mode=cppo`` must see the rollout policy, see below;
+* configured but unselected (``_unselected_node``): a ``policy_loss.cppo`` node with ``loss_mode`` other than
+  ``cppo`` (left at vanilla, or mistyped ``CPPO``), or an ``algorithm.cppo_grpo`` node with another
+  ``adv_estimator``, would have every setting dropped while another method trains: refused, naming the
+  selector's value and the keys set. Every node is read through ``verl_cppo.config.config_node``, which
+  refuses a scalar where a node belongs (``+...policy_loss.cppo=0.2``), naming the key and the value;
+* anchoring (``check_cppo_config``): ``loss_mode=cppo`` must see the rollout policy, see below; and verl's
+  ratio-clip keys, which CPPO does not read, must stay at verl's defaults (``_ignored_clip_settings``);
 * Top-K divergences (``check_topk_config``): the launch can serve mu's top-K and pi's logits;
-* the ``cppo_grpo`` estimator (``check_cppo_grpo_config``): its node is instantiable and valid.
+* the ``cppo_grpo`` estimator (``check_cppo_grpo_config``): its node is instantiable and valid, and a group
+  holds more than one response (``rollout.n >= 2``).
 
 Then ``verl_cppo.topk.setup.propagate_topk`` exports K to every Ray process when a Top-K divergence is set.
 
 Anchoring. CPPO measures divergence from the rollout policy mu, and verl 0.9.1 hands the loss mu only as
-
-CPPO measures divergence from the rollout policy mu, and verl 0.9.1 hands the loss mu only as
 ``old_log_prob`` when ``algorithm.rollout_correction.bypass_mode=True`` under the v1 trainer. Otherwise:
 
 * bypass off (any trainer): ``old_log_prob`` is pi_old recomputed by the actor, so CPPO silently measures
@@ -43,7 +48,7 @@ from dataclasses import fields
 from typing import Any
 
 from verl_cppo import hooks
-from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET, config_value
+from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET, config_node, config_value
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS
 from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, configured_topk, propagate_topk
 
@@ -81,13 +86,18 @@ def check_cppo_config(config: Any) -> tuple[list[str], list[str]]:
     """(errors, warnings) for a composed verl trainer config (DictConfig or nested dicts)."""
     errors: list[str] = []
     warnings: list[str] = []
-    policy_loss = _get(config, "actor_rollout_ref.actor.policy_loss", {}) or {}
+    policy_loss = config_node(config, "actor_rollout_ref.actor.policy_loss")
     target = policy_loss.get("_target_", "")
     if "cppo" in policy_loss and target != CPPO_TARGET:
         errors.append(
             "actor_rollout_ref.actor.policy_loss.cppo is set but the node's _target_ is "
             f"{target!r}; add actor_rollout_ref.actor.policy_loss._target_={CPPO_TARGET}"
         )
+    unselected = _unselected_node(
+        config, "actor_rollout_ref.actor.policy_loss.cppo", "actor_rollout_ref.actor.policy_loss.loss_mode", "cppo"
+    )
+    if unselected:
+        errors.append(unselected)
     if policy_loss.get("loss_mode") != "cppo":
         return errors, warnings
 
@@ -154,6 +164,19 @@ def _ignored_clip_settings(config: Any) -> list[str]:
     return errors
 
 
+def _unselected_node(config: Any, node: str, selector: str, value: str) -> str | None:
+    """An error when the settings node ``node`` is configured but ``selector`` does not select ``value``:
+    every one of its settings would be dropped without a word (``loss_mode`` left at vanilla or mistyped)."""
+    keys = sorted(str(k) for k in config_node(config, node))  # refuses a scalar node, naming it
+    chosen = _get(config, selector)
+    if not keys or chosen == value:
+        return None
+    return (
+        f"{node} sets {keys} but {selector}={chosen!r}, so none of them would be used; set {selector}={value} "
+        f"(or remove the {node.rpartition('.')[2]} node)"
+    )
+
+
 def check_topk_config(config: Any) -> list[str]:
     """Errors for a Top-K divergence the launch cannot serve (empty when none is configured)."""
     k = configured_topk(config)
@@ -209,11 +232,12 @@ def check_topk_config(config: Any) -> list[str]:
 def check_cppo_grpo_config(config: Any) -> None:
     """Driver-side check of a composed trainer config: refuse a ``cppo_grpo`` node that verl's AlgoConfig
     could not hold, and instantiate the node (validating every setting) when the estimator is selected."""
-    algorithm = config.get("algorithm", None) if isinstance(config, Mapping) else None
-    if not isinstance(algorithm, Mapping):
-        return
+    algorithm = config_node(config, "algorithm")
     selected = algorithm.get("adv_estimator", None) == "cppo_grpo"
     has_node = "cppo_grpo" in algorithm
+    unselected = _unselected_node(config, "algorithm.cppo_grpo", "algorithm.adv_estimator", "cppo_grpo")
+    if unselected:
+        raise ValueError(unselected)
     if not (selected or has_node):
         return
     target = algorithm.get("_target_", "")

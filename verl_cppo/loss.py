@@ -8,6 +8,7 @@ verl's ``ppo_loss`` (verl/workers/utils/losses.py) calls it for every engine wit
                 the rows are whole responses (``GatheredRows``) or a rank's shard-local tokens
                 (``verl_cppo.sharding.context.ShardContext``), both behind one small interface
     aggregate   verl's ``agg_loss`` with the configured ``loss_agg_mode`` and global batch counts
+                (``agg_loss_keywords``: verl's rule for missing counts, and empty mini-batches made exact)
     metrics     the METRIC_KEYS of ``verl_cppo.core.token_loss`` in one device-to-host copy
 
     L = - sum_t M_t * sg(min(rho_t, ratio_cap)) * A_t * log pi_t      aggregated by verl's agg_loss
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -36,7 +38,15 @@ from verl_cppo.core.token_loss import (
 from verl_cppo.kernels import use_triton
 from verl_cppo.topk.channel import topk_divergence_input
 
-__all__ = ["GATHERED_ROWS", "METRIC_KEYS", "STAT_NAMES", "GatheredRows", "LossRows", "compute_policy_loss_cppo"]
+__all__ = [
+    "GATHERED_ROWS",
+    "METRIC_KEYS",
+    "STAT_NAMES",
+    "GatheredRows",
+    "LossRows",
+    "agg_loss_keywords",
+    "compute_policy_loss_cppo",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +70,83 @@ class LossRows(Rows, Protocol):
         ...
 
 
+_COUNT_OF_MODE = {
+    "token-mean": "batch_num_tokens",
+    "seq-mean-token-sum": "global_batch_size",
+    "seq-mean-token-sum-norm": "global_batch_size",
+    "seq-mean-token-mean": "global_batch_size",
+}
+"""The global count each loss_agg_mode divides by (token-sum divides by none)."""
+
+
+def _count_value(key: str, value: Any) -> float:
+    """A count of verl's global_batch_info as a float; ValueError naming the key unless a finite number >= 0."""
+    x = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x < 0:
+        raise ValueError(f"cppo loss: global_batch_info {key} must be a finite count >= 0, got {value!r}")
+    return float(x)
+
+
+def agg_loss_keywords(
+    batch_info: dict,
+    loss_agg_mode: str,
+    *,
+    num_tokens: Callable[[], torch.Tensor],
+    num_seqs: Callable[[], torch.Tensor],
+    width: int,
+) -> dict:
+    """The keywords for verl's ``agg_loss`` from ``config.global_batch_info``, for every kind of rows.
+
+    ``num_tokens`` / ``num_seqs``: the rows' own response-token / non-empty-response counts (gathered rows:
+    the micro-batch's; shard-local rows: the gathered responses'), as 0-dim tensors; ``width``: the padded
+    response length, verl's default ``loss_scale_factor``.
+
+    * A missing count follows verl's rule: with ``dp_size > 1`` it stays missing and ``agg_loss`` raises
+      (a local count would silently weight ranks unequally); with ``dp_size`` 1 it is the rows' own count.
+    * A count of 0 (explicit or the rows' own: a mini-batch without response tokens) makes every loss term
+      an empty sum: the loss is 0 with zero gradient, not verl's 0/0 = NaN. An explicit global count of 0
+      while these rows hold response tokens is a contradiction and raises, naming the key.
+    * ``seq-mean-token-sum-norm`` with T = 0 and no ``loss_scale_factor`` divides by 1, not 0 (no tokens,
+      loss 0); an explicit factor must be > 0.
+    """
+    info = dict(batch_info)
+    dp_size = info.get("dp_size", 1) or 1
+    key = _COUNT_OF_MODE.get(loss_agg_mode)
+    if key is not None:
+        local = num_tokens if key == "batch_num_tokens" else num_seqs
+        if info.get(key) is None:
+            if dp_size <= 1:
+                info[key] = local().clamp(min=1)  # 0 tokens: the sum is empty, so 0 / 1 = 0
+        elif _count_value(key, info[key]) == 0:
+            held = int(local())
+            if held:
+                raise ValueError(
+                    f"cppo loss: global_batch_info {key}=0 (the global count), but this micro-batch has {held} "
+                    f"{'response tokens' if key == 'batch_num_tokens' else 'non-empty responses'}"
+                )
+            info[key] = 1  # every term is 0: loss 0 and zero gradient instead of 0/0
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        factor = info.get("loss_scale_factor")
+        if factor is None:
+            info["loss_scale_factor"] = max(width, 1)
+        elif isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor < math.inf:
+            raise ValueError(f"cppo loss: loss_scale_factor must be a finite number > 0, got {factor!r}")
+    return info
+
+
 class GatheredRows(WholeRows):
     """Whole right-padded responses, as every verl 0.9.1 engine hands them to the loss."""
 
     fusable = True
 
     def aggregate(self, pg_losses, response_mask, loss_agg_mode, batch_info):
-        info = dict(batch_info)  # verl's agg_loss divides by local counts when no global count is given
-        if loss_agg_mode == "token-mean" and info.get("batch_num_tokens") is None:
-            info["batch_num_tokens"] = response_mask.sum().clamp(min=1)  # 0/0 would be NaN
-        if loss_agg_mode.startswith("seq-mean") and info.get("global_batch_size") is None:
-            info["global_batch_size"] = response_mask.any(dim=-1).sum().clamp(min=1)
+        info = agg_loss_keywords(
+            batch_info,
+            loss_agg_mode,
+            num_tokens=lambda: response_mask.sum(),
+            num_seqs=lambda: response_mask.any(dim=-1).sum(),
+            width=response_mask.shape[-1],
+        )
         return agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **info)
 
     def reduce_sums(self, stats, loss):

@@ -13,13 +13,20 @@ excludes it; ``actor_rollout_ref.model.external_lib=verl_cppo`` and the ``_targe
   groups to the loss normalisers (``verl_cppo.advantage.exclusion``) and the averaged AIME validation metric
   (``verl_cppo.val_metrics``); every change to verl goes through ``verl_cppo.hooks``;
 * if that fails, verl would log the exception at DEBUG and later stop with "Unsupported loss mode: cppo".
-  Instead the error is logged at ERROR with its traceback, and a stand-in ``cppo`` loss is registered that
-  raises a RuntimeError naming the original exception, then the exception propagates.
+  Instead the error is logged at ERROR with its traceback, a stand-in ``cppo`` loss (and ``cppo_grpo``
+  estimator) is registered that raises a RuntimeError naming the original exception, and verl's
+  ``validate_config`` is wrapped (through ``verl_cppo.hooks``, stdlib only, so it imports even when the rest
+  does not) so that a launch that selects ``loss_mode=cppo`` or ``adv_estimator=cppo_grpo``, or configures a
+  verl-cppo node, stops in the driver with that exception as its cause, before Ray starts, instead of at
+  the first actor update after the model loaded and the rollouts ran. Then the exception propagates.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["register"]
 
@@ -75,3 +82,61 @@ def _register_broken(exc: BaseException) -> None:
         @register_adv_est("cppo_grpo")
         def broken_cppo_grpo(*args, **kwargs):
             raise RuntimeError(message)
+
+    _stop_launches_that_need_the_plugin(exc)
+
+
+def _uses_the_plugin(config: Any) -> str | None:
+    """What in a composed trainer config needs verl-cppo (read with plain mapping access: the plugin's own
+    config reader may be what failed to import), or None."""
+
+    def node(*keys: str) -> Any:
+        value = config
+        for key in keys:
+            value = value.get(key, None) if isinstance(value, Mapping) else None
+        return value
+
+    policy_loss, algorithm = node("actor_rollout_ref", "actor", "policy_loss"), node("algorithm")
+    if node("actor_rollout_ref", "actor", "policy_loss", "loss_mode") == "cppo":
+        return "actor_rollout_ref.actor.policy_loss.loss_mode=cppo"
+    if node("algorithm", "adv_estimator") == "cppo_grpo":
+        return "algorithm.adv_estimator=cppo_grpo"
+    for where, value in (("actor_rollout_ref.actor.policy_loss", policy_loss), ("algorithm", algorithm)):
+        target = value.get("_target_", "") if isinstance(value, Mapping) else ""
+        if isinstance(target, str) and target.startswith("verl_cppo."):
+            return f"{where}._target_={target}"
+    return None
+
+
+def _stop_launches_that_need_the_plugin(exc: BaseException) -> None:
+    """Wrap verl's ``validate_config`` so that a launch needing verl-cppo stops there, naming ``exc``."""
+    try:
+        from verl_cppo import hooks  # stdlib only
+    except Exception:  # the hook mechanism itself is broken: the stand-ins above still name the failure
+        logger.error("verl-cppo: cannot stop launches that select cppo early; they fail at the first actor update")
+        return
+
+    def make_wrapper(original):
+        @functools.wraps(original)
+        def validate_config(config, *args, **kwargs):
+            needed = _uses_the_plugin(config)
+            if needed is not None:
+                raise RuntimeError(
+                    f"{needed} needs verl-cppo, which is installed but failed to import "
+                    f"({type(exc).__name__}: {exc}); fix the install (see the ERROR logged at import)"
+                ) from exc
+            return original(config, *args, **kwargs)
+
+        return validate_config
+
+    try:
+        hooks.wrap(
+            "verl.utils.config",
+            "validate_config",
+            make_wrapper,
+            name="broken_install",
+            aliases=("verl.utils",),
+            now=True,
+        )
+    except Exception:
+        logger.error("verl-cppo: cannot wrap verl's validate_config to stop launches that need it", exc_info=True)

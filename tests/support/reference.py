@@ -63,21 +63,35 @@ def _is_valid(mask_t, *values) -> bool:
 
 
 def reference_cppo(
-    old_log_prob, log_prob, advantages, response_mask, p: RefParams, positions=None, divergences=None
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    p: RefParams,
+    positions=None,
+    divergences=None,
+    is_weights=None,
 ) -> RefResult:
     """Loop implementation over [B, T] tensors (any dtype; read as float64). positions: optional [B, T].
 
-    divergences: optional [B, T] D_t computed elsewhere (the Top-K divergences; tests/support/topk_batches.py).
+    divergences: optional [B, T] D_t computed elsewhere (the Top-K divergences; tests/support/topk_batches.py):
+    NaN = no D for the token (dropped), +inf and anything above 1e4 capped at 1e4. is_weights: optional [B, T]
+    rollout IS weights multiplied into each token's coefficient; a non-finite weight drops the token.
     """
     old = old_log_prob.double().tolist()
     new = log_prob.double().tolist()
     adv = advantages.double().tolist()
     mask = response_mask.bool().tolist()
     pos_rows = positions.tolist() if positions is not None else None
+    isw = is_weights.double().tolist() if is_weights is not None else None
     out = RefResult()
     for b in range(len(mask)):
         width = len(mask[b])
         valid = [_is_valid(mask[b][t], old[b][t], new[b][t], adv[b][t]) for t in range(width)]
+        if divergences is not None:
+            valid = [v and not math.isnan(float(divergences[b][t])) for t, v in enumerate(valid)]
+        if isw is not None:
+            valid = [v and math.isfinite(isw[b][t]) for t, v in enumerate(valid)]
         length = max((t + 1 for t in range(width) if mask[b][t]), default=0)
         horizon = p.position_horizon if p.position_horizon is not None else length
         if divergences is not None:
@@ -114,7 +128,7 @@ def reference_cppo(
             row_w.append(gate)
             row_m.append(not keep)
             row_bb.append(not keep and z <= p.delta)
-            row_c.append(-gate * min(rho, p.ratio_cap) * adv[b][t])
+            row_c.append(-gate * min(rho, p.ratio_cap) * adv[b][t] * (isw[b][t] if isw is not None else 1.0))
             s_prev += z
             w_prev += w
         out.weight.append(row_w), out.masked.append(row_m), out.by_budget.append(row_bb)
@@ -122,23 +136,34 @@ def reference_cppo(
     return out
 
 
-def reference_aggregate(per_token, response_mask, mode: str, loss_scale_factor=None) -> float:
-    """verl's loss_agg_mode semantics on one micro-batch (dp_size 1), written out as loops."""
+def reference_aggregate(
+    per_token,
+    response_mask,
+    mode: str,
+    loss_scale_factor=None,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    dp_size=1,
+) -> float:
+    """verl's loss_agg_mode semantics on one micro-batch, written out as loops: the micro-batch's own counts
+    unless the global ones are given (then x dp_size, as DP averages the ranks' gradients). A count of 0 (no
+    token, no response) leaves an empty sum: 0."""
     mask = response_mask.bool().tolist()
     rows = [[x for x, m in zip(r, mr) if m] for r, mr in zip(per_token, mask)]
     nonempty = [r for r in rows if r]
+    tokens = sum(len(r) for r in rows) if batch_num_tokens is None else batch_num_tokens
+    seqs = len(nonempty) if global_batch_size is None else global_batch_size
     if mode == "token-mean":
-        n = sum(len(r) for r in rows)
-        return sum(sum(r) for r in rows) / max(n, 1)
+        return sum(sum(r) for r in rows) / max(tokens, 1) * dp_size
     if mode == "token-sum":
-        return sum(sum(r) for r in rows)
+        return sum(sum(r) for r in rows) * dp_size
     if mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        value = sum(sum(r) for r in nonempty) / max(len(nonempty), 1)
+        value = sum(sum(r) for r in nonempty) / max(seqs, 1) * dp_size
         if mode == "seq-mean-token-sum-norm":
-            value /= loss_scale_factor if loss_scale_factor is not None else len(mask[0])
+            value /= loss_scale_factor if loss_scale_factor is not None else max(len(mask[0]) if mask else 0, 1)
         return value
     if mode == "seq-mean-token-mean":
-        return sum(sum(r) / len(r) for r in nonempty) / max(len(nonempty), 1)
+        return sum(sum(r) / len(r) for r in nonempty) / max(seqs, 1) * dp_size
     raise ValueError(mode)
 
 
@@ -152,6 +177,7 @@ def reference_loss_and_grad(old_log_prob, log_prob, advantages, response_mask, p
         p,
         positions=kw.pop("positions", None),
         divergences=kw.pop("divergences", None),
+        is_weights=kw.pop("is_weights", None),
     )
     lp = log_prob.double().tolist()
     per_token = [[c * (x if c != 0.0 else 0.0) for c, x in zip(rc, rl)] for rc, rl in zip(res.coef, lp)]

@@ -61,7 +61,7 @@ def test_apply_diff_tolerates_an_offset_and_refuses_changed_context():
     assert patch.module == "pkg.mod"
     assert "line 11\ninserted\nline 12" in apply_diff(source, patch)
     assert "line 11\ninserted\nline 12" in apply_diff("extra\n" * 5 + source, patch)  # 5 lines lower
-    with pytest.raises(PatchError, match=r"t.diff: hunk @@ -10,3 \+10,4 @@ does not apply to pkg/mod.py"):
+    with pytest.raises(PatchError, match=r"t.diff: hunk @@ -10,3 \+10,4 @@ of pkg/mod.py does not apply"):
         apply_diff(source.replace("line 11\n", "line eleven\n"), patch)
 
 

@@ -4,10 +4,19 @@ Where verl offers no extension point, verl-cppo keeps the change as a reviewed d
 documented in ``patches/README.md``), and this module makes that diff the code that runs: a ``sys.meta_path``
 finder intercepts the import of each patched module, reads verl's installed source, applies the hunks (exact
 context, a line offset allowed as GNU patch does, no fuzz), and compiles the result under the original file name
-(tracebacks and ``inspect`` show the patched lines via ``linecache``). A hunk that does not apply raises
-``PatchError`` at import time, naming the diff, the file and the hunk; a module imported before the finder was
-installed cannot be patched and raises too. ``tests/test_patches.py`` checks every diff with ``patch --dry-run``
-and with ``apply_diff`` against the pinned verl.
+(tracebacks and ``inspect`` show the patched lines via ``linecache``).
+
+Where a hunk applies (``apply_diff``): exactly where its old lines match, once, within ``MAX_OFFSET`` lines of
+its header's line (shifted by the earlier hunks' line-count changes), never before the previous hunk's end.
+GNU patch would search the whole file; here a far match, or two matches within the bound, is refused: when
+verl changes the targeted block and an identical block exists elsewhere, patching the other one would be a
+silent wrong change. Every refusal is a ``PatchError`` naming the diff, the file, the hunk and the offset.
+
+When (``install_patches``): each diff is applied to the installed sources (found without importing them) when
+it is installed, and registered only if every file patch applies, so a failing diff leaves none of its
+modules patched; the loader applies it again to the file it actually loads. A module imported before the
+finder was installed cannot be patched and raises too. ``tests/hooks/`` checks every diff with
+``patch --dry-run`` and with ``apply_diff`` against the pinned verl, and the bounds and the atomicity.
 """
 
 from __future__ import annotations
@@ -99,24 +108,57 @@ def parse_diff(text: str, name: str = "<diff>") -> list[FilePatch]:
     return patches
 
 
+MAX_OFFSET = 50
+"""How far (in lines) a hunk may apply from where its header puts it, after the line-count changes of the
+file's earlier hunks. GNU patch searches the whole file (and reports the offset); a diff pinned to one verl
+release needs no more than a small drift, and a far match is more likely an identical block elsewhere than
+the block the diff was written for, so a match beyond this is refused."""
+
+
+def _located(patch: FilePatch, hunk: Hunk, lines: list[str], expected: int, earliest: int) -> int:
+    """The 0-based line where ``hunk`` applies: the one match of its old lines within MAX_OFFSET of
+    ``expected`` (and not before ``earliest``, the end of the previous hunk); PatchError otherwise."""
+    n = len(hunk.old)
+    where = f"{patch.diff}: hunk {hunk.header} of {patch.path}"
+    matches = [at for at in range(max(0, len(lines) - n + 1)) if lines[at : at + n] == hunk.old] if n else [expected]
+    near = [at for at in matches if abs(at - expected) <= MAX_OFFSET and at >= earliest]
+    if len(near) == 1:
+        return near[0]
+    line = expected + 1
+    if len(near) > 1:
+        found = ", ".join(f"{at + 1} (offset {at - expected:+d})" for at in near)
+        raise PatchError(
+            f"{where}: its context matches at lines {found}, all within {MAX_OFFSET} lines of line {line}; "
+            "ambiguous, so it is applied nowhere (the installed verl differs from 0.9.1 here)"
+        )
+    if matches:
+        nearest = min(matches, key=lambda at: abs(at - expected))
+        raise PatchError(
+            f"{where}: its context is found only at line {nearest + 1}, offset {nearest - expected:+d} from line "
+            f"{line}, beyond the allowed {MAX_OFFSET} lines (or before the previous hunk); refusing to patch a "
+            "block so far from the one the diff was written for (verl-cppo's patches are written against verl 0.9.1)"
+        )
+    raise PatchError(
+        f"{where} does not apply to the installed verl: its context is not in the file "
+        "(verl-cppo's patches are written against verl 0.9.1)"
+    )
+
+
 def apply_diff(source: str, patch: FilePatch) -> str:
-    """``source`` with every hunk of ``patch`` applied; PatchError if a hunk's old lines are not found."""
+    """``source`` with every hunk of ``patch`` applied.
+
+    Each hunk applies where its old lines (context and removed lines, exactly, no fuzz) match once within
+    MAX_OFFSET lines of its header's line (shifted by the line-count changes of the earlier hunks), at or
+    after the end of the previous hunk. PatchError, naming diff, file, hunk and offset, when there is no
+    such match, only a farther one, or more than one."""
     lines = source.splitlines(keepends=True)
-    offset = 0
+    shift = 0  # line-count change of the hunks applied so far
+    earliest = 0  # the previous hunk's end in ``lines``
     for hunk in patch.hunks:
-        expected = hunk.old_start - 1 + offset
-        n = len(hunk.old)
-        for delta in sorted(range(-len(lines), len(lines) + 1), key=abs):
-            at = expected + delta
-            if 0 <= at <= len(lines) - n and lines[at : at + n] == hunk.old:
-                break
-        else:
-            raise PatchError(
-                f"{patch.diff}: hunk {hunk.header} does not apply to {patch.path} of the installed verl "
-                f"(verl-cppo's patches are written against verl 0.9.1)"
-            )
-        lines[at : at + n] = hunk.new
-        offset = at + len(hunk.new) - (hunk.old_start - 1) - n
+        at = _located(patch, hunk, lines, hunk.old_start - 1 + shift, earliest)
+        lines[at : at + len(hunk.old)] = hunk.new
+        shift += len(hunk.new) - len(hunk.old)
+        earliest = at + len(hunk.new)
     return "".join(lines)
 
 
@@ -161,21 +203,49 @@ class _PatchFinder(importlib.abc.MetaPathFinder):
 _FINDER = _PatchFinder()
 
 
+def _installed_source(patch: FilePatch) -> Path | None:
+    """The file ``patch`` targets in the installed package, found without importing any of it (importing a
+    parent package could import the module before the finder is in place); None if not locatable."""
+    top = patch.path.split("/", 1)[0]
+    module = sys.modules.get(top)
+    roots = list(getattr(module, "__path__", []) or [])
+    if not roots:
+        spec = importlib.machinery.PathFinder.find_spec(top)
+        roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        candidate = Path(root).parent / patch.path
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def install_patches(diff_names: list[str], patch_dir: Path = PATCH_DIR) -> list[str]:
-    """Patch the modules of these diffs when they are imported (idempotent); returns their module names."""
+    """Patch the modules of these diffs when they are imported (idempotent); returns their module names.
+
+    A diff is all or nothing: its file patches are parsed, checked against ``sys.modules`` and applied to
+    the installed sources (where locatable) first, and its modules are registered only if every one of
+    them applies; a PatchError registers none of that diff's modules."""
     modules = []
     for name in diff_names:
-        for patch in parse_diff((patch_dir / name).read_text(encoding="utf-8"), name):
-            if _FINDER.patches.get(patch.module) is not None:
-                modules.append(patch.module)
+        pending: dict[str, FilePatch] = {}
+        patches = parse_diff((patch_dir / name).read_text(encoding="utf-8"), name)
+        for patch in patches:
+            registered = _FINDER.patches.get(patch.module)
+            if registered is not None:
+                if registered.diff != name:
+                    raise PatchError(f"{name}: {patch.module} is already patched by {registered.diff}")
                 continue
             if patch.module in sys.modules:
                 raise PatchError(
                     f"{name}: {patch.module} was imported before verl-cppo could patch it; load verl-cppo first "
                     "(it loads during 'import verl' through the verl.plugins entry point)"
                 )
-            _FINDER.patches[patch.module] = patch
-            modules.append(patch.module)
+            source = _installed_source(patch)
+            if source is not None:
+                patched_source(patch, str(source))  # raises before anything of this diff is registered
+            pending[patch.module] = patch
+        _FINDER.patches.update(pending)
+        modules.extend(p.module for p in patches)
     if _FINDER not in sys.meta_path:
         # Just before Python's path finder, not first: finders that delegate to the rest of sys.meta_path and
         # wrap what they get (verl_cppo.hooks.post_import's, placed first) then wrap the patched module too.

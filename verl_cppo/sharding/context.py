@@ -27,6 +27,7 @@ from verl.trainer.ppo.core_algos import agg_loss
 
 from verl_cppo.core.mask import CPPOMask, as_float, prefix_gate
 from verl_cppo.core.token_loss import PER_RESPONSE, RHO_MAX, TokenLossParams
+from verl_cppo.loss import agg_loss_keywords
 from verl_cppo.sharding.layout import ShardLayout
 from verl_cppo.sharding.scan import CommStats, ShardScan, gather_rows, shard_prefix_scan, shard_quantile
 
@@ -112,17 +113,18 @@ class ShardContext:
         """This rank's share of verl's agg_loss over the gathered rows (sums to it over the group).
 
         verl's agg_loss is linear in the per-token losses once the normalisers are global, so it runs on
-        the local tokens with the gathered counts; seq-mean-token-mean's per-response token count is
-        folded into the tokens (x (n_local_row + 1e-8) / (n_response + 1e-8)).
+        the local tokens with the gathered counts (``verl_cppo.loss.agg_loss_keywords``, as for gathered
+        rows); seq-mean-token-mean's per-response token count is folded into the tokens
+        (x (n_local_row + 1e-8) / (n_response + 1e-8)).
         """
         scan = self.scan
-        info = dict(global_batch_info)
-        if info.get("batch_num_tokens") is None:
-            info["batch_num_tokens"] = scan.n_mask.sum().clamp(min=1)
-        if info.get("global_batch_size") is None:
-            info["global_batch_size"] = (scan.n_mask > 0).sum().clamp(min=1)
-        if loss_agg_mode == "seq-mean-token-sum-norm" and info.get("loss_scale_factor") is None:
-            info["loss_scale_factor"] = self.layout.width
+        info = agg_loss_keywords(  # the counts of the gathered responses stand in for the local ones
+            global_batch_info,
+            loss_agg_mode,
+            num_tokens=lambda: scan.n_mask.sum(),
+            num_seqs=lambda: (scan.n_mask > 0).sum(),
+            width=self.layout.width,
+        )
         if loss_agg_mode == "seq-mean-token-mean":
             row = self.layout.row.clamp(min=0).view(loss_mat.shape)
             # the denominators exactly as agg_loss forms them (an int64 count + 1e-8 is a float32 tensor)

@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from verl_cppo import hooks
-from verl_cppo.config import config_value
+from verl_cppo.config import config_node
 from verl_cppo.core.divergence import TOPK_DIVERGENCES
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS, register_topk_rollout, rollout_topk
 
@@ -49,10 +49,10 @@ VLLM_DEFAULT_MAX_LOGPROBS = 20
 
 def configured_topk(config: Any) -> int:
     """K when the composed trainer config selects a Top-K divergence of the cppo loss, else 0."""
-    policy_loss = config_value(config, "actor_rollout_ref.actor.policy_loss", {}) or {}
+    policy_loss = config_node(config, "actor_rollout_ref.actor.policy_loss")
     if policy_loss.get("loss_mode") != "cppo":
         return 0
-    cppo = policy_loss.get("cppo", None) or {}
+    cppo = config_node(config, "actor_rollout_ref.actor.policy_loss.cppo")
     if cppo.get("divergence", "binary_tv") not in TOPK_DIVERGENCES:
         return 0
     k = cppo.get("topk", 20)
