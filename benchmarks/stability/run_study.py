@@ -86,6 +86,12 @@ FINAL_WINDOW = 3
 COLLAPSE_DROP = 0.25
 """A run collapsed when its final reward is more than COLLAPSE_DROP below the best FINAL_WINDOW-step moving
 average it reached earlier: it learnt something and then lost it (a run that never learns is not a collapse)."""
+LOCKED_GRAD_NORM = 1e-3
+"""A run locked in when the actor's gradient norm stayed below LOCKED_GRAD_NORM over the last FINAL_WINDOW
+steps while its final reward was below LOCKED_BELOW: every group's 8 samples got the same reward (the policy
+became deterministic), so group-relative advantages are 0 and the run can never improve again. The learning
+steps of these runs have gradient norms of 0.01-0.1."""
+LOCKED_BELOW = 0.95
 
 
 def regime_overrides(args: argparse.Namespace) -> list[str]:
@@ -221,6 +227,7 @@ def run_stats(entry: dict) -> dict:
         "best_reward": max(rewards),
         "worst_drawdown": worst_drawdown(rewards),
         "collapsed": final < best_smoothed - COLLAPSE_DROP,
+        "locked_in": max(entry["grad_norm"][-FINAL_WINDOW:]) < LOCKED_GRAD_NORM and final < LOCKED_BELOW,
         "masked_frac_mean": statistics.fmean(masked) if masked else math.nan,
         "rollout_train_kl_max": max(entry["rollout_train_kl"]),
         "grad_norm_max": max(entry["grad_norm"]),
@@ -252,6 +259,7 @@ def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
             "worst_drawdown_mean": drawdown_mean,
             "worst_drawdown_max": max(drawdowns),
             "collapsed": sum(s["collapsed"] for s in per_run.values()),
+            "locked_in": sum(s["locked_in"] for s in per_run.values()),
             "masked_frac_mean": statistics.fmean(s["masked_frac_mean"] for s in per_run.values()),
             "rollout_train_kl_max": max(s["rollout_train_kl_max"] for s in per_run.values()),
             "wall_s_mean": statistics.fmean(e["wall_s"] for e in done),
@@ -263,14 +271,15 @@ def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
 def summary_table(summary: dict) -> str:
     lines = [
         f"| arm | runs | final reward (last {FINAL_WINDOW} steps) mean ± sd | min | worst drawdown mean / max "
-        "| collapsed | masked / clipped frac | max KL(mu‖pi) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| collapsed | locked in | masked / clipped frac | max KL(mu‖pi) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, s in summary.items():
         lines.append(
             f"| {arm} | {s['runs']} | {s['final_reward_mean']:.3f} ± {s['final_reward_sd']:.3f} "
             f"| {s['final_reward_min']:.3f} | {s['worst_drawdown_mean']:.3f} / {s['worst_drawdown_max']:.3f} "
-            f"| {s['collapsed']}/{s['runs']} | {s['masked_frac_mean']:.4f} | {s['rollout_train_kl_max']:.4f} |"
+            f"| {s['collapsed']}/{s['runs']} | {s['locked_in']}/{s['runs']} "
+            f"| {s['masked_frac_mean']:.4f} | {s['rollout_train_kl_max']:.4f} |"
         )
     return "\n".join(lines)
 

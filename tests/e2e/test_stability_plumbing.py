@@ -4,7 +4,7 @@ The first invocation runs ``main_ppo`` once (the real trainer on CPU, the study'
 CPPO ablation arm, so the ``policy_loss._target_`` and ``cppo.*`` overrides are exercised too) and must write a
 ``results.json`` of the documented shape, ``summary.json`` and the plot. The second, identical invocation must
 resume: it skips the completed run (no new ``main_ppo`` log, results unchanged) and returns quickly. The
-statistics the README's verdict rests on (drawdown, collapse, completeness) are checked on hand-made curves.
+statistics the README's verdict rests on (drawdown, collapse, lock-in, completeness) are checked on hand-made curves.
 """
 
 import importlib.util
@@ -93,6 +93,12 @@ def test_drawdown_collapse_and_completeness_on_hand_made_curves():
     assert not study.run_stats(rising)["collapsed"]
     assert study.run_stats(collapsing)["collapsed"]
     assert not study.run_stats(never_learns)["collapsed"]
+    assert not any(study.run_stats(e)["locked_in"] for e in (rising, collapsing, never_learns))
+    frozen_gradient = [0.05, 0.05, 0.05, 0.0, 0.0, 0.0]
+    locked = {**rising, "rewards": [0.1, 0.3, 0.44, 0.44, 0.44, 0.44], "grad_norm": frozen_gradient}
+    solved = {**rising, "rewards": [0.1, 0.5, 0.9, 1.0, 1.0, 1.0], "grad_norm": frozen_gradient}
+    assert study.run_stats(locked)["locked_in"] and not study.run_stats(locked)["collapsed"]
+    assert not study.run_stats(solved)["locked_in"]
 
     args = study.argparse.Namespace(steps=6, lr=5e-3, mini_batch=2, epochs=2, adv_estimator="cppo_grpo", override=[])
     done = {**rising, "exit_code": 0, "steps_done": 6, "config": study.run_config(args)}
