@@ -93,7 +93,7 @@ cppo_method_overrides() {
         cppo_no_prefix_budget) prefix_budget=false ;;
         dppo_topk_tv | dppo_topk_kl)
             # CPPO's exact special case: w_t = 1 everywhere and no budget leave DPPO's rule on D (spec,
-            # "Special cases"); tests/e2e/test_dppo_topk.py checks it token for token
+            # "Special cases"); tests/examples/test_dppo_topk.py checks it token for token
             w_min=1.0 prefix_budget=false DIVERGENCE=${METHOD#dppo_}
             ;;
         dppo_tv)

@@ -206,7 +206,7 @@ def test_every_method_passes_the_dry_run(name, method, restore_topk_env):
         assert pl.loss_mode == "cppo"
         assert pl.cppo.position_weight == (method != "cppo_no_position_weight")
         assert pl.cppo.prefix_budget == (method != "cppo_no_prefix_budget")
-    elif method.startswith("dppo_topk_"):  # CPPO's DPPO special case (tests/e2e/test_dppo_topk.py)
+    elif method.startswith("dppo_topk_"):  # CPPO's DPPO special case (tests/examples/test_dppo_topk.py)
         assert pl.loss_mode == "cppo" and pl.cppo.divergence == method.removeprefix("dppo_")
         assert (pl.cppo.w_min, pl.cppo.prefix_budget, pl.cppo.delta, pl.cppo.topk) == (1.0, False, delta, 20)
     elif method == "dppo_tv":

@@ -10,10 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.support import REPO_ROOT
 from verl_cppo.evaluate import Problem, format_table, score_completions, summarize
 from verl_cppo.math_reward import compute_score
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(REPO_ROOT)
 
 
 def _problem(source, truth):

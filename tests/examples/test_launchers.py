@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT
+
+ROOT = Path(REPO_ROOT)
 EXAMPLES = ROOT / "examples"
 SBATCH = EXAMPLES / "slurm" / "run.sbatch"
 RAYJOB = EXAMPLES / "kuberay" / "rayjob.yaml"

@@ -6,7 +6,9 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT
+
+ROOT = Path(REPO_ROOT)
 _spec = importlib.util.spec_from_file_location("cppo_tiny_regression", ROOT / "ci" / "tiny_regression.py")
 tiny_regression = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = tiny_regression
