@@ -15,7 +15,8 @@ Golden (unless --no-golden): each summary statistic of ``summarize`` within its 
 are compared on a linear scale (|value - golden| <= tol); the masked fraction, whose run-to-run variation is
 multiplicative (a run that moves the policy further masks proportionally more), on a log scale
 (|ln(value / golden)| <= log_tol, golden = geometric mean of the runs), so 0 always fails; an entry marked
-``not_compared`` (dppo_tv's near-zero clip fraction) is skipped.
+``not_compared`` (dppo_tv's near-zero clip fraction) is skipped; an entry with only ``min`` (dppo_tv's bimodal
+rewards) is a floor: the value must be finite and >= min.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def _outside(value: float, ref: dict) -> str | None:
     """None if ``value`` lies within the golden entry ``ref``, else the band it missed."""
     if "not_compared" in ref:
         return None
+    if "min" in ref:
+        inside = _finite(value) and value >= ref["min"]
+        return None if inside else f"golden floor {ref['min']:.4f} (one-sided: {ref['why']})"
     if "log_tol" in ref:
         low, high = ref["value"] * math.exp(-ref["log_tol"]), ref["value"] * math.exp(ref["log_tol"])
         inside = _finite(value) and value > 0 and abs(math.log(value / ref["value"])) <= ref["log_tol"]

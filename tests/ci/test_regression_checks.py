@@ -107,6 +107,18 @@ def test_not_compared_entries_are_skipped():
     assert check(metrics, runs, ARGS, golden) == []
 
 
+def test_one_sided_entries_are_a_floor():
+    metrics, runs = good()
+    golden = golden_of(metrics)
+    golden["arms"]["dppo_tv"]["reward_last5"] = {"min": 0.5, "why": "bimodal", "runs": [0.9, 0.4]}
+    for last, inside in [(0.5, True), (5.0, True), (0.4999, False), (math.nan, False)]:
+        for row in metrics["dppo_tv"][1:]:
+            row["reward"] = last
+        failures = [f for f in check(metrics, runs, ARGS, golden) if f.startswith("dppo_tv: reward_last5")]
+        expected = [] if inside else [f"dppo_tv: reward_last5 = {last:.4f}, golden floor 0.5000 (one-sided: bimodal)"]
+        assert failures == expected, last
+
+
 def test_make_golden_by_hand(tmp_path):
     """Two runs: rewards get mean +- max(4 sd, pooled, floor); cppo's masked fraction a geometric band."""
     import json
@@ -130,9 +142,41 @@ def test_make_golden_by_hand(tmp_path):
     sd = 0.04 / math.sqrt(2)
     assert arms["cppo"]["reward_last5"]["value"] == pytest.approx(0.44, abs=1e-4)
     assert arms["cppo"]["reward_last5"]["tol"] == pytest.approx(4 * sd, abs=1e-4)
-    assert arms["vanilla"]["reward_last5"]["tol"] == pytest.approx(max(4 * sd / math.sqrt(3), 0.05), abs=1e-4)
+    # the pooled sd leaves out dppo_tv's one-sided reward_last5: sqrt((sd^2 + 0) / 2) over cppo and vanilla
+    assert arms["vanilla"]["reward_last5"]["tol"] == pytest.approx(max(4 * sd / math.sqrt(2), 0.05), abs=1e-4)
+    # dppo_tv's rewards are a floor: mean first-step reward (0.1) + 0.1
+    assert arms["dppo_tv"]["reward_last5"] == {
+        "min": 0.2,
+        "why": arms["dppo_tv"]["reward_mean"]["why"],
+        "runs": [0.44, 0.44],
+    }
     # masked: geometric mean of 0.01 and 0.04 is 0.02; sd of ln = ln(4) / sqrt(2); vanilla at the ln 2 floor
     assert arms["cppo"]["masked_mean"]["value"] == pytest.approx(0.02, abs=1e-4)
     assert arms["cppo"]["masked_mean"]["log_tol"] == pytest.approx(4 * math.log(4) / math.sqrt(2), abs=1e-4)
     assert arms["vanilla"]["masked_mean"]["log_tol"] == pytest.approx(math.log(2), abs=1e-4)
     assert "not_compared" in arms["dppo_tv"]["masked_mean"]  # a run at exactly 0 is fine there
+    # --stored adds the recorded runs; a run dir holding one arm adds to that arm only
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    (rerun / "metrics.json").write_text(json.dumps({"cppo": rows([0.1, 0.2, 0.3, 0.4, 0.5, 0.5], masked=0.02)}))
+    (rerun / "summary.json").write_text(json.dumps({"config": {"steps": STEPS, "seed": 0}}))
+    out2 = tmp_path / "golden2.json"
+    subprocess.run(
+        [sys.executable, script, "--stored", str(out), str(rerun), "--out", str(out2)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    arms2 = json.loads(out2.read_text())["arms"]
+    assert arms2["cppo"]["reward_last5"]["runs"] == [0.46, 0.42, 0.38]
+    assert arms2["cppo"]["reward_last5"]["value"] == pytest.approx(0.42, abs=1e-4)
+    assert arms2["cppo"]["reward_last5"]["tol"] == pytest.approx(4 * 0.04, abs=1e-4)  # sd of 0.46, 0.42, 0.38
+    assert arms2["vanilla"]["reward_last5"]["runs"] == [0.46, 0.46]  # untouched by a cppo-only rerun
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.json").write_text((rerun / "metrics.json").read_text())
+    (other / "summary.json").write_text(json.dumps({"config": {"steps": STEPS, "seed": 1}}))
+    refused = subprocess.run(
+        [sys.executable, script, "--stored", str(out), str(other), "--out", str(out2)], capture_output=True, timeout=60
+    )
+    assert refused.returncode != 0 and b"one configuration" in refused.stderr
