@@ -89,6 +89,8 @@ def main() -> None:
         with open(os.path.join(run, "metrics.json")) as f:
             for arm, rows in json.load(f).items():
                 per_arm.setdefault(arm, []).append(summarize(rows))
+    for config in configs:
+        config.setdefault("rollout", "hf_cpu")  # recorded before the rollout choice: every such run used hf_cpu
     if any(c != configs[0] for c in configs) or min(len(v) for v in per_arm.values()) < 2:
         raise SystemExit(f"need >= 2 runs of each arm, of one configuration; got {configs}")
     stats = list(next(iter(per_arm.values()))[0])

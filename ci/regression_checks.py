@@ -103,9 +103,11 @@ def _check_golden(metrics: dict[str, list[dict]], args, golden: dict) -> list[st
     failures = []
     config = golden.get("config", {})
     ours = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "adv_estimator": args.adv_estimator}
+    ours["rollout"] = getattr(args, "rollout", "hf_cpu")
     if getattr(args, "override", None):
         return [f"golden values hold for the configuration without overrides; got --override {args.override}"]
-    differ = {k: (ours[k], v) for k, v in config.items() if k in ours and ours[k] != v}
+    recorded = {"rollout": "hf_cpu", **config}  # a golden file without "rollout" predates the choice: hf_cpu
+    differ = {k: (ours[k], recorded[k]) for k in ours if k in recorded and ours[k] != recorded[k]}
     if differ:
         return [f"golden file was recorded with another configuration (ours, golden): {differ}"]
     for arm, rows in metrics.items():
