@@ -79,9 +79,30 @@ CPU_ENV = {
 }
 
 
+def rollout_env(args: argparse.Namespace) -> dict[str, str]:
+    """Environment of main_ppo and its Ray workers for the chosen rollout backend."""
+    if args.rollout == "vllm":
+        from verl_cppo.testing.vllm_cpu import VLLM_CPU_ENV
+
+        return dict(VLLM_CPU_ENV)
+    return {}
+
+
+def rollout_overrides(args: argparse.Namespace) -> list[str]:
+    """hf_cpu: per-request seeds (full_determinism). vllm: verl's vLLM rollout on vLLM's CPU build, whose
+    full_determinism gives every sample of a prompt the same seed and request id (identical groups, zero
+    advantage), so there the engine's seed alone seeds the run."""
+    if args.rollout == "vllm":
+        from verl_cppo.testing.vllm_cpu import VLLM_CPU_OVERRIDES
+
+        return [*VLLM_CPU_OVERRIDES, "actor_rollout_ref.rollout.full_determinism=False"]
+    return ["actor_rollout_ref.rollout.name=hf_cpu", "actor_rollout_ref.rollout.full_determinism=True"]
+
+
 def common_overrides(task: dict, args: argparse.Namespace, metrics_path: str) -> list[str]:
     """The main_ppo command line shared by every arm (CPU plumbing, task, batch sizes, seeds)."""
     env = {**CPU_ENV, "VERL_FILE_LOGGER_PATH": metrics_path, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.update(rollout_env(args))
     estimator = [f"algorithm.adv_estimator={args.adv_estimator}"]
     if args.adv_estimator == "grpo":
         estimator.append("algorithm.norm_adv_by_std_in_grpo=False")  # the paper's mean-centring
@@ -121,15 +142,14 @@ def common_overrides(task: dict, args: argparse.Namespace, metrics_path: str) ->
         # the paper's aggregation: sum over tokens / constant horizon, mean over sequences
         "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm",
         f"actor_rollout_ref.actor.loss_scale_factor={RESPONSE_LENGTH}",
-        # rollout: the hf_cpu backend, per-request seeds (full_determinism), rollout log-probs
-        "actor_rollout_ref.rollout.name=hf_cpu",
+        # rollout: the chosen backend (rollout_overrides), rollout log-probs
+        *rollout_overrides(args),
         "actor_rollout_ref.rollout.n=8",
         "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
         "actor_rollout_ref.rollout.dtype=float32",
         "actor_rollout_ref.rollout.calculate_log_probs=True",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64",
         "actor_rollout_ref.rollout.agent.num_workers=1",
-        "actor_rollout_ref.rollout.full_determinism=True",
         f"actor_rollout_ref.rollout.seed={args.seed}",
         "reward.num_workers=1",
         "reward.custom_reward_function.path=pkg://verl_cppo.testing.tiny_task",
@@ -248,7 +268,7 @@ def run_arm(arm: str, task: dict, args: argparse.Namespace, arms_after: int = 0)
         f"trainer.default_local_dir={arm_dir}/checkpoints",
         f"hydra.run.dir={arm_dir}/hydra",
     ]
-    env = {**os.environ, **CPU_ENV, "VERL_FILE_LOGGER_PATH": metrics_path, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **CPU_ENV, **rollout_env(args), "VERL_FILE_LOGGER_PATH": metrics_path, "PYTHONUNBUFFERED": "1"}
     env.update({"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     print(f"[{arm}] main_ppo starting (log: {arm_dir}/main_ppo.log)", flush=True)
     start = time.time()
@@ -336,6 +356,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--adv-estimator", default="cppo_grpo")
+    parser.add_argument(
+        "--rollout",
+        choices=("hf_cpu", "vllm"),
+        default="hf_cpu",
+        help="hf_cpu: the project's HF server; vllm: verl's vLLM rollout on vLLM's CPU build (the vLLM venv)",
+    )
     parser.add_argument("--arm-timeout", type=float, default=900.0)
     parser.add_argument("--golden", default=GOLDEN)
     parser.add_argument("--no-golden", action="store_true", help="run the sanity checks only")
@@ -355,7 +381,9 @@ def main() -> int:
 
     from verl_cppo.testing import tiny_task
 
-    task = tiny_task.build(os.path.join(args.outdir, "task"), seed=args.seed)
+    # vLLM's CPU attention needs a head size >= 32; hf_cpu keeps the golden runs' 16
+    head_dim = 32 if args.rollout == "vllm" else None
+    task = tiny_task.build(os.path.join(args.outdir, "task"), seed=args.seed, head_dim=head_dim)
     metrics: dict[str, list[dict]] = {}
     runs: dict[str, dict] = {}
     for index, arm in enumerate(arms):
@@ -369,7 +397,7 @@ def main() -> int:
     golden = None if args.no_golden else json.load(open(args.golden))
     failures = check(metrics, runs, args, golden)
     summary = {"runs": runs, "summary": {arm: summarize(rows) for arm, rows in metrics.items()}, "failures": failures}
-    summary["config"] = {k: getattr(args, k) for k in ("steps", "seed", "lr", "adv_estimator")}
+    summary["config"] = {k: getattr(args, k) for k in ("steps", "seed", "lr", "adv_estimator", "rollout")}
     if args.override:
         summary["config"]["override"] = args.override
     with open(os.path.join(args.outdir, "summary.json"), "w") as f:

@@ -17,3 +17,16 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.hookimpl(trylast=True)  # after -m has deselected
+def pytest_collection_modifyitems(config, items):
+    """A `vllm` test selected where vLLM is not installed is an error, not a skip: run it in .venv-vllm."""
+    import importlib.util
+
+    selected = [item.nodeid for item in items if item.get_closest_marker("vllm")]
+    if selected and importlib.util.find_spec("vllm") is None:
+        raise pytest.UsageError(
+            f"{len(selected)} selected test(s) need vLLM (e.g. {selected[0]}): run them with "
+            '.venv-vllm/bin/python -m pytest -m vllm (ci/setup_vllm_venv.sh), the rest with -m "not vllm"'
+        )

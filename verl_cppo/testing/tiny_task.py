@@ -9,7 +9,8 @@ Everything is built locally from a config (no download):
 
 * tokenizer: word-level over ``VOCAB`` (``tokenizers``), wrapped in ``PreTrainedTokenizerFast`` with a
   ChatML-style chat template (verl's Qwen continuous-token builder needs ``<|im_end|>``);
-* model: ``Qwen3ForCausalLM`` with 2 layers, hidden size 64, tied embeddings, seeded initialisation (Qwen3, not
+* model: ``Qwen3ForCausalLM`` with 2 layers, hidden size 64 (head size 16, or 32 for vLLM's CPU attention), tied
+  embeddings, seeded initialisation (Qwen3, not
   Qwen2: transformers 5 always rebuilds a byte-level BPE ``Qwen2Tokenizer`` for model_type qwen2, while for
   qwen3 it loads the saved word-level tokenizer as is);
 * data: verl RLHF parquet rows (``prompt`` messages, ``data_source``, ``reward_model.ground_truth``,
@@ -65,7 +66,7 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
+def build_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, head_dim: int | None = None):
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
@@ -76,7 +77,7 @@ def build_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=hidden_size // 4,
+        head_dim=head_dim or hidden_size // 4,
         max_position_embeddings=64,
         tie_word_embeddings=True,
         bos_token_id=VOCAB.index("<|im_start|>"),
@@ -116,11 +117,15 @@ def write_data(outdir: str, n_train: int, n_val: int, seed: int = 0) -> dict[str
     return paths
 
 
-def build(outdir: str, seed: int = 0, n_train: int = 1024, n_val: int = 64) -> dict[str, str]:
-    """Write OUTDIR/model (weights + tokenizer) and the parquet files; returns their paths."""
+def build(
+    outdir: str, seed: int = 0, n_train: int = 1024, n_val: int = 64, head_dim: int | None = None
+) -> dict[str, str]:
+    """Write OUTDIR/model (weights + tokenizer) and the parquet files; returns their paths.
+
+    ``head_dim``: None keeps hidden / heads = 16; vLLM's CPU attention needs >= 32."""
     os.makedirs(outdir, exist_ok=True)
     model_dir = os.path.join(outdir, "model")
-    build_model(seed).save_pretrained(model_dir)
+    build_model(seed, head_dim=head_dim).save_pretrained(model_dir)
     build_tokenizer().save_pretrained(model_dir)
     paths = {"model": model_dir, **write_data(outdir, n_train, n_val, seed)}
     with open(os.path.join(outdir, "task.json"), "w") as f:

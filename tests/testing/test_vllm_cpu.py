@@ -1,0 +1,142 @@
+"""verl's own vLLM rollout on vLLM's CPU build (``verl_cppo.testing.vllm_cpu``), against the live engine.
+
+These tests need the vLLM environment (``.venv-vllm``, made by ci/setup_venv.sh) and carry the ``vllm``
+marker: ``ci/run_tests.sh`` runs them there (``-m vllm``) and the rest of the suite in ``.venv``
+(``-m "not vllm"``). Each checks the real part by value:
+
+* the live engine's top-K, parsed by the Top-K server code (``vllm_topk``), equals an independent float64
+  forward of the same weights (log-softmax) to 1e-4;
+* through ``main_ppo`` (Ray, FSDP2, verl's vLLM replica, server, worker extension and weight sync): PPO with
+  recomputed old log-probs sees the rollout's log-probs equal the actor's at every step, which holds only if
+  every weight sync reached vLLM; ``divergence=topk_tv`` with pi = mu gives D < 1e-4 at every step with full
+  top-K coverage, so the Top-K server diff, the agent loop and the engine hook line up on a live server;
+* a weight sync whose receiver never answers fails within the bound, naming the weight sync.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.support import REPO_ROOT
+
+pytestmark = pytest.mark.vllm
+
+K = 4
+ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _regression(out, *args: str) -> dict:
+    command = [sys.executable, os.path.join(REPO_ROOT, "ci", "tiny_regression.py"), str(out), "--rollout=vllm"]
+    command += ["--no-golden", "--arm-timeout=540", *args]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env={**os.environ, **ENV})
+    logs = "".join(
+        f"\n--- {arm}/main_ppo.log ---\n{(out / arm / 'main_ppo.log').read_text()[-6000:]}"
+        for arm in ("vanilla", "cppo_topk_tv")
+        if (out / arm / "main_ppo.log").exists()
+    )
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}{logs}"
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _float64_log_probs(model_dir: str, sequence: list[int]) -> torch.Tensor:
+    """log-softmax of the HF model's next-token logits along ``sequence``, float64: [len, vocab]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence])).logits[0]  # [len, vocab]
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_live_topk_equals_an_independent_forward(tmp_path, monkeypatch):
+    from vllm import LLM, SamplingParams
+
+    from verl_cppo.testing import tiny_task
+    from verl_cppo.topk.rollout import vllm_topk
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    task = tiny_task.build(str(tmp_path / "task"), seed=0, n_train=4, n_val=1, head_dim=32)
+    llm = LLM(model=task["model"], dtype="float32", enforce_eager=True, seed=0, max_model_len=64)
+    tokenizer = tiny_task.build_tokenizer()
+    chats = [[{"role": "user", "content": symbol}] for symbol in tiny_task.SYMBOLS[:4]]
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)["input_ids"] for c in chats]
+    params = SamplingParams(temperature=1.0, max_tokens=8, logprobs=K, seed=1)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    checked = 0
+    for prompt, output in zip(prompts, outputs):
+        completion = output.outputs[0]
+        ids, log_probs = vllm_topk(completion.logprobs, K)  # [n, K] each
+        reference = _float64_log_probs(task["model"], prompt + list(completion.token_ids))  # [len, vocab]
+        for i in range(len(completion.token_ids)):
+            row = reference[len(prompt) - 1 + i]  # [vocab]: the distribution the i-th token was drawn from
+            top = torch.topk(row, K + 1)
+            assert torch.equal(torch.tensor(ids[i], dtype=torch.long), top.indices[:K]) or (
+                top.values[K - 1] - top.values[K] < 1e-4  # a near-tie at the K-th place may order either way
+            ), (i, ids[i], top.indices)
+            assert torch.allclose(torch.tensor(log_probs[i], dtype=torch.float64), row[ids[i]], atol=1e-4), i
+            assert torch.allclose(torch.tensor(log_probs[i], dtype=torch.float64), top.values[:K], atol=1e-4), i
+            checked += 1
+    assert checked >= len(prompts)  # every generated token of every answer was compared
+    del llm
+
+
+def test_weight_sync_reaches_vllm_through_main_ppo(tmp_path):
+    """vanilla (old log-probs recomputed by the actor): rollout and actor log-probs agree after each sync."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "ci"))
+    from regression_checks import DEFAULT_CHECKS
+
+    rows = _regression(tmp_path / "run", "--arms=vanilla", "--steps=3")["vanilla"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        gap = row["training/rollout_probs_diff_max"]
+        assert 0.0 <= gap <= DEFAULT_CHECKS["rollout_actor_prob_gap_max"], row  # stale weights give ~0.1 and more
+    assert rows[-1]["actor/pg_clipfrac"] >= 0.0
+
+
+def test_topk_tv_through_the_live_vllm_server(tmp_path):
+    """pi = mu (one update per step): Top-K TV ~ float rounding at every step, every token with its top-K."""
+    metrics = _regression(
+        tmp_path / "run",
+        "--arms=cppo_topk_tv",
+        "--steps=2",
+        "--override=actor_rollout_ref.actor.ppo_mini_batch_size=32",
+    )
+    rows = metrics["cppo_topk_tv"]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["actor/cppo_nonfinite_frac"] == 0.0, row
+        assert row["actor/cppo_topk_coverage"] == 1.0, row
+        assert 0.0 <= row["actor/cppo_div_mean"] < 1e-4, row
+        assert row["actor/cppo_masked_frac"] == 0.0, row
+
+
+def test_a_weight_sync_without_answer_fails_in_bounded_time():
+    """verl's sender against a receiver that never replies: a TimeoutError naming the sync, after the bound."""
+    from verl_cppo.testing.vllm_cpu import WEIGHT_SYNC_TIMEOUT_ENV
+
+    sys.path.insert(0, os.path.join(REPO_ROOT, "ci"))
+    from tiny_regression import CPU_ENV
+
+    env = {**os.environ, **ENV, **CPU_ENV, WEIGHT_SYNC_TIMEOUT_ENV: "2"}
+    script = os.path.join(REPO_ROOT, "tests", "support", "weight_sync_script.py")
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["error"] == "TimeoutError", result
+    assert "weight sync to the vLLM rollout failed" in result["message"], result
+    assert f"within 2 s ({WEIGHT_SYNC_TIMEOUT_ENV})" in result["message"], result
+    assert 2.0 <= result["seconds"] < 30, result
+
+
+def test_a_bad_timeout_is_refused_at_install(monkeypatch):
+    from verl_cppo.testing import vllm_cpu
+
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv(vllm_cpu.WEIGHT_SYNC_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=f"{vllm_cpu.WEIGHT_SYNC_TIMEOUT_ENV}.*{bad!r}"):
+            vllm_cpu.install()
