@@ -81,7 +81,7 @@ CPU_ENV = {
 
 def rollout_env(args: argparse.Namespace) -> dict[str, str]:
     """Environment of main_ppo and its Ray workers for the chosen rollout backend."""
-    if args.rollout == "vllm":
+    if getattr(args, "rollout", "hf_cpu") == "vllm":  # callers such as the stability study pass no rollout
         from verl_cppo.testing.vllm_cpu import VLLM_CPU_ENV
 
         return dict(VLLM_CPU_ENV)
@@ -92,7 +92,7 @@ def rollout_overrides(args: argparse.Namespace) -> list[str]:
     """hf_cpu: per-request seeds (full_determinism). vllm: verl's vLLM rollout on vLLM's CPU build, whose
     full_determinism gives every sample of a prompt the same seed and request id (identical groups, zero
     advantage), so there the engine's seed alone seeds the run."""
-    if args.rollout == "vllm":
+    if getattr(args, "rollout", "hf_cpu") == "vllm":
         from verl_cppo.testing.vllm_cpu import VLLM_CPU_OVERRIDES
 
         return [*VLLM_CPU_OVERRIDES, "actor_rollout_ref.rollout.full_determinism=False"]
