@@ -131,12 +131,3 @@ def test_a_weight_sync_without_answer_fails_in_bounded_time():
     assert "weight sync to the vLLM rollout failed" in result["message"], result
     assert f"within 2 s ({WEIGHT_SYNC_TIMEOUT_ENV})" in result["message"], result
     assert 2.0 <= result["seconds"] < 30, result
-
-
-def test_a_bad_timeout_is_refused_at_install(monkeypatch):
-    from verl_cppo.testing import vllm_cpu
-
-    for bad in ("0", "-1", "soon", "inf"):
-        monkeypatch.setenv(vllm_cpu.WEIGHT_SYNC_TIMEOUT_ENV, bad)
-        with pytest.raises(ValueError, match=f"{vllm_cpu.WEIGHT_SYNC_TIMEOUT_ENV}.*{bad!r}"):
-            vllm_cpu.install()

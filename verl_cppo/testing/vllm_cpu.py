@@ -16,7 +16,10 @@ machine three of their steps break, and each is changed here through ``verl_cppo
                  ``BufferError``. ``_update_weights`` clones each received tensor first.
   no hang        after a receiver fails, verl's sender waits on its ZMQ socket forever. The sender's socket
                  gets a receive timeout (``WEIGHT_SYNC_TIMEOUT_ENV``, seconds) and a timeout becomes a
-                 ``TimeoutError`` naming the weight sync and the socket.
+                 ``TimeoutError`` naming the weight sync and the socket. Likewise a rollout server that stops
+                 answering (an engine stuck inside a step) leaves verl's agent loop awaiting its ``generate``
+                 forever: ``LLMServerClient.generate`` (the one call every agent loop makes, for any rollout
+                 server) gets a bound (``GENERATE_TIMEOUT_ENV``) and a ``TimeoutError`` naming the request.
 
 The rest is configuration, set by ``ci/tiny_regression.py --rollout vllm`` (``VLLM_CPU_OVERRIDES``): sleep
 mode off (vLLM refuses it on CPU), eager mode (no CUDA graphs), a small KV cache. The CPU platform reaches
@@ -32,11 +35,23 @@ import os
 
 from verl_cppo import hooks
 
-__all__ = ["HOOK_NAME", "VLLM_CPU_ENV", "VLLM_CPU_OVERRIDES", "WEIGHT_SYNC_TIMEOUT_ENV", "install"]
+__all__ = [
+    "GENERATE_TIMEOUT_ENV",
+    "HOOK_NAME",
+    "VLLM_CPU_ENV",
+    "VLLM_CPU_OVERRIDES",
+    "WEIGHT_SYNC_TIMEOUT_ENV",
+    "install",
+]
 
 HOOK_NAME = "vllm_cpu"
 WEIGHT_SYNC_TIMEOUT_ENV = "VERL_CPPO_WEIGHT_SYNC_TIMEOUT_S"
 """Seconds verl's weight sender waits for each reply of the vLLM worker before it fails (default 120)."""
+GENERATE_TIMEOUT_ENV = "VERL_CPPO_GENERATE_TIMEOUT_S"
+"""Seconds one ``generate`` request of verl's agent loop may wait for the rollout server (default 600; a CPU
+step of the tiny regression generates its 256 responses in a few seconds)."""
+_DEFAULTS_S = {WEIGHT_SYNC_TIMEOUT_ENV: "120", GENERATE_TIMEOUT_ENV: "600"}
+_SERVER_CLIENT = "verl.workers.rollout.llm_server"
 _EXTENSION = "verl.workers.rollout.vllm_rollout.utils"
 _TRANSFER = "verl.workers.rollout.vllm_rollout.bucketed_weight_transfer"
 _VLLM_LOADER = "vllm.model_executor.model_loader.utils"
@@ -55,14 +70,14 @@ VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 """Environment of a CPU run with verl's vLLM rollout: a 1 GiB KV cache (vLLM CPU's default is 4 GiB)."""
 
 
-def _timeout_s() -> float:
-    raw = os.environ.get(WEIGHT_SYNC_TIMEOUT_ENV, "120")
+def _timeout_s(env: str) -> float:
+    raw = os.environ.get(env, _DEFAULTS_S[env])
     try:
         value = float(raw)
     except ValueError:
         value = float("nan")
     if not value > 0 or value == float("inf"):
-        raise ValueError(f"{WEIGHT_SYNC_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+        raise ValueError(f"{env} must be a positive number of seconds, got {raw!r}")
     return value
 
 
@@ -109,7 +124,8 @@ def _socket_with_timeout(original):
         import zmq
 
         original(self)
-        self.socket.setsockopt(zmq.RCVTIMEO, int(_timeout_s() * 1000))
+        self.sync_timeout_s = _timeout_s(WEIGHT_SYNC_TIMEOUT_ENV)
+        self.socket.setsockopt(zmq.RCVTIMEO, int(self.sync_timeout_s * 1000))
         self.socket.setsockopt(zmq.LINGER, 0)
 
     return _init_socket
@@ -125,17 +141,42 @@ def _send_or_fail(original):
         except zmq.Again as error:
             raise TimeoutError(
                 f"weight sync to the vLLM rollout failed: no reply from the vLLM worker on {self.zmq_handle} "
-                f"within {_timeout_s():g} s ({WEIGHT_SYNC_TIMEOUT_ENV}); the worker's log says why"
+                f"within {self.sync_timeout_s:g} s ({WEIGHT_SYNC_TIMEOUT_ENV}); the worker's log says why"
             ) from error
 
     return async_send_weights
 
 
+def _generate_or_fail(original):
+    @functools.wraps(original)
+    async def generate(self, request_id, *args, **kwargs):
+        import asyncio
+
+        timeout_s = _timeout_s(GENERATE_TIMEOUT_ENV)
+        request = asyncio.ensure_future(original(self, request_id, *args, **kwargs))
+        try:
+            done, _ = await asyncio.wait({request}, timeout=timeout_s)
+        finally:
+            if not request.done():  # expired, or the caller was cancelled: verl's `finally` frees the slot
+                request.cancel()
+        if not done:
+            name = self.config.actor_rollout_ref.rollout.name
+            raise TimeoutError(
+                f"rollout generate failed: the {name} rollout server did not answer request {request_id!r} "
+                f"within {timeout_s:g} s ({GENERATE_TIMEOUT_ENV}); the server's log says why"
+            )
+        return request.result()
+
+    return generate
+
+
 def install() -> None:
     """Install the shims (each applied when verl imports its module; idempotent)."""
-    _timeout_s()  # a bad value fails here, before any training step
+    for env in _DEFAULTS_S:
+        _timeout_s(env)  # a bad value fails here, before any training step
     hooks.wrap(_EXTENSION, "vLLMColocateWorkerExtension.update_weights_from_ipc", _layerwise_reload, name=HOOK_NAME)
     hooks.wrap(_EXTENSION, "vLLMColocateWorkerExtension._update_weights", _cloned_weights, name=HOOK_NAME)
     hooks.wrap(_VLLM_LOADER, "process_weights_after_loading", _once_per_reload, name=HOOK_NAME)
     hooks.wrap(_TRANSFER, "BucketedWeightSender._init_socket", _socket_with_timeout, name=HOOK_NAME)
     hooks.wrap(_TRANSFER, "BucketedWeightSender.async_send_weights", _send_or_fail, name=HOOK_NAME)
+    hooks.wrap(_SERVER_CLIENT, "LLMServerClient.generate", _generate_or_fail, name=HOOK_NAME)
