@@ -1,7 +1,8 @@
 """Rollout cost of mu's Top-K on vLLM's CPU build: throughput with logprobs=0 (what verl asks for) vs K = 4, 20.
 
-One process, one engine (a random 2-layer Qwen3 at hidden 64 / head size 32 with a VOCAB-token vocabulary, so
-that K = 20 is a real choice; float32, eager, no tokenizer), the same seeded prompts for every
+One process, one engine (the tiny task's random 2-layer Qwen3, ``tiny_task.build_model``, at head size 32 and
+with a VOCAB-token vocabulary, so that K = 20 is a real choice; float32, eager, no tokenizer), the same seeded
+prompts for every
 setting, each setting timed over REPEATS generate calls after one warm-up call; prints tokens/s per setting and
 the ratio to logprobs=0. Then the bytes per response token that the Top-K fields add through TransferQueue:
 ``rollout_topk_ids`` int32 [T, K] + ``rollout_topk_log_probs`` float32 [T, K], measured on the tensors that
@@ -32,27 +33,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
     from vllm import LLM, SamplingParams
 
+    from verl_cppo.testing.tiny_task import build_model
     from verl_cppo.topk.rollout import TOPK_IDS, TOPK_LOG_PROBS, vllm_topk
 
     model_dir = tempfile.mkdtemp()
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        eos_token_id=VOCAB - 1,
-        torch_dtype="float32",
-    )
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(config).save_pretrained(model_dir)
+    build_model(seed=0, head_dim=32, vocab_size=VOCAB).save_pretrained(model_dir)
     llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, seed=0, max_model_len=64, skip_tokenizer_init=True)
     generator = torch.Generator().manual_seed(0)
     prompts = [

@@ -66,12 +66,20 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, head_dim: int | None = None):
+def build_model(
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    head_dim: int | None = None,
+    vocab_size: int | None = None,
+):
+    """The seeded random Qwen3 of the task; ``vocab_size`` (default: the task's VOCAB) widens its vocabulary for
+    benchmarks whose K must be a real choice (the task's tokenizer then covers only the first ids)."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
-        vocab_size=len(VOCAB),
+        vocab_size=vocab_size or len(VOCAB),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
