@@ -80,31 +80,11 @@ def test_greedy_top_k_and_budget(model):
     torch.testing.assert_close(top1.log_probs, greedy.log_probs, atol=1e-6, rtol=0)
 
 
-def test_top_k_log_probs_match_a_full_forward(model):
-    """mu's top-K per token (Top-K divergences): the K largest of an independent full forward, best first."""
-    k = 4
-    p = prompt("b")
-    r = sample_batch(model, [p], [8], {EOS}, [torch.Generator().manual_seed(3)], temperature=0.7, topk=k)[0]
-    seq = torch.tensor([p + r.token_ids])  # [1, P + R]
-    with torch.no_grad():
-        log_mu = torch.log_softmax(model(seq).logits[0, len(p) - 1 : -1].double() / 0.7, -1)  # [R, V]
-    assert len(r.topk_ids) == len(r.topk_log_probs) == len(r.token_ids)
-    ids = torch.tensor(r.topk_ids)  # [R, K]
-    lps = torch.tensor(r.topk_log_probs, dtype=torch.float64)  # [R, K]
-    assert ids.shape == (len(r.token_ids), k)
-    torch.testing.assert_close(lps, log_mu.gather(-1, ids), atol=2e-5, rtol=0)  # the ids' own log-probs
-    torch.testing.assert_close(lps, log_mu.sort(-1, descending=True).values[:, :k], atol=2e-5, rtol=0)  # the K best
-    plain = sample_batch(model, [p], [8], {EOS}, [torch.Generator().manual_seed(3)], temperature=0.7)[0]
-    assert plain.token_ids == r.token_ids and plain.topk_ids == []  # top-K changes no sample
-
-
 def test_bad_batches_are_refused(model):
     with pytest.raises(ValueError, match="one length"):
         sample_batch(model, [prompt("a"), prompt("a")[1:]], [4, 4], {EOS}, [torch.Generator()] * 2)
     with pytest.raises(ValueError, match="budget"):
         sample_batch(model, [prompt("a")], [0], {EOS}, [torch.Generator()])
-    with pytest.raises(ValueError, match="topk=99 exceeds the vocabulary size"):
-        sample_batch(model, [prompt("a")], [2], {EOS}, [torch.Generator()], topk=99)
 
 
 def _server(model_dir, **rollout):
@@ -157,18 +137,3 @@ def test_server_sleeps_and_takes_weights(model_dir, model):
         asyncio.run(server.update_weights(new[1:], global_steps=4))
     with pytest.raises(ValueError, match="unknown"):
         asyncio.run(server.update_weights([*new, ("model.extra.weight", torch.zeros(1))], global_steps=4))
-
-
-def test_server_answers_with_rollout_top_k_when_configured(model_dir, monkeypatch):
-    """Under VERL_CPPO_TOPK the server adds mu's top-K as the patched vLLM / SGLang servers do."""
-    from verl_cppo.topk.rollout import ENV_TOPK, TOPK_IDS, TOPK_LOG_PROBS
-
-    monkeypatch.setenv(ENV_TOPK, "3")
-    server = _server(model_dir)
-    out = asyncio.run(server.generate(prompt("c"), {"temperature": 1.0, "logprobs": True}, "r0"))
-    n = len(out.token_ids)
-    ids, lps = out.extra_fields[TOPK_IDS], out.extra_fields[TOPK_LOG_PROBS]
-    assert ids.shape == lps.shape == (n, 3) and ids.dtype.name == "int32" and lps.dtype.name == "float32"
-    assert (lps[:, :-1] >= lps[:, 1:]).all() and (lps[:, 0] >= out.log_probs).all()  # best first; top-1 >= sampled
-    no_log_probs = asyncio.run(server.generate(prompt("c"), {"temperature": 1.0}, "r1"))
-    assert TOPK_IDS not in no_log_probs.extra_fields  # like vLLM: top-K only with the log-probs

@@ -49,6 +49,7 @@ def test_k_is_read_from_the_policy_loss_node():
         (["actor_rollout_ref.actor.megatron.dynamic_context_parallel=true"], "megatron", "sglang", "dynamic_context"),
         (["distillation.enabled=true"], "dp", "sglang", "distillation.enabled=True"),
         ([], "dp", "trtllm", "rollout.name='trtllm'"),
+        ([], "dp", "hf_cpu", "rollout.name='hf_cpu'"),  # the CPU test server serves no top-K
         ([], "torchtitan", "vllm", "actor strategy='torchtitan'"),
         (["actor_rollout_ref.model.external_lib=verl_cppo.megatron_shard_local"], "megatron", "vllm", "shard-local"),
     ],
@@ -56,24 +57,6 @@ def test_k_is_read_from_the_policy_loss_node():
 def test_unservable_topk_launches_are_refused(overrides, engine, rollout, message):
     errors, _ = check_cppo_config(_config(engine, *overrides, rollout=rollout))
     assert any(message in e for e in errors), errors
-
-
-def test_cpu_test_rollout_serves_topk_only_once_registered():
-    """hf_cpu serves mu's top-K once ``cpu_rollout.register`` ran, which only ``verl_cppo.testing.register``
-    calls, and only with VERL_CPPO_CPU_TESTING=1 (tests/e2e/test_cpu_engine.py checks that switch)."""
-    from verl_cppo.testing import cpu_rollout
-    from verl_cppo.topk.rollout import TOPK_ROLLOUTS
-
-    cfg = _config("dp", "+actor_rollout_ref.actor.policy_loss.cppo.topk=4", rollout="hf_cpu")
-    was_registered = "hf_cpu" in TOPK_ROLLOUTS
-    TOPK_ROLLOUTS.discard("hf_cpu")
-    try:
-        assert any("rollout.name='hf_cpu'" in e for e in check_cppo_config(cfg)[0])
-        cpu_rollout.register()
-        assert check_cppo_config(cfg)[0] == []
-    finally:
-        if not was_registered:
-            TOPK_ROLLOUTS.discard("hf_cpu")
 
 
 def test_invalid_k_is_refused_in_the_driver():

@@ -6,9 +6,8 @@ the external verl-project/vexact backend:
 
   HFCPUServer         the generation server, one Ray actor per replica. ``generate(prompt_ids,
                       sampling_params, request_id)`` -> ``TokenOutput`` with the sampled tokens and their
-                      log-probs under the rollout policy (``rollout_log_probs``, what bypass mode anchors on);
-                      under VERL_CPPO_TOPK=K also mu's top-K per token in ``extra_fields``, as verl's vLLM and
-                      SGLang servers give them with the plugin's Top-K patch (``verl_cppo.topk.rollout``).
+                      log-probs under the rollout policy (``rollout_log_probs``, what bypass mode anchors on).
+                      No top-K: the Top-K divergences are served, and tested, by verl's live vLLM server.
                       Also the control surface verl calls: sleep / wake_up, abort / resume, kv-cache calls.
   HFCPUServerAdapter  the ``BaseRollout`` living in each actor worker (hybrid engine): after every step
                       verl hands it the trained weights (``update_weights``), which it forwards to the server.
@@ -28,7 +27,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from verl.utils.config import omega_conf_to_dataclass
@@ -39,7 +37,6 @@ from verl.workers.rollout.utils import ensure_async_iterator, get_max_position_e
 
 from verl_cppo.testing import ROLLOUT_NAME
 from verl_cppo.testing.sampling import SampledTokens, sample_batch
-from verl_cppo.topk.rollout import TOPK_IDS, TOPK_LOG_PROBS, register_topk_rollout, rollout_topk
 
 __all__ = ["HFCPUReplica", "HFCPUServer", "HFCPUServerAdapter", "register"]
 
@@ -85,7 +82,6 @@ class HFCPUServer:
         ).eval()
         self.max_model_len = self.config.max_model_len or get_max_position_embeddings(self.model_config.hf_config)
         self.stop_token_ids = self._stop_token_ids()
-        self.topk = rollout_topk()  # mu's top-K per token for the Top-K divergences (VERL_CPPO_TOPK), 0 = off
         self.asleep = False  # between verl's sleep() and the wake_up() that follows its weight sync
         self.weights_version: int | None = None  # global_steps of the last weight sync
         self.request_counts: dict[str, int] = {}  # per request id, for per-request seeds
@@ -160,9 +156,6 @@ class HFCPUServer:
         sampled: SampledTokens = await request.future
         want_log_probs = params.pop("logprobs", False)
         extra_fields = {"global_steps": self.weights_version}
-        if want_log_probs and self.topk:  # what the patched vLLM / SGLang servers add (verl_cppo.topk.rollout)
-            extra_fields[TOPK_IDS] = np.asarray(sampled.topk_ids, dtype=np.int32).reshape(-1, self.topk)
-            extra_fields[TOPK_LOG_PROBS] = np.asarray(sampled.topk_log_probs, dtype=np.float32).reshape(-1, self.topk)
         return TokenOutput(
             token_ids=sampled.token_ids,
             log_probs=sampled.log_probs if want_log_probs else None,
@@ -191,7 +184,6 @@ class HFCPUServer:
                         temperature=temperature,
                         top_k=top_k,
                         top_p=top_p,
-                        topk=self.topk,
                     )
                 except Exception as exc:  # fail the requests, not the batcher
                     for r in chunk:
@@ -343,7 +335,6 @@ class HFCPUReplica(RolloutReplica):
 
 
 def register() -> None:
-    """Register ``hf_cpu`` in verl's rollout registries and as a rollout that serves mu's top-K (idempotent)."""
+    """Register ``hf_cpu`` in verl's rollout registries (idempotent)."""
     _ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.HFCPUServerAdapter"
     RolloutReplicaRegistry.register(ROLLOUT_NAME, lambda: HFCPUReplica)
-    register_topk_rollout(ROLLOUT_NAME)

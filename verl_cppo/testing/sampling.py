@@ -12,9 +12,7 @@ exactly this in ``compute_log_prob``). With top-k / top-p the token is drawn fro
 distribution but the full-vocabulary log-prob is reported, as vLLM does by default. Temperature 0 is greedy
 decoding with the log-probs of ``log_softmax(logits)``.
 
-The result is one ``SampledTokens`` record per row with per-token fields. With ``topk=K > 0`` each token also
-gets mu's top-K ids and log-probs (from the same ``log_pi``, best first), what vLLM's ``logprobs=K`` and
-SGLang's ``top_logprobs_num=K`` give the Top-K divergences (``verl_cppo.topk.rollout``).
+The result is one ``SampledTokens`` record per row with per-token fields.
 """
 
 from __future__ import annotations
@@ -34,10 +32,6 @@ class SampledTokens:
     """log mu(token_t | prefix) of each response token, same length as token_ids."""
     stopped: bool = False
     """True if a stop token ended the response, False if it used its whole token budget."""
-    topk_ids: list[list[int]] = field(default_factory=list)
-    """With topk=K: the K most likely token ids under mu at each response token, best first ([] otherwise)."""
-    topk_log_probs: list[list[float]] = field(default_factory=list)
-    """With topk=K: log mu of those ids, same shape as topk_ids."""
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -64,21 +58,15 @@ def sample_batch(
     temperature: float = 1.0,
     top_k: int = -1,
     top_p: float = 1.0,
-    topk: int = 0,
 ) -> list[SampledTokens]:
-    """Sample a response for each prompt (all of one length) from ``model`` (an HF causal LM); ``topk`` > 0
-    also records mu's top-``topk`` ids and log-probs at every response token."""
+    """Sample a response for each prompt (all of one length) from ``model`` (an HF causal LM)."""
     batch = len(prompts)
     if not batch or len({len(p) for p in prompts}) != 1 or not prompts[0]:
         raise ValueError(f"sample_batch needs non-empty prompts of one length, got lengths {[len(p) for p in prompts]}")
     if len(max_new_tokens) != batch or len(generators) != batch or min(max_new_tokens) < 1:
         raise ValueError(f"need one generator and a budget >= 1 per prompt, got budgets {max_new_tokens}")
-    if topk < 0:
-        raise ValueError(f"topk must be >= 0 (0 = no top-K log-probs), got {topk}")
     device = next(model.parameters()).device
     out = model(input_ids=torch.tensor(prompts, dtype=torch.long, device=device), use_cache=True)  # logits [B, P, V]
-    if topk > out.logits.shape[-1]:
-        raise ValueError(f"topk={topk} exceeds the vocabulary size {out.logits.shape[-1]}")
     results = [SampledTokens() for _ in range(batch)]
     active = list(range(batch))
     for _ in range(max(max_new_tokens)):
@@ -87,8 +75,6 @@ def sample_batch(
             logits = logits / temperature
             weights = torch.softmax(_filter_logits(logits, top_k, top_p), dim=-1)  # [B, V]
         log_pi = torch.log_softmax(logits, dim=-1)  # [B, V]
-        if topk:
-            top_log_pi, top_ids = torch.topk(log_pi, topk, dim=-1)  # [B, K], [B, K]
         next_ids = torch.zeros(batch, 1, dtype=torch.long)  # [B, 1]; finished rows keep decoding, ignored
         for row in active:
             if temperature > 0:
@@ -99,9 +85,6 @@ def sample_batch(
             result = results[row]
             result.token_ids.append(token)
             result.log_probs.append(float(log_pi[row, token]))
-            if topk:
-                result.topk_ids.append(top_ids[row].tolist())
-                result.topk_log_probs.append(top_log_pi[row].tolist())
             result.stopped = token in stop_token_ids
         active = [r for r in active if not results[r].stopped and len(results[r].token_ids) < max_new_tokens[r]]
         if not active:

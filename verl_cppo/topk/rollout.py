@@ -44,7 +44,6 @@ __all__ = [
     "generation_recorder",
     "pad_topk_fields",
     "record_generation",
-    "register_topk_rollout",
     "response_topk_fields",
     "rollout_topk",
     "sglang_topk",
@@ -65,11 +64,6 @@ TOPK_LOG_PROBS = "rollout_topk_log_probs"
 
 TOPK_ROLLOUTS = {"vllm", "sglang"}
 """``actor_rollout_ref.rollout.name`` values whose servers return mu's top-K (with the Top-K diffs)."""
-
-
-def register_topk_rollout(name: str) -> None:
-    """Declare that the rollout backend ``name`` serves mu's top-K as verl's patched servers do."""
-    TOPK_ROLLOUTS.add(name)
 
 
 def rollout_topk() -> int:

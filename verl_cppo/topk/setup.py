@@ -12,7 +12,7 @@ The user selects ``actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv``
    of ``verl_cppo/hooks/patches`` to the verl modules when they are imported, only when VERL_CPPO_TOPK is set.
 
 The rollouts that serve mu's top-K are ``verl_cppo.topk.rollout.TOPK_ROLLOUTS`` (verl's vllm and sglang
-servers with the diffs); a test backend that serves it too adds its name with ``register_topk_rollout``.
+servers with the diffs).
 
 Nothing is patched, and nothing changes in verl, unless a Top-K divergence is configured.
 """
@@ -26,7 +26,7 @@ from typing import Any
 from verl_cppo import hooks
 from verl_cppo.config import config_node
 from verl_cppo.core.divergence import TOPK_DIVERGENCES
-from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS, register_topk_rollout, rollout_topk
+from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS, rollout_topk
 
 __all__ = [
     "ENV_TOPK",
@@ -35,7 +35,6 @@ __all__ = [
     "configured_topk",
     "install_topk_runtime",
     "propagate_topk",
-    "register_topk_rollout",
 ]
 
 logger = logging.getLogger(__name__)
