@@ -9,4 +9,4 @@ shift || true
 cd "$(dirname "$0")/.."
 bash ci/setup_vllm_venv.sh
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv-vllm/bin/python ci/tiny_regression.py "$outdir" --arms cppo --no-golden --rollout vllm "$@"
+exec .venv-vllm/bin/python ci/tiny_regression.py "$outdir" --arms cppo --no-golden "$@"

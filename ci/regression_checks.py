@@ -9,7 +9,7 @@ Sanity (always):
     throughout the run, not in one spike that alone lifts ``masked_mean`` into its (wide) golden band;
   * in the vanilla arm (old log-probs recomputed by the actor) the rollout's log-probs equal the actor's:
     ``training/rollout_probs_diff_max`` <= ``rollout_actor_prob_gap_max`` at every step, which holds only if
-    the hf_cpu server received every weight update.
+    verl's weight sync reached the rollout server (vLLM) at every step.
 Golden (unless --no-golden): each summary statistic of ``summarize`` within its tolerance of the golden value
 (ci/golden/tiny_regression.json records the values, the tolerances and how they were measured). Rewards
 are compared on a linear scale (|value - golden| <= tol); the masked fraction, whose run-to-run variation is
@@ -103,10 +103,10 @@ def _check_golden(metrics: dict[str, list[dict]], args, golden: dict) -> list[st
     failures = []
     config = golden.get("config", {})
     ours = {"steps": args.steps, "seed": args.seed, "lr": args.lr, "adv_estimator": args.adv_estimator}
-    ours["rollout"] = getattr(args, "rollout", "hf_cpu")
+    ours["rollout"] = args.rollout
     if getattr(args, "override", None):
         return [f"golden values hold for the configuration without overrides; got --override {args.override}"]
-    recorded = {"rollout": "hf_cpu", **config}  # a golden file without "rollout" predates the choice: hf_cpu
+    recorded = {"rollout": "hf_cpu", **config}  # a file without "rollout" was recorded before the choice existed
     differ = {k: (ours[k], recorded[k]) for k in ours if k in recorded and ours[k] != recorded[k]}
     if differ:
         return [f"golden file was recorded with another configuration (ours, golden): {differ}"]

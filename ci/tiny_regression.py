@@ -1,13 +1,13 @@
 """CPPO regression on a tiny model through verl's real trainer (``python -m verl.trainer.main_ppo``) on CPU.
 
-Each arm is one ``main_ppo`` run (Ray, the v1 trainer, the FSDP2 engine, the ``hf_cpu`` rollout server,
-the reward loop) on the tiny copy task of ``verl_cppo.testing.tiny_task``, with fixed seeds:
+Each arm is one ``main_ppo`` run (Ray, the v1 trainer, the FSDP2 engine, verl's vLLM rollout on vLLM's CPU
+build, the reward loop) on the tiny copy task of ``verl_cppo.testing.tiny_task``, with fixed seeds:
 
   cppo     loss_mode=cppo (paper defaults), bypass mode: anchored on the rollout log-probs
   dppo_tv  verl's DPPO-Binary-TV, bypass mode (DPPO is defined against the rollout policy), delta = 0.15
            (CPPO's delta) on both sides and CPPO's ratio cap 20: CPPO without position weights and budget
   vanilla  PPO clip-higher (0.2 / 0.28), old log-probs recomputed by the actor (verl's default, what GRPO
-           users run); its rollout-vs-actor log-prob gap also checks the CPU rollout's weight sync
+           users run); its rollout-vs-actor log-prob gap also checks verl's weight sync into vLLM
 
 OUTDIR/metrics.json is ``{arm: [{"step", "reward", "masked_frac", <every numeric verl metric>}, ...]}``,
 OUTDIR/reward.png plots reward and masked fraction per arm and, for the CPPO arms, the share of masked tokens
@@ -19,6 +19,10 @@ The checks (``check``) compare with ``ci/golden/tiny_regression.json``; see ci/R
 tolerances were measured. Exit status 0 only when every check passed.
 
     python ci/tiny_regression.py OUTDIR [--arms cppo,dppo_tv,vanilla] [--seed 0] [--no-golden] [--override K=V]
+                                        [--rollout vllm|hf_cpu]
+
+``--rollout hf_cpu`` (the project's HF server, ``verl_cppo.testing.cpu_rollout``) serves the environment
+without vLLM (``.venv``: the stability study and the main_ppo tests there); it has no golden values.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ ROOT = os.path.dirname(HERE)
 GOLDEN = os.path.join(HERE, "golden", "tiny_regression.json")
 ARMS = ("cppo", "dppo_tv", "vanilla")
 EXTRA_ARMS = ("cppo_topk_tv",)
-"""Arms run only when named in --arms (no golden values): tests/e2e/test_tiny_topk.py runs cppo_topk_tv."""
+"""Arms run only when named in --arms (no golden values): tests/testing/test_vllm_cpu.py runs cppo_topk_tv."""
 RESPONSE_LENGTH = 8
 
 ARM_OVERRIDES = {
@@ -81,7 +85,7 @@ CPU_ENV = {
 
 def rollout_env(args: argparse.Namespace) -> dict[str, str]:
     """Environment of main_ppo and its Ray workers for the chosen rollout backend."""
-    if getattr(args, "rollout", "hf_cpu") == "vllm":  # callers such as the stability study pass no rollout
+    if args.rollout == "vllm":
         from verl_cppo.testing.vllm_cpu import VLLM_CPU_ENV
 
         return dict(VLLM_CPU_ENV)
@@ -92,7 +96,7 @@ def rollout_overrides(args: argparse.Namespace) -> list[str]:
     """hf_cpu: per-request seeds (full_determinism). vllm: verl's vLLM rollout on vLLM's CPU build, whose
     full_determinism gives every sample of a prompt the same seed and request id (identical groups, zero
     advantage), so there the engine's seed alone seeds the run."""
-    if getattr(args, "rollout", "hf_cpu") == "vllm":
+    if args.rollout == "vllm":
         from verl_cppo.testing.vllm_cpu import VLLM_CPU_OVERRIDES
 
         return [*VLLM_CPU_OVERRIDES, "actor_rollout_ref.rollout.full_determinism=False"]
@@ -359,8 +363,8 @@ def main() -> int:
     parser.add_argument(
         "--rollout",
         choices=("hf_cpu", "vllm"),
-        default="hf_cpu",
-        help="hf_cpu: the project's HF server; vllm: verl's vLLM rollout on vLLM's CPU build (the vLLM venv)",
+        default="vllm",
+        help="vllm: verl's vLLM rollout on vLLM's CPU build (.venv-vllm); hf_cpu: the project's HF server (.venv)",
     )
     parser.add_argument("--arm-timeout", type=float, default=900.0)
     parser.add_argument("--golden", default=GOLDEN)
@@ -381,7 +385,7 @@ def main() -> int:
 
     from verl_cppo.testing import tiny_task
 
-    # vLLM's CPU attention needs a head size >= 32; hf_cpu keeps the golden runs' 16
+    # vLLM's CPU attention needs a head size >= 32; hf_cpu keeps 16, the stability study's model
     head_dim = 32 if args.rollout == "vllm" else None
     task = tiny_task.build(os.path.join(args.outdir, "task"), seed=args.seed, head_dim=head_dim)
     metrics: dict[str, list[dict]] = {}

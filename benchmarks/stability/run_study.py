@@ -127,7 +127,9 @@ def run_one(arm: str, seed: int, task: dict, args: argparse.Namespace) -> dict:
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
-    shared = argparse.Namespace(adv_estimator=args.adv_estimator, seed=seed, lr=args.lr, steps=args.steps)
+    shared = argparse.Namespace(
+        adv_estimator=args.adv_estimator, seed=seed, lr=args.lr, steps=args.steps, rollout="hf_cpu"
+    )
     command = [
         sys.executable,
         "-m",

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "ci"))
 from regression_checks import CPPO_METRICS, check, summarize
 
 STEPS = 6
-ARGS = argparse.Namespace(steps=STEPS, seed=0, lr=1.5e-3, adv_estimator="cppo_grpo")
+ARGS = argparse.Namespace(steps=STEPS, seed=0, lr=1.5e-3, adv_estimator="cppo_grpo", rollout="vllm")
 
 
 def rows(rewards, masked=0.02, **extra):
@@ -36,7 +36,7 @@ def good():
 
 def golden_of(metrics, tol=0.05):
     return {
-        "config": {"steps": STEPS, "seed": 0, "lr": 1.5e-3, "adv_estimator": "cppo_grpo"},
+        "config": {"steps": STEPS, "seed": 0, "lr": 1.5e-3, "adv_estimator": "cppo_grpo", "rollout": "vllm"},
         "arms": {arm: {k: {"value": v, "tol": tol} for k, v in summarize(r).items()} for arm, r in metrics.items()},
     }
 
