@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The main job of README.md: set-up, then CPPO on a tiny model through verl's real trainer (main_ppo) on CPU,
-# rolling out through verl's own vLLM rollout on vLLM's CPU build (.venv-vllm), one progress line per step;
-# verl's own output goes to OUTDIR/cppo/main_ppo.log.
-#   bash ci/main_job.sh [OUTDIR (default out/main_job)] [extra args of ci/tiny_regression.py]
+# rolling out through verl's own vLLM rollout on vLLM's CPU build, one progress line per step; verl's own output
+# goes to OUTDIR/cppo/main_ppo.log.
+#   bash ci/main_job.sh [OUTDIR (default out/main_job)] [extra args of ci/tiny_regression.py, e.g. --steps 10]
 set -euo pipefail
 outdir=$(realpath -m "${1:-out/main_job}")
 shift || true
 cd "$(dirname "$0")/.."
-bash ci/setup_vllm_venv.sh
-export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv-vllm/bin/python ci/tiny_regression.py "$outdir" --arms cppo --no-golden "$@"
+bash ci/setup_env.sh
+exec .venv/bin/python ci/tiny_regression.py "$outdir" --arms cppo --no-golden "$@"

@@ -21,12 +21,12 @@ def gen():
 
 @pytest.hookimpl(trylast=True)  # after -m has deselected
 def pytest_collection_modifyitems(config, items):
-    """A `vllm` test selected where vLLM is not installed is an error, not a skip: run it in .venv-vllm."""
+    """A `vllm` test selected where vLLM is not installed is an error, not a skip (ci/setup_env.sh installs it)."""
     import importlib.util
 
     selected = [item.nodeid for item in items if item.get_closest_marker("vllm")]
     if selected and importlib.util.find_spec("vllm") is None:
         raise pytest.UsageError(
-            f"{len(selected)} selected test(s) need vLLM (e.g. {selected[0]}): run them with "
-            '.venv-vllm/bin/python -m pytest -m vllm (ci/setup_vllm_venv.sh), the rest with -m "not vllm"'
+            f"{len(selected)} selected test(s) need vLLM (e.g. {selected[0]}): run them in the environment "
+            "ci/setup_env.sh makes (.venv/bin/python -m pytest)"
         )
