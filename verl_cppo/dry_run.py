@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 
 import verl_cppo  # noqa: F401  (explicit: also registers when the entry point is disabled)
 from verl_cppo import driver
+from verl_cppo.topk.setup import propagate_topk
 
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 
@@ -129,6 +130,8 @@ def dry_run(
         {"error": report.errors, "warning": report.warnings, "note": report.notes}[problem.level].append(
             problem.message
         )
+    if not report.errors:  # as driver.validate: K of a Top-K divergence into the Ray job's runtime env
+        report.step("Top-K setup", propagate_topk, config)
     report.step("validate_config", verl_validate, config)
     describe_loss(config, report)
     check_data_files(config, report)
