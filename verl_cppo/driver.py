@@ -63,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 STRICT_ANCHOR_ENV = "VERL_CPPO_STRICT_ANCHOR"
 POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
-_get = config_value
 
 _SETTINGS_NODES = (
     # (node, its settings key, the selector key, the value that selects it, verl's stock class, ours)
@@ -100,7 +99,7 @@ def _settings_nodes(config: Any) -> list[Problem]:
     for node_key, settings, selector, value, _, ours in _SETTINGS_NODES:
         where = f"{node_key}.{settings}"
         keys = sorted(str(k) for k in config_node(config, where))  # refuses a scalar node, naming it
-        chosen = _get(config, f"{node_key}.{selector}")
+        chosen = config_value(config, f"{node_key}.{selector}")
         if keys and chosen != value and chosen in registries[selector]:  # unregistered: registered_names says so
             found.append(
                 Problem(
@@ -121,7 +120,7 @@ def _settings_nodes(config: Any) -> list[Problem]:
 
 def _shard_local_cp(actor: Any) -> int:
     """Context-parallel size of engines whose loss sees shard-local rows (no log-prob gather in 0.9.1)."""
-    if _get(actor, "strategy") not in ("torchtitan", "automodel"):
+    if config_value(actor, "strategy") not in ("torchtitan", "automodel"):
         return 1
     sizes = [
         child.get(key, 1) or 1
@@ -137,13 +136,13 @@ def _anchoring(config: Any) -> list[Problem]:
     if config_node(config, POLICY_LOSS).get("loss_mode") != "cppo":
         return []
     found = []
-    if not _get(config, "algorithm.rollout_correction.bypass_mode", False):
+    if not config_value(config, "algorithm.rollout_correction.bypass_mode", False):
         message = (
             "loss_mode=cppo measures divergence from the rollout policy, but "
             "algorithm.rollout_correction.bypass_mode=False makes old_log_prob the actor's recomputed pi_old; "
             "set algorithm.rollout_correction.bypass_mode=True"
         )
-        if _get(config, "actor_rollout_ref.actor.use_rollout_log_probs", False):
+        if config_value(config, "actor_rollout_ref.actor.use_rollout_log_probs", False):
             message += " (actor.use_rollout_log_probs=True has no effect in verl 0.9.1)"
         if configured_topk(config):
             found.append(Problem(message + " (a Top-K divergence compares pi with the rollout policy's top-K)"))
@@ -155,18 +154,19 @@ def _anchoring(config: Any) -> list[Problem]:
                     message + f"; CPPO continues against pi_old ({STRICT_ANCHOR_ENV}=1 makes this an error)", "warning"
                 )
             )
-    elif not _get(config, "actor_rollout_ref.rollout.calculate_log_probs", True):
+    elif not config_value(config, "actor_rollout_ref.rollout.calculate_log_probs", True):
         found.append(
             Problem(
                 "bypass mode anchors CPPO on the rollout log-probs, but actor_rollout_ref.rollout.calculate_log_probs="
                 "False; set it to True"
             )
         )
-    cp = _shard_local_cp(_get(config, "actor_rollout_ref.actor", {}) or {})
+    cp = _shard_local_cp(config_value(config, "actor_rollout_ref.actor", {}) or {})
     if cp > 1:
         found.append(
             Problem(
-                f"actor strategy {_get(config, 'actor_rollout_ref.actor.strategy')!r} with context parallel size {cp} "
+                f"actor strategy {config_value(config, 'actor_rollout_ref.actor.strategy')!r} with context parallel "
+                f"size {cp} "
                 "gives the loss shard-local rows in verl 0.9.1; CPPO's prefix sums need whole responses"
             )
         )
@@ -177,7 +177,9 @@ def _legacy_trainer_bypass(config: Any) -> list[Problem]:
     """Bypass mode on the legacy trainer: ``apply_bypass_mode`` rewrites loss_mode=cppo to 'bypass_mode'."""
     if config_node(config, POLICY_LOSS).get("loss_mode") != "cppo":
         return []
-    if _get(config, "algorithm.rollout_correction.bypass_mode", False) and not _get(config, "trainer.use_v1", True):
+    if config_value(config, "algorithm.rollout_correction.bypass_mode", False) and not config_value(
+        config, "trainer.use_v1", True
+    ):
         return [
             Problem(
                 "trainer.use_v1=False with algorithm.rollout_correction.bypass_mode=True: the legacy trainer rewrites "
@@ -204,7 +206,7 @@ def _ignored_clip_settings(config: Any) -> list[Problem]:
     if config_node(config, POLICY_LOSS).get("loss_mode") != "cppo":
         return []
     defaults = {f.name: f.default for f in fields(ActorConfig) if f.name in _CLIP_KEYS}
-    actor = _get(config, "actor_rollout_ref.actor", {}) or {}
+    actor = config_value(config, "actor_rollout_ref.actor", {}) or {}
     errors = []
     for key, replacement in _CLIP_KEYS.items():
         value = actor.get(key, defaults[key])
@@ -230,7 +232,7 @@ def _ignored_rollout_correction(config: Any) -> list[Problem]:
 
     if config_node(config, POLICY_LOSS).get("loss_mode") != "cppo":
         return []
-    if not _get(config, "algorithm.rollout_correction.bypass_mode", False):
+    if not config_value(config, "algorithm.rollout_correction.bypass_mode", False):
         return []  # decoupled mode: verl computes rollout_is_weights / the rejection mask and CPPO applies them
     yaml = os.path.join(os.path.dirname(verl_configs.__file__), "algorithm", "rollout_correction.yaml")
     defaults = OmegaConf.load(yaml)  # verl's own defaults, as main_ppo composes them
@@ -255,18 +257,18 @@ def check_topk_config(config: Any) -> list[Problem]:
     k = configured_topk(config)
     if k == 0:
         return []
-    where = f"cppo.divergence={_get(config, 'actor_rollout_ref.actor.policy_loss.cppo.divergence')}"
+    where = f"cppo.divergence={config_value(config, 'actor_rollout_ref.actor.policy_loss.cppo.divergence')}"
     errors = []  # bypass mode and the rollout log-probs: _anchoring (one key, one message)
-    strategy = _get(config, "actor_rollout_ref.actor.strategy")
+    strategy = config_value(config, "actor_rollout_ref.actor.strategy")
     if strategy not in ("fsdp", "fsdp2", "megatron"):
         errors.append(f"{where} computes D in the FSDP and Megatron engines only; actor strategy={strategy!r}")
-    rollout = _get(config, "actor_rollout_ref.rollout.name")
+    rollout = config_value(config, "actor_rollout_ref.rollout.name")
     if rollout not in TOPK_ROLLOUTS:
         errors.append(
             f"{where} gets mu's top-K from verl's vllm or sglang server; actor_rollout_ref.rollout.name={rollout!r}"
         )
     key = "actor_rollout_ref.rollout.engine_kwargs.vllm.max_logprobs"
-    max_logprobs = _get(config, key, None)
+    max_logprobs = config_value(config, key, None)
     max_logprobs = VLLM_DEFAULT_MAX_LOGPROBS if max_logprobs is None else max_logprobs
     if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < -1:
         errors.append(f"{key} must be an int (-1 = no limit), got {max_logprobs!r}")
@@ -283,9 +285,9 @@ def check_topk_config(config: Any) -> list[Problem]:
         "distillation.enabled": "top-K distillation uses the same engine hook",
     }
     for key, reason in refused.items():
-        if _get(config, key, False):
+        if config_value(config, key, False):
             errors.append(f"{where} does not support {key}=True ({reason}); set it to False")
-    external = _get(config, "actor_rollout_ref.model.external_lib", None) or []
+    external = config_value(config, "actor_rollout_ref.model.external_lib", None) or []
     external = [external] if isinstance(external, str) else list(external)
     if "verl_cppo.megatron_shard_local" in external:
         errors.append(
@@ -304,7 +306,7 @@ def _cppo_grpo(config: Any) -> list[Problem]:
     config_node(config, "algorithm.cppo_grpo")  # a scalar node: refused once, by the reader, not by Hydra again
     selected = algorithm.get("adv_estimator", None) == "cppo_grpo"
     found = []  # the node itself is built (and its values checked) by launch_checks.worker_configs
-    n = _get(config, "actor_rollout_ref.rollout.n", 1)
+    n = config_value(config, "actor_rollout_ref.rollout.n", 1)
     if selected and isinstance(n, int) and n < 2:
         found.append(
             Problem(
