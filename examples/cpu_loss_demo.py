@@ -7,12 +7,15 @@ per-token log-probs as the engine emits them (nested, prompt + response). As pi 
 position-weighted threshold and the prefix budget mask more and more tokens, and the printout shows how
 many and why.
 
+The columns are explained by LEGEND, printed above the table.
+
     python examples/cpu_loss_demo.py [--steps 12] [--lr 1e-4]
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
 import torch
 from tensordict import TensorDict
@@ -22,6 +25,18 @@ from verl.workers.config import FSDPActorConfig
 from verl.workers.utils.losses import ppo_loss
 
 from verl_cppo import CPPOConfig, CPPOPolicyLossConfig
+
+LEGEND = """\
+  A>0 / A<0   mean log(pi / mu) on the tokens of responses with a positive / negative advantage: training
+              works when the first rises and the second falls.
+  surrogate   the value of the loss CPPO hands verl, - sum_t M_t sg(min(rho_t, ratio_cap)) A_t log pi_t
+              (normalised). It is a surrogate whose GRADIENT is the policy gradient; its value is not an
+              objective and may rise while training improves (rho grows on the tokens it reinforces).
+  masked      share of response tokens CPPO dropped from the gradient, split into the share dropped by the
+              prefix budget and by the position-weighted token threshold.
+  rho_max     the largest ratio pi / mu over all response tokens. It may exceed ratio_cap: ratio_cap caps
+              the ratio's coefficient in the loss (trunc = share of tokens capped), not the ratio itself.
+"""
 
 
 def tiny_model(seed: int) -> Qwen2ForCausalLM:
@@ -95,8 +110,14 @@ def main() -> None:
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=responses.numel(), global_batch_size=args.batch)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    print(f"tiny Qwen2, {args.batch} responses x {args.response_len} tokens, CPPO defaults: {config.policy_loss.cppo}")
-    print("step   loss     masked    by_budget  by_token   delta_b    mean_D    rho_max")
+    cppo = config.policy_loss.cppo
+    settings = ", ".join(f"{f.name}={getattr(cppo, f.name)}" for f in fields(cppo) if f.name != "_target_")
+    print(f"tiny Qwen2, {args.batch} responses x {args.response_len} tokens; CPPO (paper defaults): {settings}")
+    print(LEGEND)
+    print()
+    header = "step   A>0      A<0     surrogate  masked  by_budget  by_token  delta_b  mean_D   rho_max  trunc"
+    print(header)
+    positive = advantages[:, 0] > 0  # [B]
     for step in range(args.steps):
         full = token_log_probs(model, sequences)  # [B, P + R - 1]
         # the engine's output layout: one nested row per sequence, log-prob of token j+1 at position j
@@ -106,9 +127,18 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         m = {k.split("/")[-1]: (v.values[0] if hasattr(v, "values") else v) for k, v in metrics.items()}
-        columns = ["masked_frac", "masked_by_budget_share", "masked_by_token_share", "delta_b_mean", "div_mean"]
-        row = "  ".join(f"{m['cppo_' + c]:.4f}  " for c in columns)
-        print(f"{step:4d}  {float(m['pg_loss']):+.4f}  {row}{m['cppo_rho_max']:7.2f}")
+        log_ratio = (full[:, args.prompt_len - 1 :] - log_mu).detach()  # [B, R] log(pi / mu) before this update
+        up, down = log_ratio[positive].mean().item(), log_ratio[~positive].mean().item()
+        print(
+            f"{step:4d}  {up:+.4f}  {down:+.4f}  {float(m['pg_loss']):+8.4f}   {m['cppo_masked_frac']:.4f}  "
+            f"{m['cppo_masked_by_budget_share']:.4f}     {m['cppo_masked_by_token_share']:.4f}    "
+            f"{m['cppo_delta_b_mean']:.4f}   {m['cppo_div_mean']:.4f}  {m['cppo_rho_max']:7.2f}  "
+            f"{m['cppo_ratio_truncated_frac']:.4f}"
+        )
+    print(
+        f"\nratio_cap = {cppo.ratio_cap:g}: rho_max above it is expected once pi has moved; the loss used "
+        "min(rho, ratio_cap) as those tokens' coefficient (trunc column)."
+    )
 
 
 if __name__ == "__main__":

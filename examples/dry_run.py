@@ -18,7 +18,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from verl_cppo import dry_run as _module  # noqa: E402
-from verl_cppo.dry_run import Report, check_layout, compose_config, instantiate, validate  # noqa: E402, F401
+from verl_cppo.dry_run import Report, compose_config  # noqa: E402, F401
 
 
 def dry_run(overrides: list[str], working_dir: str | None = REPO_ROOT) -> Report:

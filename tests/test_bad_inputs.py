@@ -257,19 +257,105 @@ def test_dp_size_above_one_without_global_counts_follows_verl(mode, rows, gen):
     [
         ("token-mean", {"batch_num_tokens": 0}, r"batch_num_tokens=0 \(the global count\), but this micro-batch has"),
         ("seq-mean-token-mean", {"global_batch_size": 0}, r"global_batch_size=0 .* has \d+ non-empty responses"),
-        ("token-mean", {"batch_num_tokens": -3}, r"batch_num_tokens must be a finite count >= 0, got -3$"),
-        ("seq-mean-token-sum", {"global_batch_size": NAN}, r"global_batch_size must be .*, got nan$"),
-        ("token-mean", {"batch_num_tokens": True}, r"batch_num_tokens must be .*, got True$"),
-        ("seq-mean-token-sum-norm", {"loss_scale_factor": 0}, r"loss_scale_factor must be .* > 0, got 0$"),
-        ("seq-mean-token-sum-norm", {"loss_scale_factor": INF}, r"loss_scale_factor must be .* > 0, got inf$"),
     ],
 )
-def test_impossible_counts_are_refused_naming_key_and_value(mode, info, message, rows, gen):
+def test_a_global_count_of_zero_with_response_tokens_is_refused(mode, info, message, rows, gen):
     old, new, adv, mask = random_case(gen, batch=4, width=9)
     mask[:, 0] = True
     cfg, extra = _with_counts(mode, rows, old.shape, dp_size=1, **info)
     with pytest.raises(ValueError, match=message):
         call_loss(old, new, adv, mask, mode, cfg, **extra)
+
+
+BAD_SCALARS = [
+    ("dp_size", -1, "an int >= 1"),  # verl's agg_loss multiplies by it: the loss's sign would flip
+    ("dp_size", 0, "an int >= 1"),  # ... or the loss would be 0
+    ("dp_size", NAN, "an int >= 1"),
+    ("dp_size", 1.5, "an int >= 1"),
+    ("dp_size", "2", "an int >= 1"),
+    ("dp_size", torch.tensor(-2), "an int >= 1"),
+    ("batch_num_tokens", -3, "a whole count >= 0"),
+    ("batch_num_tokens", NAN, "a whole count >= 0"),
+    ("batch_num_tokens", INF, "a whole count >= 0"),
+    ("batch_num_tokens", 1e-40, "a whole count >= 0"),  # not a count; 0 < x < 1 would overflow float32
+    ("batch_num_tokens", True, "a whole count >= 0"),
+    ("batch_num_tokens", "9", "a whole count >= 0"),
+    ("global_batch_size", -1, "a whole count >= 0"),
+    ("global_batch_size", NAN, "a whole count >= 0"),
+    ("global_batch_size", 2.5, "a whole count >= 0"),
+    ("loss_scale_factor", 0, "a finite number > 0"),
+    ("loss_scale_factor", -8, "a finite number > 0"),
+    ("loss_scale_factor", INF, "a finite number > 0"),
+    ("loss_scale_factor", NAN, "a finite number > 0"),
+    ("loss_scale_factor", "8", "a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize("rows", sorted(ROWS))
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize(("key", "value", "allowed"), BAD_SCALARS, ids=[f"{k}={v!r}" for k, v, _ in BAD_SCALARS])
+def test_every_count_and_scalar_is_refused_naming_key_and_value(key, value, allowed, mode, rows, gen):
+    """Whatever aggregation mode reads it or not: a bad count is a bug upstream, never a silent loss."""
+    old, new, adv, mask = random_case(gen, batch=4, width=9)
+    mask[:, 0] = True
+    info = {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": 4, key: value}
+    cfg, extra = _with_counts(mode, rows, old.shape, **info)
+    with pytest.raises(
+        ValueError, match=rf"global_batch_info {key} must be {allowed}.*, got {re.escape(repr(value))}$"
+    ):
+        call_loss(old, new, adv, mask, mode, cfg, **extra)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize(
+    ("key", "value"), [("dp_size", -1), ("dp_size", 0), ("dp_size", NAN), ("batch_num_tokens", -5)]
+)
+def test_bad_counts_through_verls_ppo_loss_are_refused(key, value, mode, gen):
+    """verl's ppo_loss copies the micro-batch's dp_size / counts into global_batch_info and calls the loss."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+
+    from tests.support.verl_inputs import engine_micro_batch
+
+    old, new, adv, mask = random_case(gen, batch=3, width=7)
+    mask[:, 0] = True
+    model_output, data, _, _ = engine_micro_batch(old, new, adv, mask, prompt_lens=[2, 3, 1])
+    tu.assign_non_tensor(data, **{key: value})
+    with pytest.raises(ValueError, match=rf"global_batch_info {key} must be .*, got {re.escape(repr(value))}$"):
+        ppo_loss(actor_config(mode), model_output, data)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_an_empty_mini_batch_still_gives_exactly_zero(mode):
+    """The counts check keeps verl's rule for missing counts and the empty mini-batch's exact 0."""
+    empty = torch.zeros(3, 5, dtype=torch.float64)
+    cfg, _ = _with_counts(mode, "gathered", empty.shape, dp_size=1, batch_num_tokens=0, global_batch_size=0)
+    loss, grad, _ = call_loss(empty, empty, empty, empty.bool(), mode, cfg)
+    assert loss.item() == 0 and (grad == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("mode", "setting", "named"),
+    [
+        ("token-sum", {"adv": 3e38}, r"advantages = 3e\+38 at \[\d, \d\]"),
+        (
+            "token-mean",
+            {"adv": 1e38, "isw": 1e30},
+            r"per-token loss at \[0, 0\] .*advantages = 1e\+38, rollout_is_weights = 1e\+30",
+        ),
+        ("seq-mean-token-sum-norm", {"loss_scale_factor": 1e-40}, r"loss_scale_factor=1e-40"),
+    ],
+    ids=["advantages-3e38", "advantages-x-is-weight", "loss_scale_factor-1e-40"],
+)
+def test_finite_inputs_that_overflow_float32_are_named(mode, setting, named):
+    """Finite inputs beyond what float32 holds end as a non-finite loss: the error names the input."""
+    old = torch.full((2, 5), -1.0)
+    new, adv, mask = old + 0.05, torch.full((2, 5), setting.get("adv", 1.0)), torch.ones(2, 5, dtype=torch.bool)
+    isw = torch.full((2, 5), setting["isw"]) if "isw" in setting else None
+    info = {"loss_scale_factor": setting["loss_scale_factor"]} if "loss_scale_factor" in setting else {}
+    cfg, _ = _with_counts(mode, "gathered", old.shape, **info)
+    with pytest.raises(FloatingPointError, match=rf"^cppo loss is (inf|-inf|nan): .*{named}"):
+        call_loss(old, new, adv, mask, mode, cfg, rollout_is_weights=isw)
 
 
 def test_length_one_response_gets_the_full_delta():

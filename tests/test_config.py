@@ -3,15 +3,18 @@
 import math
 import re
 import textwrap
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, InstantiationException
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import FSDPActorConfig, McoreActorConfig, PolicyLossConfig
 
+from tests.support import REPO_ROOT
 from tests.support.verl_hydra import CPPO_TARGET, ENGINES, VERL_CONFIG_DIR, compose_trainer
-from verl_cppo import CPPOConfig, CPPOPolicyLossConfig
-from verl_cppo.config import cppo_config_of
+from verl_cppo import CPPOConfig, CPPOGRPOConfig, CPPOPolicyLossConfig
+from verl_cppo.config import allowed, cppo_config_of
 
 PAPER_DEFAULTS = {
     "delta": 0.15,
@@ -42,7 +45,7 @@ INVALID = [
     ("delta_b_quantile", -0.1, r"\[0, 1\]"),
     ("delta_b_scale", 0, r"\(0, inf\)"),
     ("delta_b_max_mult", 0.5, r"\[1, inf\)"),
-    ("position_horizon", 0, "None or an int >= 1"),
+    ("position_horizon", 0, r"None or an int in \[1, 2147483647\]"),
     ("position_horizon", 8.5, "an int"),
     ("position_horizon", True, "an int"),
     ("divergence", "tv", "one of"),
@@ -73,10 +76,20 @@ def test_topk_divergences_are_accepted_with_k(name):
     assert CPPOConfig(divergence=name).topk == 20  # the paper's K
 
 
-@pytest.mark.parametrize("value", [0, -1, 2.5, True, "20"])
-def test_topk_must_be_a_positive_int(value):
-    with pytest.raises(ValueError, match=rf"cppo\.topk must be an int >= 1, got {value!r}"):
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "20", 2**31])
+def test_topk_must_be_a_positive_int32(value):
+    with pytest.raises(ValueError, match=rf"cppo\.topk must be an int in \[1, 2147483647\], got {value!r}$"):
         CPPOConfig(topk=value)
+
+
+@pytest.mark.parametrize("value", [2**31, 10**30])
+def test_a_horizon_beyond_int32_is_refused_naming_key_and_value(value):
+    """10**30 passed the driver and then overflowed in the loss (int too big to convert) after Ray started."""
+    with pytest.raises(
+        ValueError, match=rf"cppo\.position_horizon must be None or an int in \[1, 2147483647\], got {value}$"
+    ):
+        CPPOConfig(position_horizon=value)
+    assert CPPOConfig(position_horizon=2**31 - 1).position_horizon == 2**31 - 1
 
 
 def test_shuffle_requires_position_weight():
@@ -260,3 +273,70 @@ def test_the_calibrated_cap_beyond_float32_is_refused_by_the_driver():
     )
     with pytest.raises(InstantiationException, match=r"cppo\.delta_b \* cppo\.delta_b_max_mult must be at most"):
         main_ppo.validate_config(cfg, use_reference_policy=False, use_critic=False)
+
+
+def _readme_table(heading: str) -> dict[str, tuple[str, str]]:
+    """{key: (default, range)} of the first table after README's ``heading`` (a row may list several keys)."""
+    text = (Path(REPO_ROOT) / "README.md").read_text(encoding="utf-8")
+    lines = text[text.index(heading) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| key | default | range |"))
+    table = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        keys, default, allowed_cell = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        names = [k.strip().strip("`") for k in keys.split(",")]
+        defaults = [d.strip() for d in default.split(",")] if len(names) > 1 else [default]
+        for name, value in zip(names, defaults, strict=True):
+            table[name] = (value, allowed_cell)
+    return table
+
+
+def _as_readme_default(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@pytest.mark.parametrize(
+    ("cls", "heading"),
+    [(CPPOConfig, "### Hyper-parameters"), (CPPOGRPOConfig, "### Advantage estimator `cppo_grpo`")],
+    ids=["cppo", "cppo_grpo"],
+)
+def test_readme_tables_state_the_fields_defaults_and_ranges_the_config_checks(cls, heading):
+    """README's table is a rendering of the one home of each range (field metadata / type), not a copy."""
+    table = _readme_table(heading)
+    names = [f.name for f in fields(cls) if f.name != "_target_"]
+    assert sorted(table) == sorted(names)
+    for f in fields(cls):
+        if f.name == "_target_":
+            continue
+        shown_default, shown_range = table[f.name]
+        assert shown_range == allowed(cls, f.name), f.name
+        expected = _as_readme_default(f.default)
+        if isinstance(f.default, float):
+            assert float(shown_default) == f.default, f.name
+        else:
+            assert shown_default == expected, f.name
+
+
+@pytest.mark.parametrize("cls", [CPPOConfig, CPPOGRPOConfig])
+def test_each_declared_range_is_the_check(cls):
+    """For every numeric field: its range's end points and one value beyond each are accepted / refused as the
+    declared text says (the check is derived from the text, so a changed text changes the check)."""
+    for f in fields(cls):
+        if "allowed" not in f.metadata:
+            continue
+        text = f.metadata["allowed"]
+        lo_text, hi_text = text.rsplit("[", 1)[-1].rsplit("(", 1)[-1].rstrip(")]").split(", ")
+        lo, hi = float(lo_text), float(hi_text)
+        integer = "int in" in text
+        below = int(lo) - 1 if integer else lo - 1e-3
+        with pytest.raises(ValueError, match=rf"\.{f.name} must be "):
+            cls(**{f.name: below})
+        closed_low = text.rstrip()[text.index(lo_text) - 1] == "["
+        if closed_low:
+            cls(**{f.name: int(lo) if integer else lo})
+        if integer:
+            with pytest.raises(ValueError, match=rf"\.{f.name} must be "):
+                cls(**{f.name: int(hi) + 1})
+        if text.startswith("null or "):
+            assert getattr(cls(**{f.name: None}), f.name) is None

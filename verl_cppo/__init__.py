@@ -18,7 +18,8 @@ verl installed, importing the package registers nothing and ``core`` and ``kerne
   loss.py      the registered ``cppo`` loss: config -> dispatch -> verl's agg_loss -> metrics
   sharding/    shard-local loss: drawn layouts, distributed prefix scan and quantile, Megatron CP hook
   advantage/   the registered ``cppo_grpo`` estimator and the hooks carrying its excluded groups
-  driver.py    every driver-side check of a composed config, before Ray starts
+  driver.py    every driver-side check of a composed config, before Ray starts (main_ppo and the dry run);
+  launch_checks.py  its checks that are not about CPPO (worker configs, names verl resolves late, GPU layout)
   plugin.py    the ``verl.plugins`` entry point; loud on a broken install
   testing/     CPU platform, CPU rollout and tiny task for CI (imported only by tests and ci/)
 """

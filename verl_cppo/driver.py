@@ -1,27 +1,31 @@
 """Every driver-side check of verl-cppo, run on the composed trainer config before Ray starts.
 
-verl's driver calls ``verl.utils.config.validate_config`` before it starts Ray; ``install`` wraps it (through
-``verl_cppo.hooks``, documented in patches/README.md) so that ``validate`` runs first and stops the launch
-with one ``ValueError`` listing every problem. Four groups of checks:
+One protocol: every check takes the composed config and returns its ``Problem``s (``verl_cppo.launch_checks``:
+an error, a warning or a note); ``problems`` runs them all, and ``validate`` logs the warnings and raises ONE
+``ValueError`` listing every error. Two entry points run exactly this list: ``main_ppo`` (``install`` wraps
+``verl.utils.config.validate_config`` through ``verl_cppo.hooks``, documented in patches/README.md, so
+``validate`` runs first) and ``python -m verl_cppo.dry_run``. The checks:
 
-* configured but unselected (``_unselected_node``): a ``policy_loss.cppo`` node with ``loss_mode`` other than
-  ``cppo`` (left at vanilla, or mistyped ``CPPO``), or an ``algorithm.cppo_grpo`` node with another
-  ``adv_estimator``, would have every setting dropped while another method trains: refused, naming the
-  selector's value and the keys set. Every node is read through ``verl_cppo.config.config_node``, which
-  refuses a scalar where a node belongs (``+...policy_loss.cppo=0.2``), naming the key and the value;
-* anchoring (``check_cppo_config``): ``loss_mode=cppo`` must see the rollout policy, see below; and verl's
-  ratio-clip keys, which CPPO does not read, must stay at verl's defaults (``_ignored_clip_settings``);
-* Top-K divergences (``check_topk_config``): the launch can serve mu's top-K and pi's logits;
-* the ``cppo_grpo`` estimator (``check_cppo_grpo_config``): its node is instantiable and valid, and a group
-  holds more than one response (``rollout.n >= 2``).
+* ``select_cppo_classes``: a ``policy_loss`` node holding ``cppo`` (an ``algorithm`` node holding
+  ``cppo_grpo``) whose ``_target_`` is still verl's stock class is pointed at ``CPPOPolicyLossConfig``
+  (``CPPOAlgoConfig``), so that one ``+...cppo.<key>=<value>`` override per setting is enough;
+* ``_settings_nodes``: a ``cppo`` / ``cppo_grpo`` node whose selector picks another method (``loss_mode`` left
+  at vanilla, or mistyped ``CPPO``) or whose ``_target_`` is a foreign class would have every setting dropped:
+  refused, naming the selector and the keys set. Nodes are read through ``verl_cppo.config.config_node``;
+* ``_anchoring`` and ``_legacy_trainer_bypass``: ``loss_mode=cppo`` must see the rollout policy, see below;
+* ``_ignored_clip_settings``, ``_ignored_rollout_correction``: verl settings that CPPO does not read, set away
+  from verl's defaults, are refused naming the key (a silent no-op otherwise);
+* ``check_topk_config``: a Top-K divergence the launch can serve;
+* ``_cppo_grpo``: the estimator's node is valid and a group holds more than one response;
+* ``verl_cppo.launch_checks``: the workers' configs, the names verl looks up late, the GPU layout.
 
 Then ``verl_cppo.topk.setup.propagate_topk`` exports K to every Ray process when a Top-K divergence is set.
 
 Anchoring. CPPO measures divergence from the rollout policy mu, and verl 0.9.1 hands the loss mu only as
 ``old_log_prob`` when ``algorithm.rollout_correction.bypass_mode=True`` under the v1 trainer. Otherwise:
 
-* bypass off (any trainer): ``old_log_prob`` is pi_old recomputed by the actor, so CPPO silently measures
-  against the wrong policy (a known collapse mode, DPPO paper section 5.2);
+* bypass off (any trainer): ``old_log_prob`` is pi_old recomputed by the actor, so CPPO measures against the
+  wrong policy (a known collapse mode, DPPO paper section 5.2);
 * bypass on with ``trainer.use_v1=False``: the legacy trainer rewrites ``loss_mode`` to ``bypass_mode``
   (``rollout_corr_helper.apply_bypass_mode``) and CPPO never runs;
 * bypass on without ``rollout.calculate_log_probs``: there are no rollout log-probs to anchor on;
@@ -31,11 +35,8 @@ Anchoring. CPPO measures divergence from the rollout policy mu, and verl 0.9.1 h
 
 The first case is a prominent warning, because ``loss_mode=cppo`` alone (verl's default bypass_mode=False)
 must still run: CPPO then anchors on pi_old, which equals mu up to the trainer/inference mismatch on the first
-mini-batch and drifts from it afterwards. ``VERL_CPPO_STRICT_ANCHOR=1`` makes it an error (our examples and
-CI set bypass mode, so they never see it). Every other case is an error (``ValueError`` before Ray starts):
-CPPO would not run at all, or would compute garbage. verl has no hook for whole-config checks, so
-``install`` wraps ``verl.utils.config.validate_config``; it runs in the driver when the plugin is loaded there
-(the ``verl.plugins`` entry point, the default, or VERL_USE_EXTERNAL_MODULES).
+mini-batch and drifts from it afterwards. It is an error with a Top-K divergence (D must compare with mu's
+top-K) or when the user sets ``VERL_CPPO_STRICT_ANCHOR=1``. Every other case is an error.
 """
 
 from __future__ import annotations
@@ -47,31 +48,79 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
+
 from verl_cppo import hooks
 from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET, config_node, config_value
+from verl_cppo.launch_checks import Problem, launch_layout, registered_names, worker_configs
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS
 from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, configured_topk, propagate_topk
 
-__all__ = [
-    "STRICT_ANCHOR_ENV",
-    "check_cppo_config",
-    "check_cppo_grpo_config",
-    "check_topk_config",
-    "install",
-    "validate",
-    "validate_cppo_config",
-]
+__all__ = ["STRICT_ANCHOR_ENV", "Problem", "check_topk_config", "install", "problems", "validate"]
 
 logger = logging.getLogger(__name__)
 
 STRICT_ANCHOR_ENV = "VERL_CPPO_STRICT_ANCHOR"
-CPPO_TARGET = CPPO_POLICY_LOSS_TARGET
-_get = config_value
+POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
+
+_SETTINGS_NODES = (
+    # (node, its settings key, the selector key, the value that selects it, verl's stock class, ours)
+    (POLICY_LOSS, "cppo", "loss_mode", "cppo", "verl.workers.config.PolicyLossConfig", CPPO_POLICY_LOSS_TARGET),
+    ("algorithm", "cppo_grpo", "adv_estimator", "cppo_grpo", "verl.trainer.config.AlgoConfig", CPPO_ALGO_TARGET),
+)
+
+
+def select_cppo_classes(config: Any) -> list[Problem]:
+    """Point a node holding verl-cppo settings at verl-cppo's config class when it names verl's stock class.
+
+    verl's own losses need one override per setting; without this, every ``cppo.*`` setting needed a second
+    one (``_target_``). The composed config is changed in place before verl instantiates it (main_ppo passes
+    the same object to Ray)."""
+    notes = []
+    for node_key, settings, _, _, stock, ours in _SETTINGS_NODES:
+        node = config_node(config, node_key)
+        if settings in node and node.get("_target_", stock) in (stock, None, ""):
+            if isinstance(node, DictConfig):
+                with open_dict(node):
+                    node["_target_"] = ours
+            else:
+                node["_target_"] = ours
+            notes.append(Problem(f"{node_key}._target_ set to {ours} (the node holds {settings} settings)", "note"))
+    return notes
+
+
+def _settings_nodes(config: Any) -> list[Problem]:
+    """A settings node that would be dropped: its selector picks another method, or its class is foreign."""
+    from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
+
+    registries = {"loss_mode": POLICY_LOSS_REGISTRY, "adv_estimator": ADV_ESTIMATOR_REGISTRY}
+    found = []
+    for node_key, settings, selector, value, _, ours in _SETTINGS_NODES:
+        where = f"{node_key}.{settings}"
+        keys = sorted(str(k) for k in config_node(config, where))  # refuses a scalar node, naming it
+        chosen = config_value(config, f"{node_key}.{selector}")
+        if keys and chosen != value and chosen in registries[selector]:  # unregistered: registered_names says so
+            found.append(
+                Problem(
+                    f"{where} sets {keys} but {node_key}.{selector}={chosen!r}, so none of them would be used; set "
+                    f"{node_key}.{selector}={value} (or remove the {settings} node)"
+                )
+            )
+        target = config_node(config, node_key).get("_target_", "")
+        if settings in config_node(config, node_key) and target != ours:
+            found.append(
+                Problem(
+                    f"{where} is set but {node_key}._target_ is {target!r}, which has no {settings} field; set "
+                    f"{node_key}._target_={ours} (or a subclass of it)"
+                )
+            )
+    return found
 
 
 def _shard_local_cp(actor: Any) -> int:
     """Context-parallel size of engines whose loss sees shard-local rows (no log-prob gather in 0.9.1)."""
-    if _get(actor, "strategy") not in ("torchtitan", "automodel"):
+    if config_value(actor, "strategy") not in ("torchtitan", "automodel"):
         return 1
     sizes = [
         child.get(key, 1) or 1
@@ -82,58 +131,62 @@ def _shard_local_cp(actor: Any) -> int:
     return max(sizes, default=1)
 
 
-def check_cppo_config(config: Any) -> tuple[list[str], list[str]]:
-    """(errors, warnings) for a composed verl trainer config (DictConfig or nested dicts)."""
-    errors: list[str] = []
-    warnings: list[str] = []
-    policy_loss = config_node(config, "actor_rollout_ref.actor.policy_loss")
-    target = policy_loss.get("_target_", "")
-    if "cppo" in policy_loss and target != CPPO_TARGET:
-        errors.append(
-            "actor_rollout_ref.actor.policy_loss.cppo is set but the node's _target_ is "
-            f"{target!r}; add actor_rollout_ref.actor.policy_loss._target_={CPPO_TARGET}"
-        )
-    unselected = _unselected_node(
-        config, "actor_rollout_ref.actor.policy_loss.cppo", "actor_rollout_ref.actor.policy_loss.loss_mode", "cppo"
-    )
-    if unselected:
-        errors.append(unselected)
-    if policy_loss.get("loss_mode") != "cppo":
-        return errors, warnings
-
-    bypass = bool(_get(config, "algorithm.rollout_correction.bypass_mode", False))
-    use_v1 = bool(_get(config, "trainer.use_v1", True))
-    if not bypass:
+def _anchoring(config: Any) -> list[Problem]:
+    """loss_mode=cppo must measure against the rollout policy (see the module docstring)."""
+    if config_node(config, POLICY_LOSS).get("loss_mode") != "cppo":
+        return []
+    found = []
+    if not config_value(config, "algorithm.rollout_correction.bypass_mode", False):
         message = (
             "loss_mode=cppo measures divergence from the rollout policy, but "
             "algorithm.rollout_correction.bypass_mode=False makes old_log_prob the actor's recomputed pi_old; "
             "set algorithm.rollout_correction.bypass_mode=True"
         )
-        if _get(config, "actor_rollout_ref.actor.use_rollout_log_probs", False):
+        if config_value(config, "actor_rollout_ref.actor.use_rollout_log_probs", False):
             message += " (actor.use_rollout_log_probs=True has no effect in verl 0.9.1)"
-        if os.environ.get(STRICT_ANCHOR_ENV, "") == "1":
-            errors.append(message + f" ({STRICT_ANCHOR_ENV}=1)")
+        if configured_topk(config):
+            found.append(Problem(message + " (a Top-K divergence compares pi with the rollout policy's top-K)"))
+        elif os.environ.get(STRICT_ANCHOR_ENV, "") == "1":
+            found.append(Problem(message + f" (an error because {STRICT_ANCHOR_ENV}=1 is set)"))
         else:
-            warnings.append(message + f"; CPPO continues against pi_old ({STRICT_ANCHOR_ENV}=1 makes this an error)")
-    elif not use_v1:
-        errors.append(
-            "trainer.use_v1=False with algorithm.rollout_correction.bypass_mode=True: the legacy trainer rewrites "
-            "policy_loss.loss_mode to 'bypass_mode', so CPPO would never run; use trainer.use_v1=True"
+            found.append(
+                Problem(
+                    message + f"; CPPO continues against pi_old ({STRICT_ANCHOR_ENV}=1 makes this an error)", "warning"
+                )
+            )
+    elif not config_value(config, "actor_rollout_ref.rollout.calculate_log_probs", True):
+        found.append(
+            Problem(
+                "bypass mode anchors CPPO on the rollout log-probs, but actor_rollout_ref.rollout.calculate_log_probs="
+                "False; set it to True"
+            )
         )
-    if bypass and not _get(config, "actor_rollout_ref.rollout.calculate_log_probs", True):
-        errors.append(
-            "bypass mode anchors CPPO on the rollout log-probs, but actor_rollout_ref.rollout.calculate_log_probs="
-            "False; set it to True"
-        )
-    cp = _shard_local_cp(_get(config, "actor_rollout_ref.actor", {}) or {})
+    cp = _shard_local_cp(config_value(config, "actor_rollout_ref.actor", {}) or {})
     if cp > 1:
-        errors.append(
-            f"actor strategy {_get(config, 'actor_rollout_ref.actor.strategy')!r} with context parallel size {cp} "
-            "gives the loss shard-local rows in verl 0.9.1; CPPO's prefix sums need whole responses"
+        found.append(
+            Problem(
+                f"actor strategy {config_value(config, 'actor_rollout_ref.actor.strategy')!r} with context parallel "
+                f"size {cp} "
+                "gives the loss shard-local rows in verl 0.9.1; CPPO's prefix sums need whole responses"
+            )
         )
-    errors.extend(_ignored_clip_settings(config))
-    errors.extend(check_topk_config(config))
-    return errors, warnings
+    return found
+
+
+def _legacy_trainer_bypass(config: Any) -> list[Problem]:
+    """Bypass mode on the legacy trainer: ``apply_bypass_mode`` rewrites loss_mode=cppo to 'bypass_mode'."""
+    if config_node(config, POLICY_LOSS).get("loss_mode") != "cppo":
+        return []
+    if config_value(config, "algorithm.rollout_correction.bypass_mode", False) and not config_value(
+        config, "trainer.use_v1", True
+    ):
+        return [
+            Problem(
+                "trainer.use_v1=False with algorithm.rollout_correction.bypass_mode=True: the legacy trainer rewrites "
+                "policy_loss.loss_mode to 'bypass_mode', so CPPO would never run; use trainer.use_v1=True"
+            )
+        ]
+    return []
 
 
 _CLIP_KEYS = {
@@ -144,64 +197,82 @@ _CLIP_KEYS = {
 }
 
 
-def _ignored_clip_settings(config: Any) -> list[str]:
+def _ignored_clip_settings(config: Any) -> list[Problem]:
     """Errors for verl's ratio-clip keys set away from verl's defaults under loss_mode=cppo, which reads none of
     them: a user coming from the authors' port (clip_ratio=0.2, clip_ratio_c) would silently train at CPPO's
     defaults."""
     from verl.workers.config.actor import ActorConfig
 
+    if config_node(config, POLICY_LOSS).get("loss_mode") != "cppo":
+        return []
     defaults = {f.name: f.default for f in fields(ActorConfig) if f.name in _CLIP_KEYS}
-    actor = _get(config, "actor_rollout_ref.actor", {}) or {}
+    actor = config_value(config, "actor_rollout_ref.actor", {}) or {}
     errors = []
     for key, replacement in _CLIP_KEYS.items():
         value = actor.get(key, defaults[key])
         if value is not None and value != defaults[key]:
             errors.append(
-                f"loss_mode=cppo does not read actor_rollout_ref.actor.{key} (set to {value!r}, verl's default is "
-                f"{defaults[key]!r}); CPPO's setting is +actor_rollout_ref.actor.policy_loss.{replacement} with "
-                f"actor_rollout_ref.actor.policy_loss._target_={CPPO_TARGET}: move the value there or drop {key}"
+                Problem(
+                    f"loss_mode=cppo does not read actor_rollout_ref.actor.{key} (set to {value!r}, verl's default is "
+                    f"{defaults[key]!r}); CPPO's setting is +{POLICY_LOSS}.{replacement}: move the value there or "
+                    f"drop {key}"
+                )
             )
     return errors
 
 
-def _unselected_node(config: Any, node: str, selector: str, value: str) -> str | None:
-    """An error when the settings node ``node`` is configured but ``selector`` does not select ``value``:
-    every one of its settings would be dropped without a word (``loss_mode`` left at vanilla or mistyped)."""
-    keys = sorted(str(k) for k in config_node(config, node))  # refuses a scalar node, naming it
-    chosen = _get(config, selector)
-    if not keys or chosen == value:
-        return None
-    return (
-        f"{node} sets {keys} but {selector}={chosen!r}, so none of them would be used; set {selector}={value} "
-        f"(or remove the {node.rpartition('.')[2]} node)"
-    )
+def _ignored_rollout_correction(config: Any) -> list[Problem]:
+    """verl's rollout-correction settings away from verl's defaults under bypass mode with loss_mode=cppo.
+
+    Under bypass mode the v1 trainer skips verl's rollout correction, and its settings are read only by verl's
+    own ``bypass_mode`` loss, which ``loss_mode=cppo`` replaces: ``rollout_is`` would not reweight, ``rollout_rs``
+    would not reject, ``loss_type`` would not switch to REINFORCE. Refused, naming the key, for the reason the
+    ratio-clip keys are: the fix is one key, and a warning scrolls past in a multi-node log."""
+    import verl.trainer.config as verl_configs
+
+    if config_node(config, POLICY_LOSS).get("loss_mode") != "cppo":
+        return []
+    if not config_value(config, "algorithm.rollout_correction.bypass_mode", False):
+        return []  # decoupled mode: verl computes rollout_is_weights / the rejection mask and CPPO applies them
+    yaml = os.path.join(os.path.dirname(verl_configs.__file__), "algorithm", "rollout_correction.yaml")
+    defaults = OmegaConf.load(yaml)  # verl's own defaults, as main_ppo composes them
+    node = config_node(config, "algorithm.rollout_correction")
+    problems = []
+    for key, default in defaults.items():
+        value = node.get(key, default)
+        if key != "bypass_mode" and value != default:
+            problems.append(
+                Problem(
+                    f"algorithm.rollout_correction.{key}={value!r} does nothing with bypass_mode=True and "
+                    "loss_mode=cppo "
+                    f"(verl reads it only in decoupled mode or in its own bypass_mode loss, which cppo replaces); "
+                    f"remove it (verl's default is {default!r})"
+                )
+            )
+    return problems
 
 
-def check_topk_config(config: Any) -> list[str]:
-    """Errors for a Top-K divergence the launch cannot serve (empty when none is configured)."""
+def check_topk_config(config: Any) -> list[Problem]:
+    """A Top-K divergence the launch cannot serve (nothing when none is configured)."""
     k = configured_topk(config)
     if k == 0:
         return []
-    where = f"cppo.divergence={_get(config, 'actor_rollout_ref.actor.policy_loss.cppo.divergence')}"
-    errors = []
-    if not _get(config, "algorithm.rollout_correction.bypass_mode", False):
-        errors.append(
-            f"{where} compares pi with the rollout policy's top-K, so the loss must anchor on the rollout policy "
-            "too: set algorithm.rollout_correction.bypass_mode=True"
-        )
-    if not _get(config, "actor_rollout_ref.rollout.calculate_log_probs", True):
-        errors.append(f"{where} needs the rollout log-probs: set actor_rollout_ref.rollout.calculate_log_probs=True")
-    strategy = _get(config, "actor_rollout_ref.actor.strategy")
+    where = f"cppo.divergence={config_value(config, 'actor_rollout_ref.actor.policy_loss.cppo.divergence')}"
+    errors = []  # bypass mode and the rollout log-probs: _anchoring (one key, one message)
+    strategy = config_value(config, "actor_rollout_ref.actor.strategy")
     if strategy not in ("fsdp", "fsdp2", "megatron"):
         errors.append(f"{where} computes D in the FSDP and Megatron engines only; actor strategy={strategy!r}")
-    rollout = _get(config, "actor_rollout_ref.rollout.name")
+    rollout = config_value(config, "actor_rollout_ref.rollout.name")
     if rollout not in TOPK_ROLLOUTS:
         errors.append(
             f"{where} gets mu's top-K from verl's vllm or sglang server; actor_rollout_ref.rollout.name={rollout!r}"
         )
-    max_logprobs = _get(config, "actor_rollout_ref.rollout.engine_kwargs.vllm.max_logprobs", None)
-    max_logprobs = VLLM_DEFAULT_MAX_LOGPROBS if max_logprobs is None else int(max_logprobs)
-    if rollout == "vllm" and max_logprobs != -1 and k > max_logprobs:
+    key = "actor_rollout_ref.rollout.engine_kwargs.vllm.max_logprobs"
+    max_logprobs = config_value(config, key, None)
+    max_logprobs = VLLM_DEFAULT_MAX_LOGPROBS if max_logprobs is None else max_logprobs
+    if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < -1:
+        errors.append(f"{key} must be an int (-1 = no limit), got {max_logprobs!r}")
+    elif rollout == "vllm" and max_logprobs != -1 and k > max_logprobs:
         errors.append(
             f"cppo.topk={k} but vLLM returns at most max_logprobs={max_logprobs} log-probs per token: set "
             f"+actor_rollout_ref.rollout.engine_kwargs.vllm.max_logprobs={k}"
@@ -214,9 +285,9 @@ def check_topk_config(config: Any) -> list[str]:
         "distillation.enabled": "top-K distillation uses the same engine hook",
     }
     for key, reason in refused.items():
-        if _get(config, key, False):
+        if config_value(config, key, False):
             errors.append(f"{where} does not support {key}=True ({reason}); set it to False")
-    external = _get(config, "actor_rollout_ref.model.external_lib", None) or []
+    external = config_value(config, "actor_rollout_ref.model.external_lib", None) or []
     external = [external] if isinstance(external, str) else list(external)
     if "verl_cppo.megatron_shard_local" in external:
         errors.append(
@@ -226,53 +297,83 @@ def check_topk_config(config: Any) -> list[str]:
     preset = os.environ.get(ENV_TOPK)
     if preset and preset != str(k):
         errors.append(f"{ENV_TOPK}={preset} is set in the environment but cppo.topk={k}; unset it")
-    return errors
+    return [Problem(e) for e in errors]
 
 
-def check_cppo_grpo_config(config: Any) -> None:
-    """Driver-side check of a composed trainer config: refuse a ``cppo_grpo`` node that verl's AlgoConfig
-    could not hold, and instantiate the node (validating every setting) when the estimator is selected."""
+def _cppo_grpo(config: Any) -> list[Problem]:
+    """A ``cppo_grpo`` group must hold more than one response."""
     algorithm = config_node(config, "algorithm")
+    config_node(config, "algorithm.cppo_grpo")  # a scalar node: refused once, by the reader, not by Hydra again
     selected = algorithm.get("adv_estimator", None) == "cppo_grpo"
-    has_node = "cppo_grpo" in algorithm
-    unselected = _unselected_node(config, "algorithm.cppo_grpo", "algorithm.adv_estimator", "cppo_grpo")
-    if unselected:
-        raise ValueError(unselected)
-    if not (selected or has_node):
-        return
-    target = algorithm.get("_target_", "")
-    if has_node and target != CPPO_ALGO_TARGET:
-        raise ValueError(
-            f"algorithm.cppo_grpo is set but algorithm._target_ is {target!r}; "
-            f"add algorithm._target_={CPPO_ALGO_TARGET}"
-        )
-    if target == CPPO_ALGO_TARGET:
-        from verl.utils.config import omega_conf_to_dataclass
-
-        omega_conf_to_dataclass(algorithm)  # raises naming the key and its allowed range
-    n = _get(config, "actor_rollout_ref.rollout.n", 1)
+    found = []  # the node itself is built (and its values checked) by launch_checks.worker_configs
+    n = config_value(config, "actor_rollout_ref.rollout.n", 1)
     if selected and isinstance(n, int) and n < 2:
-        raise ValueError(
-            f"algorithm.adv_estimator=cppo_grpo with actor_rollout_ref.rollout.n={n}: every group holds one "
-            "response, so every advantage is 0 (and cppo_grpo.exclude_zero_variance drops every group): nothing "
-            "would train; set actor_rollout_ref.rollout.n >= 2 (the paper samples 8 or 16 per prompt)"
+        found.append(
+            Problem(
+                f"algorithm.adv_estimator=cppo_grpo with actor_rollout_ref.rollout.n={n}: every group holds one "
+                "response, so every advantage is 0 (and cppo_grpo.exclude_zero_variance drops every group): nothing "
+                "would train; set actor_rollout_ref.rollout.n >= 2 (the paper samples 8 or 16 per prompt)"
+            )
         )
+    return found
 
 
-def validate_cppo_config(config: Any) -> None:
-    """Raise ValueError listing every problem of check_cppo_config; log its warnings prominently."""
-    errors, warnings = check_cppo_config(config)
-    for message in warnings:
-        logger.warning("\n%s\nverl-cppo WARNING: %s\n%s", "!" * 100, message, "!" * 100)
+CHECKS = (
+    _settings_nodes,
+    _anchoring,
+    _legacy_trainer_bypass,
+    _ignored_clip_settings,
+    _ignored_rollout_correction,
+    check_topk_config,
+    _cppo_grpo,
+    worker_configs,
+    launch_layout,
+)
+"""Every check of a composed config, in the order their problems are listed (``registered_names`` runs last:
+it takes the working directory)."""
+
+
+def problems(config: Any, working_dir: str | None = None, built: dict | None = None) -> list[Problem]:
+    """Every problem of a composed trainer config (after ``select_cppo_classes``), each message once;
+    ``built`` receives the workers' dataclass configs (``launch_checks.worker_configs``).
+
+    A check that fails on an unexpected config shape becomes a warning naming it (the launch is not refused
+    for a bug of the plugin's); a ``ValueError`` of the config reader (a scalar where a node belongs) is an
+    error."""
+    found = select_cppo_classes(config)
+    checks = [functools.partial(worker_configs, built=built) if c is worker_configs else c for c in CHECKS]
+    malformed = False
+    for check in (*checks, functools.partial(registered_names, working_dir=working_dir)):
+        name = getattr(check, "__name__", None) or check.func.__name__
+        if malformed and name == "worker_configs":
+            continue  # building a malformed node would report the same fault again, in Hydra's words
+        try:
+            found.extend(check(config))
+        except MissingMandatoryValue as exc:  # verl's `???`: the launch would fail on it after Ray started
+            found.append(Problem(f"{exc.full_key} must be set (verl's config has no default for it)"))
+        except ValueError as exc:
+            found.append(Problem(str(exc)))
+            malformed = True
+        except Exception as exc:
+            found.append(Problem(f"verl-cppo check {name} could not run: {type(exc).__name__}: {exc}", "warning"))
+    unique = dict.fromkeys(found)
+    return list(unique)
+
+
+def validate(config: Any, working_dir: str | None = None) -> list[Problem]:
+    """Every driver-side check; warnings logged prominently, notes at DEBUG, ONE ValueError listing every
+    error. Then K of a Top-K divergence to every Ray process. Returns the problems (notes and warnings)."""
+    found = problems(config, working_dir)
+    for problem in found:
+        if problem.level == "warning":
+            logger.warning("\n%s\nverl-cppo WARNING: %s\n%s", "!" * 100, problem.message, "!" * 100)
+        elif problem.level == "note":
+            logger.debug("verl-cppo: %s", problem.message)
+    errors = [p.message for p in found if p.level == "error"]
     if errors:
         raise ValueError("verl-cppo configuration error(s):\n" + "\n".join(f"  - {e}" for e in errors))
-
-
-def validate(config: Any) -> None:
-    """Every driver-side check of a composed trainer config, then K of a Top-K divergence to every Ray process."""
-    validate_cppo_config(config)
-    check_cppo_grpo_config(config)
     propagate_topk(config)
+    return found
 
 
 def _wrap_validate_config(original):

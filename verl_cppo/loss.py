@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -79,12 +80,43 @@ _COUNT_OF_MODE = {
 """The global count each loss_agg_mode divides by (token-sum divides by none)."""
 
 
-def _count_value(key: str, value: Any) -> float:
-    """A count of verl's global_batch_info as a float; ValueError naming the key unless a finite number >= 0."""
-    x = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x < 0:
-        raise ValueError(f"cppo loss: global_batch_info {key} must be a finite count >= 0, got {value!r}")
-    return float(x)
+def _scalar(value: Any) -> Any:
+    """A one-element tensor as its Python number; anything else unchanged."""
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
+def _refuse(key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"cppo loss: global_batch_info {key} must be {allowed}, got {value!r}")
+
+
+def checked_batch_info(batch_info: Any) -> dict:
+    """verl's ``config.global_batch_info`` with every count and scalar that enters the loss checked.
+
+    ``dp_size`` must be an int >= 1 (absent: 1, verl's default), ``batch_num_tokens`` and
+    ``global_batch_size`` whole counts >= 0 or None (missing), ``loss_scale_factor`` a finite number > 0 or
+    None. A ``ValueError`` names the key and the value otherwise: ``dp_size = -1`` would flip the loss's sign,
+    0 would silently zero it, NaN would end as a NaN loss naming nothing."""
+    if not isinstance(batch_info, Mapping):
+        raise ValueError(f"cppo loss: config.global_batch_info must be a mapping, got {batch_info!r}")
+    info = dict(batch_info)
+    for key, value in info.items():
+        x = _scalar(value)
+        if key == "dp_size":
+            if x is None:
+                info[key] = 1
+                continue
+            whole = isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x == int(x)
+            if not whole or x < 1:
+                _refuse(key, value, "an int >= 1")
+            info[key] = int(x)
+        elif key in ("batch_num_tokens", "global_batch_size") and x is not None:
+            whole = isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x == int(x)
+            if not whole or x < 0:
+                _refuse(key, value, "a whole count >= 0 (or None)")
+        elif key == "loss_scale_factor" and x is not None:
+            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0 < x < math.inf:
+                _refuse(key, value, "a finite number > 0 (or None)")
+    return info
 
 
 def agg_loss_keywords(
@@ -107,17 +139,18 @@ def agg_loss_keywords(
       an empty sum: the loss is 0 with zero gradient, not verl's 0/0 = NaN. An explicit global count of 0
       while these rows hold response tokens is a contradiction and raises, naming the key.
     * ``seq-mean-token-sum-norm`` with T = 0 and no ``loss_scale_factor`` divides by 1, not 0 (no tokens,
-      loss 0); an explicit factor must be > 0.
+      loss 0).
+    * Every count and scalar is checked first (``checked_batch_info``).
     """
-    info = dict(batch_info)
-    dp_size = info.get("dp_size", 1) or 1
+    info = checked_batch_info(batch_info)
+    dp_size = info.get("dp_size", 1)
     key = _COUNT_OF_MODE.get(loss_agg_mode)
     if key is not None:
         local = num_tokens if key == "batch_num_tokens" else num_seqs
         if info.get(key) is None:
             if dp_size <= 1:
                 info[key] = local().clamp(min=1)  # 0 tokens: the sum is empty, so 0 / 1 = 0
-        elif _count_value(key, info[key]) == 0:
+        elif _scalar(info[key]) == 0:
             held = int(local())
             if held:
                 raise ValueError(
@@ -125,12 +158,8 @@ def agg_loss_keywords(
                     f"{'response tokens' if key == 'batch_num_tokens' else 'non-empty responses'}"
                 )
             info[key] = 1  # every term is 0: loss 0 and zero gradient instead of 0/0
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        factor = info.get("loss_scale_factor")
-        if factor is None:
-            info["loss_scale_factor"] = max(width, 1)
-        elif isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor < math.inf:
-            raise ValueError(f"cppo loss: loss_scale_factor must be a finite number > 0, got {factor!r}")
+    if loss_agg_mode == "seq-mean-token-sum-norm" and info.get("loss_scale_factor") is None:
+        info["loss_scale_factor"] = max(width, 1)
     return info
 
 
@@ -213,10 +242,48 @@ def compute_policy_loss_cppo(
     *sums, loss_value = torch.cat([stats, loss]).tolist()  # the one device-to-host copy
     metrics = metrics_from_sums(sums)
     if not math.isfinite(loss_value):
-        raise FloatingPointError(f"cppo loss is {loss_value}; metrics of this micro-batch: {metrics}")
+        inputs = {"advantages": advantages, "rollout_is_weights": rollout_is_weights, "log_prob": log_prob}
+        raise FloatingPointError(_nonfinite_loss_message(loss_value, pg_losses, response_mask, inputs, batch_info))
     if metrics["actor/cppo_nonfinite_frac"] > 0:
         _warn_nonfinite(metrics["actor/cppo_nonfinite_frac"])
     return rows.whole_loss(local), metrics
+
+
+def _largest(name: str, tensor: torch.Tensor | None, mask: torch.Tensor) -> tuple[float, str] | None:
+    """(|value|, 'name = value at [b, t]') of the finite response-token entry of largest magnitude."""
+    if tensor is None or tensor.shape != mask.shape or tensor.numel() == 0:
+        return None
+    x = tensor.detach().double()
+    size = torch.where(mask & torch.isfinite(x), x.abs(), torch.zeros_like(x))  # [B, T]
+    flat = int(size.argmax())
+    b, t = divmod(flat, x.shape[-1])
+    return float(size.view(-1)[flat]), f"{name} = {float(x[b, t]):.6g} at [{b}, {t}]"
+
+
+def _nonfinite_loss_message(loss_value, pg_losses, response_mask, inputs, batch_info) -> str:
+    """Why the aggregated loss is not finite although every non-finite input was dropped: finite inputs whose
+    product or quotient leaves the loss's dtype. Names the largest input on a response token and the counts."""
+    dtype = pg_losses.dtype
+    limit = torch.finfo(dtype).max
+    found = [r for name, x in inputs.items() if (r := _largest(name, x, response_mask)) is not None]
+    terms = torch.where(response_mask, pg_losses.detach().double(), torch.zeros((), dtype=torch.float64))
+    bad = ~torch.isfinite(pg_losses.detach()) & response_mask
+    if bad.any():
+        b, t = (int(i) for i in bad.nonzero()[0])
+        where = f"the per-token loss at [{b}, {t}] overflows {dtype}"
+        shown = [
+            f"{name} = {float(x[b, t]):.6g}" for name, x in inputs.items() if x is not None and x.shape == bad.shape
+        ]
+    else:
+        total = terms.abs().sum().item()
+        where = f"the per-token losses are finite but their aggregate (sum |L_t| = {total:.6g}) overflows {dtype}"
+        shown = [text for _, text in sorted(found, reverse=True)[:1]]
+    counts = ", ".join(f"{k}={_scalar(v)!r}" for k, v in batch_info.items()) or "none"
+    return (
+        f"cppo loss is {loss_value}: {where} (largest finite magnitude {limit:.4g}); inputs: {', '.join(shown)}; "
+        f"global_batch_info: {counts}. Inputs this large (or counts this small) are not representable in the "
+        "loss's dtype: check the advantages / IS weights and the counts verl passes"
+    )
 
 
 _warned_nonfinite = False

@@ -7,7 +7,6 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from verl import DataProto
 from verl.trainer.ppo import core_algos
@@ -21,7 +20,7 @@ from verl_cppo import CPPOAlgoConfig, CPPOGRPOConfig
 from verl_cppo.advantage.estimator import compute_cppo_grpo_advantage
 from verl_cppo.advantage.exclusion import KEEP_FIELD, capture_exclusions
 from verl_cppo.config import CPPO_ALGO_TARGET, cppo_grpo_config_of
-from verl_cppo.driver import check_cppo_grpo_config as validate_cppo_grpo_config
+from verl_cppo.driver import validate as validate_cppo_grpo_config
 
 ALGO_TARGET = f"algorithm._target_={CPPO_ALGO_TARGET}"
 CPPO_GRPO = ["algorithm.adv_estimator=cppo_grpo", "actor_rollout_ref.rollout.n=8"]
@@ -284,15 +283,17 @@ def test_yaml_form_on_verl_config(tmp_path):
 
 def test_invalid_value_stops_the_driver_naming_key_and_range():
     cfg = compose_trainer("dp", [*CPPO_GRPO, ALGO_TARGET, "+algorithm.cppo_grpo.std_epsilon=0"])
-    with pytest.raises(InstantiationException, match=r"cppo_grpo\.std_epsilon must be in \(0, inf\), got 0") as info:
+    with pytest.raises(ValueError, match=r"cppo_grpo\.std_epsilon must be in \(0, inf\), got 0") as info:
         validate_cppo_grpo_config(cfg)
     assert "full_key: algorithm" in str(info.value)
 
 
-def test_node_without_target_is_refused():
+def test_node_without_target_gets_the_plugins_class():
+    """One override per setting: the driver points verl's stock AlgoConfig node at CPPOAlgoConfig."""
     cfg = compose_trainer("dp", [*CPPO_GRPO, "+algorithm.cppo_grpo.norm_adv_by_std=true"])
-    with pytest.raises(ValueError, match=rf"add algorithm\._target_={CPPO_ALGO_TARGET}"):
-        validate_cppo_grpo_config(cfg)
+    validate_cppo_grpo_config(cfg)
+    assert cfg.algorithm._target_ == CPPO_ALGO_TARGET
+    assert omega_conf_to_dataclass(cfg.algorithm).cppo_grpo.norm_adv_by_std is True
 
 
 def test_verl_validate_config_runs_the_check_before_its_own():
@@ -301,7 +302,7 @@ def test_verl_validate_config_runs_the_check_before_its_own():
     from verl.utils.config import validate_config
 
     cfg = compose_trainer("dp", [*CPPO_GRPO, ALGO_TARGET, "+algorithm.cppo_grpo.zero_variance_atol=-1"])
-    with pytest.raises(InstantiationException, match=r"cppo_grpo\.zero_variance_atol must be in \[0, inf\)"):
+    with pytest.raises(ValueError, match=r"cppo_grpo\.zero_variance_atol must be in \[0, inf\)"):
         validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     assert need_critic(cfg) is False  # an outcome estimator: no critic
 

@@ -7,13 +7,19 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.support.verl_hydra import CPPO_TARGET, ENGINES, compose_trainer
-from verl_cppo.driver import check_cppo_config
+from verl_cppo.driver import problems
 from verl_cppo.topk.rollout import ENV_TOPK
 from verl_cppo.topk.setup import configured_topk, propagate_topk
 
 CPPO = "actor_rollout_ref.actor.policy_loss.loss_mode=cppo"
 BYPASS = "algorithm.rollout_correction.bypass_mode=true"
 TOPK_TV = [CPPO_TARGET, CPPO, "+actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv"]
+
+
+def check_cppo_config(config):
+    """(errors, warnings) of every driver-side check."""
+    found = problems(config)
+    return [p.message for p in found if p.level == "error"], [p.message for p in found if p.level == "warning"]
 
 
 def _config(engine="dp", *overrides, rollout="vllm"):
