@@ -79,6 +79,23 @@ def test_main_ppo_and_the_dry_run_refuse_the_same_launches_naming_the_key(case):
     assert dry_run.dry_run(BASE).errors == []  # the same launch without the mistake passes both
 
 
+def test_a_plain_verl_launch_is_warned_never_refused_by_the_plugin(caplog):
+    """The entry point loads the plugin into every verl process: a launch without CPPO keeps verl's behaviour
+    (what the plugin would refuse is a warning), while the same mistake in a CPPO launch is refused."""
+    typo = "actor_rollout_ref.model.external_lib=some_lib_that_does_not_exist"
+    plain = [*MICRO_BATCHES, "algorithm.adv_estimator=grpo", typo]
+    report = dry_run.dry_run(plain)
+    assert report.errors == [] and any("some_lib_that_does_not_exist" in w for w in report.warnings)
+    config = dry_run.compose_config(plain)
+    with caplog.at_level("WARNING"):
+        try:
+            main_ppo.validate_config(config, use_reference_policy=False, use_critic=False)
+        except Exception as exc:  # verl's own checks may still refuse; the plugin's must not
+            assert "verl-cppo" not in str(exc), exc
+    assert "not refused: this launch does not use verl-cppo" in caplog.text
+    assert "some_lib_that_does_not_exist" in _main_ppo_refusal([*BASE, typo])
+
+
 def test_the_math_reward_without_math_verify_is_refused_by_both(monkeypatch):
     """math_reward imports math-verify on its first call, in a reward worker after Ray started."""
     overrides = [

@@ -53,11 +53,19 @@ from omegaconf.errors import MissingMandatoryValue
 
 from verl_cppo import hooks
 from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET, config_node, config_value
-from verl_cppo.launch_checks import Problem, launch_layout, registered_names, worker_configs
+from verl_cppo.launch_checks import Problem, involves_the_plugin, launch_layout, registered_names, worker_configs
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS
 from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, configured_topk, propagate_topk
 
-__all__ = ["STRICT_ANCHOR_ENV", "Problem", "check_topk_config", "install", "problems", "validate"]
+__all__ = [
+    "STRICT_ANCHOR_ENV",
+    "Problem",
+    "check_topk_config",
+    "install",
+    "involves_the_plugin",
+    "problems",
+    "validate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +347,7 @@ def problems(config: Any, working_dir: str | None = None, built: dict | None = N
 
     A check that fails on an unexpected config shape becomes a warning naming it (the launch is not refused
     for a bug of the plugin's); a ``ValueError`` of the config reader (a scalar where a node belongs) is an
-    error."""
+    error. A launch that does not involve verl-cppo (``involves_the_plugin``) gets warnings, never errors."""
     found = select_cppo_classes(config)
     checks = [functools.partial(worker_configs, built=built) if c is worker_configs else c for c in CHECKS]
     malformed = False
@@ -356,14 +364,30 @@ def problems(config: Any, working_dir: str | None = None, built: dict | None = N
             malformed = True
         except Exception as exc:
             found.append(Problem(f"verl-cppo check {name} could not run: {type(exc).__name__}: {exc}", "warning"))
-    unique = dict.fromkeys(found)
-    return list(unique)
+    unique = list(dict.fromkeys(found))
+    if involves_the_plugin(config) is None:
+        # The entry point loads the plugin into every verl process: a plain verl launch keeps verl's own
+        # behaviour, so what the plugin would refuse is only a warning there.
+        unique = [
+            Problem(f"{p.message} (not refused: this launch does not use verl-cppo)", "warning")
+            if p.level == "error"
+            else p
+            for p in unique
+        ]
+    return unique
 
 
 def validate(config: Any, working_dir: str | None = None) -> list[Problem]:
     """Every driver-side check; warnings logged prominently, notes at DEBUG, ONE ValueError listing every
     error. Then K of a Top-K divergence to every Ray process. Returns the problems (notes and warnings)."""
     found = problems(config, working_dir)
+    if involves_the_plugin(config) is None:
+        found = [
+            Problem(f"(not refused: the launch does not use verl-cppo) {p.message}", "warning")
+            if p.level == "error"
+            else p
+            for p in found
+        ]
     for problem in found:
         if problem.level == "warning":
             logger.warning("\n%s\nverl-cppo WARNING: %s\n%s", "!" * 100, problem.message, "!" * 100)
