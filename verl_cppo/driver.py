@@ -17,13 +17,14 @@ with one ``ValueError`` listing every problem. Four groups of checks:
 
 Then ``verl_cppo.topk.setup.propagate_topk`` exports K to every Ray process when a Top-K divergence is set.
 
-Anchoring. CPPO measures divergence from the rollout policy mu, and verl 0.9.1 hands the loss mu only as
-``old_log_prob`` when ``algorithm.rollout_correction.bypass_mode=True`` under the v1 trainer. Otherwise:
+Anchoring. CPPO measures divergence from the rollout policy mu, and verl 0.9.1 hands the loss mu as
+``old_log_prob`` when ``algorithm.rollout_correction.bypass_mode=True``, under either trainer (under the legacy
+one, ``trainer.use_v1=False``, with ``verl_cppo.bypass_anchor`` keeping ``loss_mode=cppo``). Otherwise:
 
 * bypass off (any trainer): ``old_log_prob`` is pi_old recomputed by the actor, so CPPO silently measures
   against the wrong policy (a known collapse mode, DPPO paper section 5.2);
-* bypass on with ``trainer.use_v1=False``: the legacy trainer rewrites ``loss_mode`` to ``bypass_mode``
-  (``rollout_corr_helper.apply_bypass_mode``) and CPPO never runs;
+* a Top-K divergence with ``trainer.use_v1=False`` (``check_legacy_trainer``): mu's top-K travels only the v1
+  path;
 * bypass on without ``rollout.calculate_log_probs``: there are no rollout log-probs to anchor on;
 * ``actor.use_rollout_log_probs=True`` is read by nothing in verl 0.9.1, so it does not anchor on mu;
 * torchtitan / automodel with context parallelism hand the loss shard-local rows, on which a prefix
@@ -56,6 +57,7 @@ __all__ = [
     "STRICT_ANCHOR_ENV",
     "check_cppo_config",
     "check_cppo_grpo_config",
+    "check_legacy_trainer",
     "check_topk_config",
     "install",
     "validate",
@@ -102,7 +104,6 @@ def check_cppo_config(config: Any) -> tuple[list[str], list[str]]:
         return errors, warnings
 
     bypass = bool(_get(config, "algorithm.rollout_correction.bypass_mode", False))
-    use_v1 = bool(_get(config, "trainer.use_v1", True))
     if not bypass:
         message = (
             "loss_mode=cppo measures divergence from the rollout policy, but "
@@ -115,11 +116,6 @@ def check_cppo_config(config: Any) -> tuple[list[str], list[str]]:
             errors.append(message + f" ({STRICT_ANCHOR_ENV}=1)")
         else:
             warnings.append(message + f"; CPPO continues against pi_old ({STRICT_ANCHOR_ENV}=1 makes this an error)")
-    elif not use_v1:
-        errors.append(
-            "trainer.use_v1=False with algorithm.rollout_correction.bypass_mode=True: the legacy trainer rewrites "
-            "policy_loss.loss_mode to 'bypass_mode', so CPPO would never run; use trainer.use_v1=True"
-        )
     if bypass and not _get(config, "actor_rollout_ref.rollout.calculate_log_probs", True):
         errors.append(
             "bypass mode anchors CPPO on the rollout log-probs, but actor_rollout_ref.rollout.calculate_log_probs="
@@ -133,7 +129,22 @@ def check_cppo_config(config: Any) -> tuple[list[str], list[str]]:
         )
     errors.extend(_ignored_clip_settings(config))
     errors.extend(check_topk_config(config))
+    errors.extend(check_legacy_trainer(config))
     return errors, warnings
+
+
+def check_legacy_trainer(config: Any) -> list[str]:
+    """Errors for what verl's legacy trainer (``trainer.use_v1=False``) cannot serve CPPO with. Its bypass
+    mode anchors CPPO on mu (``verl_cppo.bypass_anchor``) and ``cppo_grpo`` excludes groups there too; the
+    Top-K divergences' data travels only the v1 path (TransferQueue agent loop, v1 actor update)."""
+    if _get(config, "trainer.use_v1", True) or configured_topk(config) == 0:
+        return []
+    return [
+        f"cppo.divergence={_get(config, 'actor_rollout_ref.actor.policy_loss.cppo.divergence')} with "
+        "trainer.use_v1=False: mu's top-K reaches the loss only through the v1 trainer (the TransferQueue agent "
+        "loop stores it, the v1 actor update asks the engine for pi's logits); the legacy trainer's DataProto "
+        "agent loop and actor update carry neither. Use trainer.use_v1=True or a binary divergence (binary_tv)"
+    ]
 
 
 _CLIP_KEYS = {
