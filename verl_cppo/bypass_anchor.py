@@ -11,9 +11,12 @@ mode (``algorithm.rollout_correction.bypass_mode=True``). The two trainers of ve
 
 ``install`` wraps ``apply_bypass_mode`` (through ``verl_cppo.hooks``, when verl imports the module) so that
 with ``loss_mode=cppo`` it does verl's substitution and nothing else: ``old_log_probs`` is mu, and the
-loss mode stays ``cppo`` (verl's rewrite would make every reader of the trainer's config see a loss that is
-not trained, and discard CPPO wherever that config reaches the loss). Every other loss mode gets verl's
-function unchanged. ``uninstall`` restores it.
+loss mode stays ``cppo``. Every other loss mode gets verl's function unchanged. ``uninstall`` restores it.
+
+In verl 0.9.1 the rewrite reaches only the trainer's copy of the config (the actor workers received theirs
+when they were created), so the workers would run ``cppo`` anyway; measured through ``main_ppo`` without this
+hook. The hook keeps the trainer's config saying what is trained and CPPO independent of when a config
+reaches a worker.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def legacy(tmp_path_factory):
     metrics, _ = _legacy_run(tmp_path_factory.mktemp("legacy"), "vanilla,cppo")
     for arm, rows in metrics.items():  # the figures, for the log
         for r in rows:
-            print(arm, {k: v for k, v in r.items() if "probe" in k or "rollout_probs_diff" in k or k == "reward"})
+            keys = ("probe", "rollout_probs_diff", "grad_norm", "cppo_masked_frac", "reward")
+            print(arm, r["step"], {k: v for k, v in r.items() if any(key in k for key in keys)})
     return metrics
 
 
