@@ -78,7 +78,7 @@ def test_cppo_trains_anchored_on_the_rollout_log_probs(legacy):
         assert row["actor/probe_old_vs_rollout_abs_max"] == 0.0, row  # old_log_prob is mu, bit for bit
         assert "timing_s/old_log_prob" not in row and "training/rollout_probs_diff_max" not in row  # no recompute
         assert 0.0 <= row["actor/cppo_masked_frac"] <= 1.0 and row["actor/cppo_nonfinite_frac"] == 0.0, row
-        assert not any(key.startswith("rollout_corr/") for key in row)  # verl's bypass_mode loss did not run
+        assert not any("rollout_corr/" in key for key in row)  # verl's bypass_mode loss did not run
         assert row["actor/probe_old_vs_current_abs_max"] > 0.0, row  # 4 updates per step moved pi away from mu
         assert 0.0 < row["actor/grad_norm"] < float("inf") and 0.0 <= row["reward"] <= 1.0, row
 
