@@ -4,7 +4,6 @@ import logging
 import re
 
 import pytest
-import torch
 import verl.utils.config
 
 from tests.support.verl_hydra import CPPO_TARGET, ENGINES, compose_trainer
@@ -46,20 +45,19 @@ def test_use_rollout_log_probs_is_called_out_as_ineffective():
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_legacy_trainer_with_bypass_is_an_error(engine):
-    errors, _ = _check(engine, CPPO, BYPASS, "trainer.use_v1=false")
-    assert len(errors) == 1 and "rewrites policy_loss.loss_mode to 'bypass_mode'" in errors[0]
+def test_legacy_trainer_with_bypass_is_clean(engine):
+    """verl_cppo.bypass_anchor keeps loss_mode=cppo in the legacy trainer's bypass mode."""
+    assert _check(engine, CPPO, BYPASS, "trainer.use_v1=false") == ([], [])
 
 
-def test_the_legacy_rewrite_is_real():
-    """verl's own apply_bypass_mode (called by the v0 RayPPOTrainer) replaces loss_mode=cppo."""
-    from verl import DataProto
-    from verl.trainer.ppo.rollout_corr_helper import apply_bypass_mode
-
-    cfg = compose_trainer("dp", [CPPO, BYPASS])
-    batch = DataProto.from_dict({"rollout_log_probs": torch.zeros(2, 3), "old_log_probs": torch.ones(2, 3)})
-    apply_bypass_mode(batch, cfg.algorithm.rollout_correction, cfg.actor_rollout_ref.actor.policy_loss)
-    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "bypass_mode"
+def test_topk_divergence_on_the_legacy_trainer_is_refused():
+    topk = [CPPO, BYPASS, CPPO_TARGET, "+actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv"]
+    topk.append("actor_rollout_ref.rollout.name=vllm")
+    assert _check("dp", *topk) == ([], [])
+    errors, _ = _check("dp", *topk, "trainer.use_v1=false")
+    assert len(errors) == 1, errors
+    assert "cppo.divergence=topk_tv with trainer.use_v1=False" in errors[0]
+    assert "the legacy trainer's DataProto agent loop and actor update carry neither" in errors[0]
 
 
 def test_bypass_without_rollout_log_probs_is_an_error():
@@ -97,7 +95,7 @@ def test_verl_validate_config_runs_the_check_first(caplog):
     assert main_ppo.validate_config.__wrapped__.__module__ == "verl.utils.config"
     with pytest.raises(ValueError, match="verl-cppo configuration error"):
         main_ppo.validate_config(
-            compose_trainer("dp", [CPPO, BYPASS, "trainer.use_v1=false"]),
+            compose_trainer("dp", [CPPO, BYPASS, "actor_rollout_ref.rollout.calculate_log_probs=false"]),
             use_reference_policy=False,
             use_critic=False,
         )

@@ -12,8 +12,8 @@ an error, a warning or a note); ``problems`` runs them all, and ``validate`` log
 * ``_settings_nodes``: a ``cppo`` / ``cppo_grpo`` node whose selector picks another method (``loss_mode`` left
   at vanilla, or mistyped ``CPPO``) or whose ``_target_`` is a foreign class would have every setting dropped:
   refused, naming the selector and the keys set. Nodes are read through ``verl_cppo.config.config_node``;
-* ``_anchoring`` and ``_legacy_trainer_bypass``: ``loss_mode=cppo`` must see the rollout policy, see below;
-* ``_ignored_clip_settings``, ``_ignored_rollout_correction``: verl settings that CPPO does not read, set away
+* ``_anchoring`` and ``_legacy_trainer_topk``: ``loss_mode=cppo`` must see the rollout policy, see below;
+* ``verl_cppo.unread_settings``: verl settings that CPPO does not read, set away
   from verl's defaults, are refused naming the key (a silent no-op otherwise);
 * ``check_topk_config``: a Top-K divergence the launch can serve;
 * ``_cppo_grpo``: the estimator's node is valid and a group holds more than one response;
@@ -21,22 +21,14 @@ an error, a warning or a note); ``problems`` runs them all, and ``validate`` log
 
 Then ``verl_cppo.topk.setup.propagate_topk`` exports K to every Ray process when a Top-K divergence is set.
 
-Anchoring. CPPO measures divergence from the rollout policy mu, and verl 0.9.1 hands the loss mu only as
-``old_log_prob`` when ``algorithm.rollout_correction.bypass_mode=True`` under the v1 trainer. Otherwise:
-
-* bypass off (any trainer): ``old_log_prob`` is pi_old recomputed by the actor, so CPPO measures against the
-  wrong policy (a known collapse mode, DPPO paper section 5.2);
-* bypass on with ``trainer.use_v1=False``: the legacy trainer rewrites ``loss_mode`` to ``bypass_mode``
-  (``rollout_corr_helper.apply_bypass_mode``) and CPPO never runs;
-* bypass on without ``rollout.calculate_log_probs``: there are no rollout log-probs to anchor on;
-* ``actor.use_rollout_log_probs=True`` is read by nothing in verl 0.9.1, so it does not anchor on mu;
-* torchtitan / automodel with context parallelism hand the loss shard-local rows, on which a prefix
-  sum over the row is not the response's prefix sum.
-
-The first case is a prominent warning, because ``loss_mode=cppo`` alone (verl's default bypass_mode=False)
-must still run: CPPO then anchors on pi_old, which equals mu up to the trainer/inference mismatch on the first
-mini-batch and drifts from it afterwards. It is an error with a Top-K divergence (D must compare with mu's
-top-K) or when the user sets ``VERL_CPPO_STRICT_ANCHOR=1``. Every other case is an error.
+Anchoring (``_anchoring``; README's *Anchoring* table). CPPO measures divergence from the rollout policy mu;
+verl 0.9.1 hands the loss mu as ``old_log_prob`` under ``algorithm.rollout_correction.bypass_mode=True``, under
+either trainer (``verl_cppo.bypass_anchor`` keeps ``loss_mode=cppo`` on the legacy one). Bypass off makes
+``old_log_prob`` the actor's recomputed pi_old (a known collapse mode, DPPO paper section 5.2): a prominent
+warning, so that ``loss_mode=cppo`` alone still runs, and an error with a Top-K divergence or
+``VERL_CPPO_STRICT_ANCHOR=1``. Errors: a Top-K divergence with ``trainer.use_v1=False`` (its data travels only
+the v1 path), bypass without ``rollout.calculate_log_probs``, torchtitan / automodel with context parallelism
+(shard-local rows, on which a row's prefix sum is not the response's).
 """
 
 from __future__ import annotations
@@ -45,10 +37,9 @@ import functools
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from verl_cppo import hooks
@@ -56,6 +47,7 @@ from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET, config_n
 from verl_cppo.launch_checks import Problem, involves_the_plugin, launch_layout, registered_names, worker_configs
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS
 from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, configured_topk, propagate_topk
+from verl_cppo.unread_settings import ignored_clip_settings, ignored_rollout_correction
 
 __all__ = [
     "STRICT_ANCHOR_ENV",
@@ -181,83 +173,21 @@ def _anchoring(config: Any) -> list[Problem]:
     return found
 
 
-def _legacy_trainer_bypass(config: Any) -> list[Problem]:
-    """Bypass mode on the legacy trainer: ``apply_bypass_mode`` rewrites loss_mode=cppo to 'bypass_mode'."""
-    if config_node(config, POLICY_LOSS).get("loss_mode") != "cppo":
+def _legacy_trainer_topk(config: Any) -> list[Problem]:
+    """A Top-K divergence under verl's legacy trainer (``trainer.use_v1=False``). Its bypass mode anchors CPPO
+    on mu (``verl_cppo.bypass_anchor``) and ``cppo_grpo`` excludes groups there too; mu's top-K travels only the
+    v1 path (the TransferQueue agent loop stores it, the v1 actor update asks the engine for pi's logits)."""
+    if config_value(config, "trainer.use_v1", True) or configured_topk(config) == 0:
         return []
-    if config_value(config, "algorithm.rollout_correction.bypass_mode", False) and not config_value(
-        config, "trainer.use_v1", True
-    ):
-        return [
-            Problem(
-                "trainer.use_v1=False with algorithm.rollout_correction.bypass_mode=True: the legacy trainer rewrites "
-                "policy_loss.loss_mode to 'bypass_mode', so CPPO would never run; use trainer.use_v1=True"
-            )
-        ]
-    return []
-
-
-_CLIP_KEYS = {
-    "clip_ratio": "cppo.delta (the token threshold at t = 1)",
-    "clip_ratio_low": "cppo.delta (the token threshold at t = 1)",
-    "clip_ratio_high": "cppo.delta (the token threshold at t = 1)",
-    "clip_ratio_c": "cppo.ratio_cap (the truncation of the detached ratio, default 20)",
-}
-
-
-def _ignored_clip_settings(config: Any) -> list[Problem]:
-    """Errors for verl's ratio-clip keys set away from verl's defaults under loss_mode=cppo, which reads none of
-    them: a user coming from the authors' port (clip_ratio=0.2, clip_ratio_c) would silently train at CPPO's
-    defaults."""
-    from verl.workers.config.actor import ActorConfig
-
-    if config_node(config, POLICY_LOSS).get("loss_mode") != "cppo":
-        return []
-    defaults = {f.name: f.default for f in fields(ActorConfig) if f.name in _CLIP_KEYS}
-    actor = config_value(config, "actor_rollout_ref.actor", {}) or {}
-    errors = []
-    for key, replacement in _CLIP_KEYS.items():
-        value = actor.get(key, defaults[key])
-        if value is not None and value != defaults[key]:
-            errors.append(
-                Problem(
-                    f"loss_mode=cppo does not read actor_rollout_ref.actor.{key} (set to {value!r}, verl's default is "
-                    f"{defaults[key]!r}); CPPO's setting is +{POLICY_LOSS}.{replacement}: move the value there or "
-                    f"drop {key}"
-                )
-            )
-    return errors
-
-
-def _ignored_rollout_correction(config: Any) -> list[Problem]:
-    """verl's rollout-correction settings away from verl's defaults under bypass mode with loss_mode=cppo.
-
-    Under bypass mode the v1 trainer skips verl's rollout correction, and its settings are read only by verl's
-    own ``bypass_mode`` loss, which ``loss_mode=cppo`` replaces: ``rollout_is`` would not reweight, ``rollout_rs``
-    would not reject, ``loss_type`` would not switch to REINFORCE. Refused, naming the key, for the reason the
-    ratio-clip keys are: the fix is one key, and a warning scrolls past in a multi-node log."""
-    import verl.trainer.config as verl_configs
-
-    if config_node(config, POLICY_LOSS).get("loss_mode") != "cppo":
-        return []
-    if not config_value(config, "algorithm.rollout_correction.bypass_mode", False):
-        return []  # decoupled mode: verl computes rollout_is_weights / the rejection mask and CPPO applies them
-    yaml = os.path.join(os.path.dirname(verl_configs.__file__), "algorithm", "rollout_correction.yaml")
-    defaults = OmegaConf.load(yaml)  # verl's own defaults, as main_ppo composes them
-    node = config_node(config, "algorithm.rollout_correction")
-    problems = []
-    for key, default in defaults.items():
-        value = node.get(key, default)
-        if key != "bypass_mode" and value != default:
-            problems.append(
-                Problem(
-                    f"algorithm.rollout_correction.{key}={value!r} does nothing with bypass_mode=True and "
-                    "loss_mode=cppo "
-                    f"(verl reads it only in decoupled mode or in its own bypass_mode loss, which cppo replaces); "
-                    f"remove it (verl's default is {default!r})"
-                )
-            )
-    return problems
+    divergence = config_value(config, f"{POLICY_LOSS}.cppo.divergence")
+    return [
+        Problem(
+            f"cppo.divergence={divergence} with trainer.use_v1=False: mu's top-K reaches the loss only through the "
+            "v1 trainer (the TransferQueue agent loop stores it, the v1 actor update asks the engine for pi's "
+            "logits); the legacy trainer's DataProto agent loop and actor update carry neither. Use "
+            "trainer.use_v1=True or a binary divergence (binary_tv)"
+        )
+    ]
 
 
 def check_topk_config(config: Any) -> list[Problem]:
@@ -329,9 +259,9 @@ def _cppo_grpo(config: Any) -> list[Problem]:
 CHECKS = (
     _settings_nodes,
     _anchoring,
-    _legacy_trainer_bypass,
-    _ignored_clip_settings,
-    _ignored_rollout_correction,
+    _legacy_trainer_topk,
+    ignored_clip_settings,
+    ignored_rollout_correction,
     check_topk_config,
     _cppo_grpo,
     worker_configs,

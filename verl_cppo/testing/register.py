@@ -2,8 +2,8 @@
 
 Importing this module (verl does it during ``import verl`` in every process that has the variable) registers
 the "cpu" platform, the FSDP2 engines for device "cpu", the ``hf_cpu`` rollout and the CPU shims of verl's vLLM
-rollout (``verl_cppo.testing.vllm_cpu``), and selects the platform
-(``VERL_PLATFORM=cpu``). It raises instead when:
+rollout (``verl_cppo.testing.vllm_cpu``), with ``VERL_CPPO_LOSS_PROBE=1`` the loss-input probe
+(``verl_cppo.testing.loss_probe``), and selects the platform (``VERL_PLATFORM=cpu``). It raises instead when:
 
 * ``VERL_CPPO_CPU_TESTING`` is not "1" (the explicit switch; a stray module name alone does nothing but fail);
 * CUDA is available (a GPU machine must never train on the CPU test backend by accident);
@@ -44,6 +44,10 @@ def register() -> None:
     cpu_platform.install()
     cpu_rollout.register()
     vllm_cpu.install()
+    if os.environ.get("VERL_CPPO_LOSS_PROBE") == "1":  # what ppo_loss receives, as metrics (loss_probe)
+        from verl_cppo.testing import loss_probe
+
+        loss_probe.install()
 
 
 register()

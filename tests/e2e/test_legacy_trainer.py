@@ -1,0 +1,90 @@
+"""verl's legacy trainer (``trainer.use_v1=False``: ``RayPPOTrainer``, DataProto, no TransferQueue) through
+``python -m verl.trainer.main_ppo`` on CPU with verl's vLLM rollout (vLLM's CPU build), 2 steps per arm.
+
+One run of ``ci/tiny_regression.py`` serves every test (the ``vanilla`` and ``cppo`` arms, both with the
+``cppo_grpo`` estimator), with ``verl_cppo.testing.loss_probe`` reporting what ``ppo_loss`` receives:
+
+* vanilla (old log-probs recomputed by the actor): the rollout's log-probs equal the actor's at every step
+  (``training/rollout_probs_diff_max``), which holds only if every weight sync reached vLLM;
+* cppo with bypass mode: the loss is ``cppo`` (its ``actor/cppo_*`` metrics) and its ``old_log_prob`` is the
+  rollout's log-probs, exactly (probe: max |old - rollout| = 0 over every response token), not the actor's
+  recomputation (none ran), while the policy moved within the step (old != current);
+* ``cppo_grpo``'s excluded responses leave the sequence count the loss divides by, on the legacy path too
+  (probe: global_batch_size + excluded responses = the mini-batch's 64 responses).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REPO_ROOT
+
+pytestmark = pytest.mark.vllm
+
+STEPS = 2
+MINI_BATCH_RESPONSES = 8 * 8  # ppo_mini_batch_size x rollout.n of ci/tiny_regression.py
+PROBE = {"VERL_CPPO_LOSS_PROBE": "1"}
+LEGACY_OVERRIDES = ["trainer.use_v1=False"]
+
+
+def _legacy_run(out, arms: str) -> tuple[dict, dict]:
+    """ci/tiny_regression.py's arms on the legacy trainer with the loss probe: (metrics, per-arm runs).
+    The one seam with the regression launcher; its own checks (20-step reward rise) are not asserted."""
+    command = [sys.executable, os.path.join(REPO_ROOT, "ci", "tiny_regression.py"), str(out), "--rollout=vllm"]
+    command += ["--no-golden", "--arm-timeout=540", f"--arms={arms}", f"--steps={STEPS}"]
+    command += [f"--override={o}" for o in LEGACY_OVERRIDES]
+    command += [f"--override=+ray_kwargs.ray_init.runtime_env.env_vars.{k}='{v}'" for k, v in PROBE.items()]
+    env = {**os.environ, **PROBE, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=REPO_ROOT, env=env)
+    summary = out / "summary.json"
+    assert summary.exists(), f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    runs = json.loads(summary.read_text())["runs"]
+    logs = "".join(f"\n--- {arm} ---\n{(out / arm / 'main_ppo.log').read_text()[-4000:]}" for arm in runs)
+    assert all(r["exit_code"] == 0 and r["steps"] == STEPS for r in runs.values()), f"{runs}{logs}"
+    return json.loads((out / "metrics.json").read_text()), runs
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory):
+    metrics, _ = _legacy_run(tmp_path_factory.mktemp("legacy"), "vanilla,cppo")
+    for arm, rows in metrics.items():  # the figures, for the log
+        for r in rows:
+            keys = ("probe", "rollout_probs_diff", "grad_norm", "cppo_masked_frac", "reward")
+            print(arm, r["step"], {k: v for k, v in r.items() if any(key in k for key in keys)})
+    return metrics
+
+
+def test_vanilla_rollout_and_actor_log_probs_agree_at_every_step(legacy):
+    sys.path.insert(0, os.path.join(REPO_ROOT, "ci"))
+    from regression_checks import DEFAULT_CHECKS
+
+    rows = legacy["vanilla"]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for row in rows:
+        gap = row["training/rollout_probs_diff_max"]
+        assert 0.0 <= gap <= DEFAULT_CHECKS["rollout_actor_prob_gap_max"], row  # stale weights give ~0.1 and more
+        assert "timing_s/old_log_prob" in row  # the actor recomputed old_log_prob
+        assert row["actor/probe_old_vs_rollout_abs_max"] < 1e-3, row  # recomputed: mu up to the mismatch
+        assert "actor/cppo_masked_frac" not in row
+
+
+def test_cppo_trains_anchored_on_the_rollout_log_probs(legacy):
+    rows = legacy["cppo"]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for row in rows:
+        assert row["actor/probe_old_vs_rollout_abs_max"] == 0.0, row  # old_log_prob is mu, bit for bit
+        assert "timing_s/old_log_prob" not in row and "training/rollout_probs_diff_max" not in row  # no recompute
+        assert 0.0 <= row["actor/cppo_masked_frac"] <= 1.0 and row["actor/cppo_nonfinite_frac"] == 0.0, row
+        assert not any("rollout_corr/" in key for key in row)  # verl's bypass_mode loss did not run
+        assert row["actor/probe_old_vs_current_abs_max"] > 0.0, row  # 4 updates per step moved pi away from mu
+        assert 0.0 < row["actor/grad_norm"] < float("inf") and 0.0 <= row["reward"] <= 1.0, row
+
+
+def test_cppo_grpo_exclusion_reaches_the_loss_normaliser(legacy):
+    for arm, rows in legacy.items():
+        for row in rows:
+            kept = row["actor/probe_global_batch_size"]
+            assert kept + row["actor/probe_zeroed_rows"] == MINI_BATCH_RESPONSES, (arm, row)
