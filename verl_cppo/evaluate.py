@@ -16,8 +16,8 @@ Design:
   installed stops with a message. Defaults are the example scripts' validation settings: temperature 1.0,
   top-p 1.0, no top-k. Both engines return token ids, decoded here with ``skip_special_tokens=True``, as
   verl's reward loop decodes responses.
-* Scoring: ``verl_cppo.math_reward.compute_score`` (the training reward) on each decoded completion, in this
-  process's main thread (math-verify's timeouts apply).
+* Scoring: ``verl_cppo.math_reward.compute_score`` (the training reward) on each decoded completion, with
+  the same bounds as in training (math-verify in child processes, a deadline and a memory limit per answer).
 * Report: per data source, Avg@n = mean over problems of the fraction of the n samples scored 1 (= verl's
   ``val-core/<source>/acc/mean@n``), and Pass@n = share of problems with at least one correct sample; the
   average over data sources is unweighted, as the paper averages its AIME columns (and as
