@@ -83,3 +83,20 @@ def test_bad_bounds_and_nested_functions_are_refused():
 
     with pytest.raises(ValueError, match="module-level functions"):
         Sandbox(local, timeout_s=1, memory_mb=1)
+
+
+def test_a_forked_copy_starts_its_own_children_and_leaves_the_parents_alone(make):
+    import os
+
+    box = make(t.pid)
+    parent_child = box.call().value
+    pid = os.fork()
+    if pid == 0:  # the forked copy: its call must not read the parent's pipe
+        try:
+            value = box.call().value
+            os._exit(0 if value not in (None, parent_child) else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert box.call() == Outcome("ok", parent_child) and box.restarts == 0  # the parent's child still serves it

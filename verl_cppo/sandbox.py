@@ -14,7 +14,8 @@ minutes or grow to gigabytes (``9^{9^{9^{9}}}``). A thread cannot be stopped; a 
   most ``timeout_s``. On expiry the child is killed (SIGKILL) and the call returns ``Outcome("timeout")``;
   a ``MemoryError`` in the child, or its death, returns ``Outcome("memory")`` / ``Outcome("crashed")`` and
   the child is replaced on the next call. The caller decides what a failed outcome scores; nothing hangs.
-* Thread-safe; one call per child at a time. Children exit when their stdin closes (the parent died).
+* Thread-safe; one call per child at a time. Children exit when their stdin closes (the parent died). A
+  forked copy of the owner (a data-loader worker, say) never uses the parent's children: it starts its own.
 """
 
 from __future__ import annotations
@@ -115,9 +116,17 @@ class Sandbox:
         self._count = 0  # children alive (idle or busy)
         self._cond = threading.Condition()
         self.restarts = 0  # children killed or lost since creation
+        self._pid = os.getpid()
         atexit.register(self.close)
 
+    def _forget_inherited(self) -> None:
+        """In a forked copy of the owner: the children and pipes are the parent's; start afresh, touching none."""
+        self._pid, self._idle, self._count = os.getpid(), [], 0
+        self._cond = threading.Condition()
+
     def _acquire(self) -> _Child:
+        if os.getpid() != self._pid:
+            self._forget_inherited()
         with self._cond:
             while True:
                 if self._idle:
@@ -162,6 +171,8 @@ class Sandbox:
             self._release(child if keep else None)
 
     def close(self) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked copy: the children are the parent's
         with self._cond:
             idle, self._idle = self._idle, []
             self._count -= len(idle)
