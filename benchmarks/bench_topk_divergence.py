@@ -1,4 +1,4 @@
-"""Benchmark of the Top-K divergence (verl_cppo.core.divergence.topk_divergence): time and extra peak memory.
+"""Benchmark of the Top-K divergence (verl_cppo.core.topk_divergence): time and extra peak memory.
 
     python benchmarks/bench_topk_divergence.py                  # GPU: N=8192, V=151936, K=20, bf16 logits
     python benchmarks/bench_topk_divergence.py --device cpu     # CPU: a reduced size (N=1024, V=32768)

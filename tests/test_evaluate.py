@@ -192,3 +192,77 @@ def test_a_verl_checkpoint_directory_is_refused_with_the_merge_command(tmp_path,
 def test_help():
     out = _run("--help", timeout=120)
     assert out.returncode == 0 and "--engine {hf,vllm}" in out.stdout and "Avg@n" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------- bad arguments
+
+
+@pytest.fixture
+def good_data(tmp_path):
+    path = tmp_path / "aime-2024.parquet"
+    _parquet(path, "aime2024", ["7"])
+    return str(path)
+
+
+def _bad_arguments(tmp_path, good_data):
+    """(argv, the argument and value the one-line error must name), each a mistake a user makes."""
+    not_parquet = tmp_path / "aime.jsonl"
+    not_parquet.write_text('{"prompt": "x"}\n')
+    wrong_columns = tmp_path / "other.parquet"
+    pd.DataFrame([{"question": "q", "answer": "7"}]).to_parquet(wrong_columns)
+    no_model = str(tmp_path / "no" / "such" / "model")
+    a_file = str(not_parquet)
+    return [
+        (["--model", no_model, "--data", good_data], f"--model {no_model!r}: no such directory"),
+        (["--model", "./ckpt/hf", "--data", good_data], "--model './ckpt/hf': no such directory"),
+        (["--model", a_file, "--data", good_data], f"--model {a_file!r}: a file"),
+        (
+            ["--model", str(tmp_path), "--data", str(not_parquet)],
+            f"--data: {str(not_parquet)!r} is not a readable parquet",
+        ),
+        (
+            ["--model", str(tmp_path), "--data", str(wrong_columns)],
+            f"--data: {str(wrong_columns)!r} row 0: not verl's RL",
+        ),
+        (
+            ["--model", str(tmp_path), "--data", good_data + ",missing.parquet"],
+            "--data: not found: ['missing.parquet']",
+        ),
+        (["--model", str(tmp_path), "--data", ","], "--data ',': no file given"),
+        (["--model", str(tmp_path), "--data", good_data, "--n", "0"], "--n 0: must be >= 1"),
+        (
+            ["--model", str(tmp_path), "--data", good_data, "--chat-template-kwargs", "{x"],
+            "--chat-template-kwargs '{x'",
+        ),
+        (["--model", str(tmp_path), "--data", good_data, "--tokenizer", no_model], f"--tokenizer {no_model!r}"),
+    ]
+
+
+def test_every_bad_argument_is_one_line_naming_it(tmp_path, good_data):
+    (tmp_path / "config.json").write_text("{}")  # a Hugging Face directory as far as the checks go
+    from verl_cppo.evaluate import main
+
+    for argv, named in _bad_arguments(tmp_path, good_data):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--engine", "hf"])
+        message = str(info.value.code)
+        assert message.startswith("python -m verl_cppo.evaluate: error: ") and "\n" not in message, message
+        assert named in message, (named, message)
+
+
+def test_from_the_command_line_a_missing_model_or_a_non_parquet_file_is_one_line(tmp_path, good_data):
+    """Before: a missing path went to the Hub as a model id, a JSONL file into pyarrow: 28-65-line tracebacks."""
+    text = tmp_path / "aime.jsonl"
+    text.write_text("{}\n")
+    missing = _run("--model", str(tmp_path / "missing"), "--data", good_data, "--engine", "hf", timeout=120)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    non_parquet = _run("--model", str(tmp_path / "m"), "--data", str(text), "--engine", "hf", timeout=120)
+    unknown_hub_id = _run("--model", "no-such-org/no-such-model", "--data", good_data, "--engine", "hf", timeout=120)
+    for out, named in [
+        (missing, f"--model {str(tmp_path / 'missing')!r}: no such directory"),
+        (non_parquet, f"--data: {str(text)!r} is not a readable parquet file"),
+        (unknown_hub_id, "--model 'no-such-org/no-such-model': cannot load a tokenizer from it"),
+    ]:
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and len(lines) == 1 and named in lines[0], out.stderr[-3000:]

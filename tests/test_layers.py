@@ -96,34 +96,131 @@ def test_no_import_cycles():
             visit(name)
 
 
-def test_every_change_to_verl_goes_through_hooks():
-    """No module outside ``hooks`` assigns to an attribute of a verl module or class: they call hooks.wrap."""
-    offenders = []
-    for name, path in MODULES.items():
-        if _in(name, "hooks"):
-            continue
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        verl_names = {
-            alias.asname or alias.name.split(".")[0]
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Import | ast.ImportFrom)
-            for alias in node.names
-            if (getattr(node, "module", None) or alias.name).startswith("verl.")
-            or (getattr(node, "module", None) or alias.name) == "verl"
-        }
-        for node in ast.walk(tree):
-            targets = node.targets if isinstance(node, ast.Assign) else []
+def _verl_names(tree: ast.Module) -> set[str]:
+    """Names a module binds to verl modules or to objects imported from verl."""
+    return {
+        alias.asname or alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+        if (getattr(node, "module", None) or alias.name).startswith("verl.")
+        or (getattr(node, "module", None) or alias.name) == "verl"
+    }
+
+
+def _root(node: ast.expr) -> ast.expr:
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        node = node.value
+    return node
+
+
+def _is_function(value: ast.expr, defined: set[str]) -> bool:
+    """A lambda, a function the module defines (``def``), a bound method or a functools.partial / wraps."""
+    if isinstance(value, ast.Lambda):
+        return True
+    if isinstance(value, ast.Name):
+        return value.id in defined
+    if isinstance(value, ast.Attribute):
+        return isinstance(value.value, ast.Name) and value.value.id in ("self", "cls")
+    if isinstance(value, ast.Call):
+        name = value.func.attr if isinstance(value.func, ast.Attribute) else getattr(value.func, "id", None)
+        return name in ("partial", "wraps", "MethodType") or (
+            isinstance(value.func, ast.Call) and _is_function(value.func, defined)
+        )
+    return False
+
+
+def _fresh(scope: ast.AST) -> set[str]:
+    """Names a scope binds to objects it builds itself (a call other than getattr): not verl's objects."""
+    return {
+        target.id
+        for node in ast.walk(scope)
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Call)
+        and getattr(node.value.func, "id", None) != "getattr"
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+
+
+def _attribute_changes(tree: ast.Module) -> list[tuple[int, ast.expr, ast.expr | None]]:
+    """(line, object, assigned value) of every ``obj.attr = value``, ``setattr(obj, ...)``, ``delattr(obj, ...)``."""
+    changes = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
-                root = target
-                while isinstance(root, ast.Attribute):
-                    root = root.value
-                if isinstance(target, ast.Attribute) and isinstance(root, ast.Name) and root.id in verl_names:
-                    offenders.append(f"{name}:{node.lineno}")
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr":
-                arg = node.args[0] if node.args else None
-                if isinstance(arg, ast.Name) and arg.id in verl_names:
-                    offenders.append(f"{name}:{node.lineno}")
+                if isinstance(target, ast.Attribute):
+                    changes.append((node.lineno, target.value, node.value))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("setattr", "delattr") and node.args:
+            value = node.args[2] if len(node.args) > 2 else None
+            changes.append((node.lineno, node.args[0], value))
+    return changes
+
+
+def verl_changes_outside_hooks(source: str) -> list[int]:
+    """Lines of ``source`` that change verl at runtime without ``verl_cppo.hooks``:
+
+    * any attribute set (or setattr / delattr) on a name imported from verl (``verl_module.fn = ...``);
+    * a function (lambda, ``def``, bound method, partial) put on an attribute of an object the code did not
+      build itself: one it was handed or reached (``trainer.logger.log = f``, ``tracker = getattr(trainer,
+      "logger"); tracker.log = f``), which is how a verl object's behaviour is replaced in place.
+    """
+    tree = ast.parse(source)
+    verl_names = _verl_names(tree)
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    lines = []  # every function is a scope, and the module (scopes overlap: a line may be found twice)
+    scopes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))]
+    for scope in scopes:
+        body = ast.Module(body=scope.body, type_ignores=[])
+        fresh = _fresh(scope)
+        for line, obj, value in _attribute_changes(body):
+            root = _root(obj)
+            name = root.id if isinstance(root, ast.Name) else None
+            if name in verl_names:
+                lines.append(line)
+            elif value is not None and _is_function(value, defined) and name not in ("self", "cls", *fresh):
+                lines.append(line)
+    return sorted(set(lines))
+
+
+def test_every_change_to_verl_goes_through_hooks():
+    """No module outside ``hooks`` changes a verl module, class or object in place: they call hooks.wrap."""
+    offenders = [
+        f"{name}:{line}"
+        for name, path in MODULES.items()
+        if not _in(name, "hooks")
+        for line in verl_changes_outside_hooks(path.read_text(encoding="utf-8"))
+    ]
     assert offenders == []
+
+
+REPLACED_IN_PLACE = [
+    # the old KeepLatestAndBest._hook: an instance attribute of verl's Tracking replaced by a wrapper
+    "def _hook(self, trainer):\n    tracker = getattr(trainer, 'logger', None)\n    log = tracker.log\n"
+    "    def log_and_record(data, step):\n        return log(data, step)\n    tracker.log = log_and_record\n",
+    "def f(trainer):\n    trainer.logger.log = lambda *a: None\n",
+    "import functools\ndef f(trainer, g):\n    setattr(trainer.logger, 'log', functools.partial(g, 1))\n",
+    "from verl.utils import tracking\ntracking.Tracking.log = print\n",
+    "import verl.utils.tracking as t\nsetattr(t.Tracking, 'log', None)\n",
+    "from verl.utils.tracking import Tracking\ndel_ = delattr(Tracking, 'log')\n",
+]
+LEFT_ALONE = [
+    "class A:\n    def f(self):\n        self.log = self.g\n    def g(self):\n        pass\n",
+    "import types\ndef noop():\n    pass\ndef f():\n    m = types.ModuleType('m')\n    m.noop = noop\n",
+    "def f(stats):\n    stats.messages += 1\n",  # data, not behaviour
+    "import sys\ndef f():\n    sys.stdout = sys.stderr\n",
+]
+
+
+@pytest.mark.parametrize("source", REPLACED_IN_PLACE)
+def test_the_rule_catches_in_place_changes_of_verl_objects(source):
+    assert verl_changes_outside_hooks(source)
+
+
+@pytest.mark.parametrize("source", LEFT_ALONE)
+def test_the_rule_leaves_the_packages_own_objects_alone(source):
+    assert verl_changes_outside_hooks(source) == []
 
 
 @pytest.mark.parametrize("name", list(MODULES))

@@ -1,7 +1,9 @@
 """verl_cppo.math_reward on hand-written responses, through verl's own custom-reward loader, and on the thread
 pool verl's reward loop calls it from (where math-verify's signal-based timeouts cannot run)."""
 
+import logging
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -70,3 +72,45 @@ def test_missing_math_verify_is_a_clear_error(monkeypatch):
     assert compute_score("x", "Answer: 12", "12")["score"] == 1.0  # equal strings need no math-verify
     with pytest.raises(ImportError, match=r"pip install 'math-verify>=0.8'"):
         compute_score("x", "Answer: 1/2", "0.5")
+
+
+@pytest.fixture
+def short_bounds(monkeypatch):
+    """math_reward's sandbox rebuilt with a 2 s deadline (restored afterwards)."""
+    from verl_cppo import math_reward
+
+    monkeypatch.setattr(math_reward, "TIMEOUT_SECONDS", 2)
+    monkeypatch.setattr(math_reward, "_SANDBOX", None)
+    yield math_reward
+    if math_reward._SANDBOX is not None:
+        math_reward._SANDBOX.close()
+
+
+# answers that ran unbounded on verl's reward threads: sympy evaluates the power tower / the 2^30-bit integer
+HOSTILE = [("Answer: 9^{9^{9^{9}}}", "3"), ("Answer: 2^{2^{30}}", "4"), ("Answer: 3", "1" * 1_000_000)]
+
+
+def test_hostile_answers_score_0_within_the_bound_on_a_worker_thread(short_bounds, caplog):
+    """Off the main thread (where verl calls it) each check ends within its deadline and scores 0, logged."""
+    caplog.set_level(logging.WARNING, logger="verl_cppo.math_reward")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        compute_score("x", "Answer: 1", "1/2")  # start a child outside the timed calls
+        for response, truth in HOSTILE:
+            start = time.monotonic()
+            future = pool.submit(compute_score, "aime2025", response, truth)
+            assert future.result(timeout=60) == {"score": 0.0, "acc": 0.0}
+            assert time.monotonic() - start < 30  # 2 s deadline + a child restart, not minutes
+    assert "9^{9^{9^{9}}}" in caplog.text and "timeout" in caplog.text
+    # the pool recovers: the next answers are scored correctly
+    assert compute_score("x", "Answer: \\frac{1}{2}", "0.5")["score"] == 1.0
+
+
+def test_missing_ground_truth_and_non_string_solution_are_errors_naming_the_argument():
+    with pytest.raises(ValueError, match=r"ground_truth is None \(data_source='math_dapo'"):
+        compute_score("math_dapo", "Answer: None", None)
+    with pytest.raises(TypeError, match=r"solution_str must be the decoded response \(str\), got NoneType"):
+        compute_score("math_dapo", None, "12")
+    with pytest.raises(TypeError, match=r"solution_str .* got bytes"):
+        compute_score("math_dapo", b"Answer: 12", "12")
+    # a numeric ground truth (parquet may store one) is still compared as text
+    assert compute_score("math_dapo", "Answer: 12", 12)["score"] == 1.0

@@ -8,15 +8,17 @@ each save) that prunes ``default_local_dir/global_step_<N>`` itself:
 
 * kept: the ``keep_latest`` most recent checkpoints (resume; the previous one too in case the newest was
   cut short), the step named in ``latest_checkpointed_iteration.txt``, and the checkpoint whose validation
-  scored best on ``best_metric`` (ties: the later step);
+  scored best on ``best_metric`` (ties: the later step; a NaN, infinite or missing score is never best);
 * deleted: every other ``global_step_<N>`` directory, including those with no validation score (a save
   between validations), so disk holds at most ``keep_latest + 1`` checkpoints.
 
-Validation scores are read as the trainer logs them: at its first call the callback wraps the trainer's
-tracker (``trainer.logger.log``, an instance attribute, no verl class is modified) and records
-``best_metric`` of every logged validation dict, computing the AIME average itself
+Validation scores are read as the trainer logs them: the callback listens to the trainer's tracker
+(``trainer.logger``, a ``verl.utils.tracking.Tracking``) through a ``verl_cppo.hooks`` wrapper of
+``Tracking.log`` (patches/README.md, section 9) that hands each logged dict to the listeners registered for
+that tracker, and records ``best_metric`` of every validation dict, computing the AIME average itself
 (``verl_cppo.val_metrics``) when the trainer's metrics do not already carry it. The scores are persisted in
-``default_local_dir/cppo_val_history.json``, so a resumed run still knows which old checkpoint was best.
+``default_local_dir/cppo_val_history.json``, so a resumed run still knows which old checkpoint was best; a
+history file that cannot be read is an error naming it (pruning without it could delete the best checkpoint).
 In verl's loop a step saves before it validates, so the newest checkpoint's score arrives after its save; it
 is protected as one of the latest until then. Megatron ``async_save`` calls are skipped (files may still
 be in flight); the next synchronous save prunes.
@@ -28,23 +30,36 @@ Options (``+trainer.cppo_checkpoints.<key>=...``): ``keep_latest`` (int >= 1, de
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
+from verl_cppo import hooks
 from verl_cppo.val_metrics import average_metrics
 
-__all__ = ["HISTORY_FILE", "KeepLatestAndBest", "checkpoints_to_delete"]
+__all__ = ["HISTORY_FILE", "KeepLatestAndBest", "best_step", "checkpoints_to_delete", "listen_to_tracker"]
 
 logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "cppo_val_history.json"
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
+
+
+def best_step(steps: Iterable[int], scores: Mapping[int, float], mode: str = "max") -> int | None:
+    """The step of ``steps`` with the best finite score (ties: the later step); None if none has one."""
+    scored = [s for s in steps if isinstance(scores.get(s), int | float) and math.isfinite(scores[s])]
+    if not scored:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda s: (sign * scores[s], s))
 
 
 def checkpoints_to_delete(
@@ -57,11 +72,34 @@ def checkpoints_to_delete(
     """The checkpoint steps to delete: all but the ``keep_latest`` newest, the best scored and ``protected``."""
     steps = sorted(set(steps))
     keep = set(steps[-keep_latest:]) | set(protected)
-    scored = [s for s in steps if s in scores]
-    if scored:
-        sign = 1.0 if mode == "max" else -1.0
-        keep.add(max(scored, key=lambda s: (sign * scores[s], s)))
+    best = best_step(steps, scores, mode)
+    if best is not None:
+        keep.add(best)
     return [s for s in steps if s not in keep]
+
+
+# -- the trainer's tracker -------------------------------------------------------------------------------
+_LISTENERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Tracking -> [listener(data, step)]
+
+
+def _notify_listeners(log: Callable) -> Callable:
+    @functools.wraps(log)
+    def log_and_notify(self, data, step, *args, **kwargs):
+        for listener in list(_LISTENERS.get(self, ())):
+            listener(data, step)
+        return log(self, data, step, *args, **kwargs)
+
+    return log_and_notify
+
+
+def listen_to_tracker(tracker, listener: Callable[[Mapping, int], None]) -> None:
+    """Call ``listener(data, step)`` before ``tracker`` (a ``verl.utils.tracking.Tracking``) logs each dict.
+
+    Installs the hook ``cppo_val_history`` on ``Tracking.log`` (once per process); idempotent per listener."""
+    hooks.wrap("verl.utils.tracking", "Tracking.log", _notify_listeners, name="cppo_val_history", now=True)
+    listeners = _LISTENERS.setdefault(tracker, [])
+    if listener not in listeners:
+        listeners.append(listener)
 
 
 class KeepLatestAndBest(CheckpointCallback):
@@ -90,7 +128,6 @@ class KeepLatestAndBest(CheckpointCallback):
             )
         self.root = str(trainer.default_local_dir)
         self.scores: dict[int, float] = self._load_scores()
-        self._hooked = None
 
     # -- validation scores -------------------------------------------------------------------------------
     @property
@@ -98,21 +135,54 @@ class KeepLatestAndBest(CheckpointCallback):
         return os.path.join(self.root, HISTORY_FILE)
 
     def _load_scores(self) -> dict[int, float]:
+        """The persisted scores; ValueError naming the file when it is not a JSON object of step -> number."""
+        path = self.history_path
         try:
-            with open(self.history_path) as f:
-                return {int(step): float(value) for step, value in json.load(f).items()}
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
         except FileNotFoundError:
             return {}
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(
+                f"{path}: not valid JSON ({exc}); it holds the validation score of each checkpoint "
+                f"({type(self).__name__}). Restore it, or delete it to forget the scores (the best checkpoint "
+                "is then chosen among those validated from now on)"
+            ) from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of step -> score, got {type(data).__name__}")
+        scores = {}
+        for step, value in data.items():
+            if not (isinstance(step, str) and step.isdigit()) or isinstance(value, bool):
+                raise ValueError(f"{path}: entry {step!r}: {value!r} is not <step>: <score>")
+            try:
+                scores[int(step)] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: entry {step!r}: score {value!r} is not a number") from None
+        return scores
 
     def score_of(self, metrics: Mapping[str, float]) -> float | None:
-        """``best_metric`` of one logged dict, or None (computing a ``verl_cppo.val_metrics`` average)."""
-        if self.best_metric in metrics:
-            return float(metrics[self.best_metric])
-        return average_metrics(metrics).get(self.best_metric)
+        """``best_metric`` of one logged dict, or None if absent or not a finite number (computing a
+        ``verl_cppo.val_metrics`` average when the dict does not carry it)."""
+        value = (
+            metrics[self.best_metric] if self.best_metric in metrics else average_metrics(metrics).get(self.best_metric)
+        )
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None
+        return value if math.isfinite(value) else None
 
     def record(self, metrics: Mapping[str, float], step: int) -> None:
         score = self.score_of(metrics)
         if score is None:
+            if any(str(key).startswith("val-") for key in metrics):
+                logger.warning(
+                    "verl_cppo: step %s logged validation metrics without a finite %s; it cannot be the best",
+                    step,
+                    self.best_metric,
+                )
             return
         self.scores[int(step)] = score
         os.makedirs(self.root, exist_ok=True)
@@ -121,19 +191,14 @@ class KeepLatestAndBest(CheckpointCallback):
             json.dump({str(k): v for k, v in sorted(self.scores.items())}, f, indent=1)
         os.replace(tmp, self.history_path)
 
+    def _on_log(self, data: Mapping, step: int) -> None:
+        if any(str(key).startswith("val-") for key in data):
+            self.record(data, step)
+
     def _hook(self, trainer) -> None:
         tracker = getattr(trainer, "logger", None)
-        if tracker is None or self._hooked is tracker:
-            return
-        log = tracker.log
-
-        def log_and_record(data, step, *args, **kwargs):
-            if any(str(key).startswith("val-") for key in data):
-                self.record(data, step)
-            return log(data, step, *args, **kwargs)
-
-        tracker.log = log_and_record
-        self._hooked = tracker
+        if tracker is not None:
+            listen_to_tracker(tracker, self._on_log)
 
     # -- pruning -----------------------------------------------------------------------------------------
     def _steps_on_disk(self) -> list[int]:
@@ -156,10 +221,8 @@ class KeepLatestAndBest(CheckpointCallback):
             path = os.path.join(self.root, f"global_step_{step}")
             logger.warning("verl_cppo: deleting %s (keeping the latest %d and the best)", path, self.keep_latest)
             shutil.rmtree(path, ignore_errors=True)
-        scored = [s for s in self._steps_on_disk() if s in self.scores]
-        if scored:
-            sign = 1.0 if self.mode == "max" else -1.0
-            best = max(scored, key=lambda s: (sign * self.scores[s], s))
+        best = best_step(self._steps_on_disk(), self.scores, self.mode)
+        if best is not None:
             print(f"[verl_cppo] best checkpoint: global_step_{best} ({self.best_metric}={self.scores[best]:.4f})")
         return doomed
 

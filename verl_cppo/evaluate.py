@@ -16,8 +16,8 @@ Design:
   installed stops with a message. Defaults are the example scripts' validation settings: temperature 1.0,
   top-p 1.0, no top-k. Both engines return token ids, decoded here with ``skip_special_tokens=True``, as
   verl's reward loop decodes responses.
-* Scoring: ``verl_cppo.math_reward.compute_score`` (the training reward) on each decoded completion, in this
-  process's main thread (math-verify's timeouts apply).
+* Scoring: ``verl_cppo.math_reward.compute_score`` (the training reward) on each decoded completion, with
+  the same bounds as in training (math-verify in child processes, a deadline and a memory limit per answer).
 * Report: per data source, Avg@n = mean over problems of the fraction of the n samples scored 1 (= verl's
   ``val-core/<source>/acc/mean@n``), and Pass@n = share of problems with at least one correct sample; the
   average over data sources is unweighted, as the paper averages its AIME columns (and as
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,22 +58,38 @@ def _as_list(value) -> list:
 
 
 def load_problems(paths: list[str], limit: int | None = None) -> list[Problem]:
-    """Problems of verl RL parquet files (``limit``: at most that many per file, for smoke tests)."""
+    """Problems of verl RL parquet files (``limit``: at most that many per file, for smoke tests).
+
+    ValueError naming the file for one that is not parquet or lacks verl's RL columns."""
     import pandas as pd
 
     problems = []
     for path in paths:
-        frame = pd.read_parquet(os.path.expanduser(path))
+        try:
+            frame = pd.read_parquet(os.path.expanduser(path))
+        except Exception as exc:  # pyarrow raises several types for a non-parquet file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{path!r} is not a readable parquet file ({first})") from exc
         if limit is not None:
             frame = frame.head(limit)
-        for row in frame.to_dict("records"):
-            messages = [dict(m) for m in _as_list(row["prompt"])]
+        for index, row in enumerate(frame.to_dict("records")):
+            try:
+                messages = [dict(m) for m in _as_list(row["prompt"])]
+                ground_truth = row["reward_model"]["ground_truth"]
+                source = row["data_source"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"{path!r} row {index}: not verl's RL format (data_source, prompt chat messages, "
+                    f"reward_model.ground_truth): {type(exc).__name__} {exc}"
+                ) from exc
+            if ground_truth is None:
+                raise ValueError(f"{path!r} row {index}: reward_model.ground_truth is missing")
             extra = row.get("extra_info")
             problems.append(
                 Problem(
-                    data_source=str(row["data_source"]),
+                    data_source=str(source),
                     messages=messages,
-                    ground_truth=str(row["reward_model"]["ground_truth"]),
+                    ground_truth=str(ground_truth),
                     extra_info=dict(extra) if isinstance(extra, dict) else {},
                 )
             )
@@ -127,11 +144,20 @@ def format_table(summary: dict) -> str:
 # ---------------------------------------------------------------------------------------------- engines
 
 
-def _check_model_dir(path: str) -> None:
-    """A clear error for a verl training checkpoint given instead of a Hugging Face model."""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _check_model_dir(path: str, argument: str = "--model") -> None:
+    """A clear error for a missing local path or a verl training checkpoint given instead of a Hugging Face model."""
     local = os.path.expanduser(path)
-    if not os.path.isdir(local) or os.path.exists(os.path.join(local, "config.json")):
-        return  # a Hub id, or a Hugging Face directory
+    if not os.path.exists(local):
+        if _HUB_ID.match(path) and ".." not in path:
+            return  # a Hub id (org/name): loading it says whether it exists
+        raise SystemExit(f"{argument} {path!r}: no such directory (nor a Hugging Face Hub id, org/name)")
+    if not os.path.isdir(local):
+        raise SystemExit(f"{argument} {path!r}: a file, not a Hugging Face model directory")
+    if os.path.exists(os.path.join(local, "config.json")):
+        return  # a Hugging Face directory
     actor = os.path.join(local, "actor") if os.path.isdir(os.path.join(local, "actor")) else local
     if os.path.isdir(os.path.join(actor, "huggingface")) or os.path.basename(actor) == "actor":
         backend = "megatron" if os.path.isdir(os.path.join(actor, "dist_ckpt")) else "fsdp"
@@ -140,7 +166,7 @@ def _check_model_dir(path: str) -> None:
             f"first:\n  python -m verl.model_merger merge --backend {backend} --local_dir {actor} "
             f"--target_dir {os.path.join(os.path.dirname(actor.rstrip('/')), 'hf')}\nand pass --model <target_dir>."
         )
-    raise SystemExit(f"{path} has no config.json: not a Hugging Face model directory")
+    raise SystemExit(f"{argument} {path!r} has no config.json: not a Hugging Face model directory")
 
 
 def _prompt_ids(tokenizer, problems: list[Problem], chat_template_kwargs: dict) -> list[list[int]]:
@@ -259,15 +285,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"python -m verl_cppo.evaluate: error: {message}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; every bad argument stops it with one line naming the argument and its value."""
     args = build_parser().parse_args(argv)
-    if args.n < 1:
-        raise SystemExit("--n must be >= 1")
+    try:
+        return _main(args)
+    except SystemExit as exc:
+        if isinstance(exc.code, str) and not exc.code.startswith("python -m verl_cppo.evaluate"):
+            raise _fail(exc.code) from None
+        raise
+
+
+def _load_tokenizer(args):
+    from transformers import AutoTokenizer
+
+    name = args.tokenizer or args.model
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as exc:  # a Hub id that is not there (or offline), a directory without one
+        argument = "--tokenizer" if args.tokenizer else "--model"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SystemExit(f"{argument} {name!r}: cannot load a tokenizer from it ({first})") from None
+
+
+def _main(args) -> int:
+    for name in ("n", "max_tokens", "batch_size", "tp"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit {args.limit}: must be >= 1")
+    try:
+        chat_template_kwargs = json.loads(args.chat_template_kwargs)
+    except ValueError as exc:
+        raise SystemExit(f"--chat-template-kwargs {args.chat_template_kwargs!r}: not JSON ({exc})") from None
+    if not isinstance(chat_template_kwargs, dict):
+        raise SystemExit(f"--chat-template-kwargs {args.chat_template_kwargs!r}: must be a JSON object")
     paths = [p for p in args.data.split(",") if p]
-    missing = [p for p in paths if not os.path.exists(os.path.expanduser(p))]
+    if not paths:
+        raise SystemExit(f"--data {args.data!r}: no file given")
+    missing = [p for p in paths if not os.path.isfile(os.path.expanduser(p))]
     if missing:
-        raise SystemExit(f"data files not found: {missing} (examples/data/prepare_data.py writes them)")
+        raise SystemExit(f"--data: not found: {missing} (examples/data/prepare_data.py writes them)")
     _check_model_dir(args.model)
+    if args.tokenizer:
+        _check_model_dir(args.tokenizer, "--tokenizer")
     if args.engine == "vllm":  # fail before loading anything
         try:
             import vllm  # noqa: F401
@@ -276,12 +341,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"--engine vllm needs vLLM ({exc}); install it (pip install 'verl[vllm]==0.9.1') or pass "
                 "--engine hf (Hugging Face generate, much slower)"
             ) from exc
-    from transformers import AutoTokenizer
-
     start = time.time()
-    problems = load_problems(paths, args.limit)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    prompts = _prompt_ids(tokenizer, problems, json.loads(args.chat_template_kwargs))
+    try:
+        problems = load_problems(paths, args.limit)
+    except ValueError as exc:
+        raise SystemExit(f"--data: {exc}") from None
+    tokenizer = _load_tokenizer(args)
+    prompts = _prompt_ids(tokenizer, problems, chat_template_kwargs)
     print(f"[evaluate] {len(problems)} problems x {args.n} samples, engine {args.engine}", file=sys.stderr)
     token_ids = ENGINES[args.engine](args, tokenizer, prompts)
     completions = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in row] for row in token_ids]

@@ -13,10 +13,18 @@ Design:
   response costs the same as a short one and an early guess in the reasoning never counts.
 * Equivalence is math-verify's (``parse`` + ``verify``: ``1/2 == 0.5 == \\frac{1}{2}``), with an exact string
   match after light normalisation as a fallback when math-verify cannot parse either side.
-* verl's reward loop calls a synchronous ``compute_score`` from a thread pool, where math-verify's
-  ``signal.alarm`` timeouts raise and (with its default ``raise_on_error=False``) would silently score every
-  response 0. Timeouts are therefore used only on the main thread; elsewhere the input is bounded instead
-  (``MAX_ANSWER_CHARS``).
+* Bounded everywhere verl calls it. verl 0.9.1's reward managers (``experimental/reward_loop/reward_manager``)
+  call a synchronous ``compute_score`` through ``loop.run_in_executor`` (a thread pool inside a Ray actor),
+  where math-verify's ``signal.alarm`` timeouts cannot run, and a short answer such as ``9^{9^{9^{9}}}`` can
+  run for minutes and grow to gigabytes in sympy. So math-verify runs only in ``verl_cppo.sandbox`` child
+  processes (the same on every thread, the main one included): at most ``TIMEOUT_SECONDS`` per answer (the
+  child is killed past it) and ``MEMORY_MB`` of address space. A timed-out, over-memory or crashed check
+  scores 0 and logs why. Cheap pre-screening keeps most work out of the children: an exact match after
+  normalisation needs no math-verify, and an answer longer than ``MAX_ANSWER_CHARS`` (or a ground truth
+  longer than ``MAX_GROUND_TRUTH_CHARS``) is compared as a string only.
+* Bad arguments are errors, not scores: a ``solution_str`` that is not a string or a ``ground_truth`` that
+  is None (a dataset row without ``reward_model.ground_truth``) raise a ``TypeError`` / ``ValueError``
+  naming the argument; scoring such a row 0 would silently drop its prompt from training.
 * Score 1.0 for a correct answer, 0.0 otherwise (the paper's grader; no format penalty).
 
 math-verify is verl's ``math`` extra; it is imported on first use, with an error that says how to install it.
@@ -24,20 +32,42 @@ math-verify is verl's ``math`` extra; it is imported on first use, with an error
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import threading
 from typing import Any
 
-__all__ = ["MAX_ANSWER_CHARS", "TAIL_CHARS", "compute_score", "extract_answer", "is_equivalent"]
+__all__ = [
+    "MAX_ANSWER_CHARS",
+    "MAX_GROUND_TRUTH_CHARS",
+    "MEMORY_MB",
+    "TAIL_CHARS",
+    "TIMEOUT_SECONDS",
+    "compute_score",
+    "extract_answer",
+    "is_equivalent",
+]
+
+logger = logging.getLogger(__name__)
 
 TAIL_CHARS = 600
 """Only this many final characters of a response are searched for its answer."""
 
 MAX_ANSWER_CHARS = 200
-"""A longer extracted answer is scored 0 without parsing (bounds math-verify's work off the main thread)."""
+"""A longer extracted answer is compared as a string only (no math-verify)."""
+
+MAX_GROUND_TRUTH_CHARS = 1000
+"""A longer ground truth is compared as a string only (no math-verify)."""
 
 TIMEOUT_SECONDS = 5
-"""math-verify's parsing / verification timeout, applied only on the main thread (signal.alarm)."""
+"""Wall-clock bound of one math-verify check (parse both sides and verify); the child is killed past it."""
+
+MEMORY_MB = 512
+"""Address space a math-verify child may grow by beyond its size after importing math-verify."""
+
+MAX_WORKERS = min(4, os.cpu_count() or 1)
+"""math-verify child processes per process that scores (started on demand)."""
 
 _ANSWER_LINE = re.compile(r"Answer\s*[:：]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 _math_verify = None
@@ -108,22 +138,56 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+|\\[,!; ]|\\left|\\right", "", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
 
 
-def is_equivalent(answer: str, ground_truth: str) -> bool:
-    """Whether ``answer`` equals ``ground_truth`` under math-verify, or as normalised strings."""
-    if len(answer) > MAX_ANSWER_CHARS:
-        return False
-    if _normalise(answer) == _normalise(ground_truth):
-        return True
+def _verify(answer: str, ground_truth: str) -> bool:
+    """math-verify's verdict, run inside a sandbox child (its main thread: math-verify's own timeouts apply)."""
     mv = _load_math_verify()
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    timeout = TIMEOUT_SECONDS if on_main_thread else None
     latex_only = [mv.LatexExtractionConfig()]
     latex_or_expr = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
-    gold = mv.parse(f"\\boxed{{{ground_truth}}}", extraction_config=latex_only, parsing_timeout=timeout)
-    pred = mv.parse(f"\\boxed{{{answer}}}", extraction_config=latex_or_expr, parsing_timeout=timeout)
+    gold = mv.parse(f"\\boxed{{{ground_truth}}}", extraction_config=latex_only, parsing_timeout=TIMEOUT_SECONDS)
+    pred = mv.parse(f"\\boxed{{{answer}}}", extraction_config=latex_or_expr, parsing_timeout=TIMEOUT_SECONDS)
     if not gold or not pred:
         return False
-    return bool(mv.verify(gold, pred, timeout_seconds=timeout))
+    return bool(mv.verify(gold, pred, timeout_seconds=TIMEOUT_SECONDS))
+
+
+def _warmup() -> None:
+    """Load math-verify and sympy in a child before its memory limit is set."""
+    _verify("\\frac{1}{2}", "0.5")
+
+
+_SANDBOX = None
+_SANDBOX_LOCK = threading.Lock()
+
+
+def _sandbox():
+    global _SANDBOX
+    with _SANDBOX_LOCK:
+        if _SANDBOX is None:
+            from verl_cppo.sandbox import Sandbox
+
+            _SANDBOX = Sandbox(_verify, TIMEOUT_SECONDS, MEMORY_MB, MAX_WORKERS, warmup=_warmup)
+        return _SANDBOX
+
+
+def is_equivalent(answer: str, ground_truth: str) -> bool:
+    """Whether ``answer`` equals ``ground_truth`` as normalised strings, or else under math-verify (run in a
+    bounded child process; a check that times out, runs out of memory or crashes counts as not equal)."""
+    if _normalise(answer) == _normalise(ground_truth):
+        return True
+    if len(answer) > MAX_ANSWER_CHARS or len(ground_truth) > MAX_GROUND_TRUTH_CHARS:
+        return False
+    _load_math_verify()  # the install hint here rather than a child's failure to start
+    outcome = _sandbox().call(answer, ground_truth)
+    if outcome.ok:
+        return bool(outcome.value)
+    logger.warning(
+        "verl_cppo.math_reward: answer %.80r vs ground truth %.80r scored 0: math-verify %s (%s)",
+        answer,
+        ground_truth,
+        outcome.status,
+        outcome.value,
+    )
+    return False
 
 
 def compute_score(
@@ -133,7 +197,19 @@ def compute_score(
     extra_info: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> dict[str, float]:
-    """verl custom reward function: ``{"score": 1.0 or 0.0, "acc": same}`` for one decoded response."""
+    """verl custom reward function: ``{"score": 1.0 or 0.0, "acc": same}`` for one decoded response.
+
+    TypeError if ``solution_str`` is not a string, ValueError if ``ground_truth`` is None."""
+    if not isinstance(solution_str, str):
+        raise TypeError(
+            f"verl_cppo.math_reward.compute_score: solution_str must be the decoded response (str), got "
+            f"{type(solution_str).__name__} {solution_str!r:.80} (data_source={data_source!r})"
+        )
+    if ground_truth is None:
+        raise ValueError(
+            f"verl_cppo.math_reward.compute_score: ground_truth is None (data_source={data_source!r}, "
+            f"extra_info={extra_info!r:.200}): the dataset row has no reward_model.ground_truth"
+        )
     answer = extract_answer(solution_str)
     correct = answer is not None and is_equivalent(answer, str(ground_truth).strip())
     score = 1.0 if correct else 0.0

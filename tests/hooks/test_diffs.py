@@ -3,6 +3,8 @@ nothing. Sources are synthetic files and a throwaway package on sys.path (never 
 cannot leave a verl module patched in the test process."""
 
 import importlib
+import shutil
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -132,3 +134,64 @@ def test_a_diff_that_applies_registers_all_its_modules_once(package):
     (tmp_path / "other.diff").write_text((tmp_path / "two.diff").read_text())
     with pytest.raises(PatchError, match=rf"other.diff: {name}.a is already patched by two.diff"):
         install_patches(["other.diff"], patch_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- zero context
+
+
+def _gnu_patch(tmp_path, source: str, diff: str) -> str:
+    """GNU patch's own result of ``diff`` on ``source`` (file pkg/mod.py under tmp_path)."""
+    (tmp_path / "pkg").mkdir(exist_ok=True)
+    (tmp_path / "pkg" / "mod.py").write_text(source)
+    out = subprocess.run(
+        ["patch", "-p1", "--forward", "-i", "-"], input=diff, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return (tmp_path / "pkg" / "mod.py").read_text()
+
+
+def _unified_zero_context(tmp_path, old: str, new: str) -> str:
+    """``diff -U0`` of two versions of pkg/mod.py (GNU diff's own output, headers as git writes them)."""
+    (tmp_path / "a").write_text(old)
+    (tmp_path / "b").write_text(new)
+    out = subprocess.run(["diff", "-U0", "a", "b"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    body = out.stdout.split("\n", 2)[2]
+    return "--- a/pkg/mod.py\n+++ b/pkg/mod.py\n" + body
+
+
+ORIGINAL = "".join(f"line {i}\n" for i in range(1, 21))
+EDITS = {  # new versions of ORIGINAL: pure insertions (no old lines in -U0), and a mix with a removal
+    "after line 10": ORIGINAL.replace("line 10\n", "line 10\nnew a\nnew b\n"),
+    "at the start": "new a\n" + ORIGINAL,
+    "at the end": ORIGINAL + "new z\n",
+    "two insertions": ORIGINAL.replace("line 3\n", "line 3\nnew a\nnew b\n").replace("line 12\n", "line 12\nnew c\n"),
+    "insertion after a removal": ORIGINAL.replace("line 2\nline 3\n", "line 2\n").replace("line 9\n", "line 9\nnew\n"),
+}
+
+
+@pytest.mark.skipif(shutil.which("patch") is None or shutil.which("diff") is None, reason="needs GNU patch and diff")
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_a_zero_context_hunk_inserts_where_gnu_patch_does(tmp_path, edit):
+    diff = _unified_zero_context(tmp_path, ORIGINAL, EDITS[edit])
+    assert ",0 +" in diff  # at least one hunk with no old lines
+    expected = _gnu_patch(tmp_path, ORIGINAL, diff)
+    assert expected == EDITS[edit]
+    assert apply_diff(ORIGINAL, _patch(diff), allow_unanchored=True) == expected
+
+
+def test_a_zero_context_hunk_is_refused_by_default():
+    """Nothing anchors it: without the flag it would patch any file of at least 10 lines."""
+    diff = "--- a/pkg/mod.py\n+++ b/pkg/mod.py\n@@ -10,0 +11,2 @@\n+new a\n+new b\n"
+    with pytest.raises(PatchError, match=r"t.diff: hunk @@ -10,0 \+11,2 @@ of pkg/mod.py has no context"):
+        apply_diff(ORIGINAL, _patch(diff))
+    # allowed, it inserts after line 10 (GNU patch), not before it
+    out = apply_diff(ORIGINAL, _patch(diff), allow_unanchored=True).splitlines()
+    assert out[9:12] == ["line 10", "new a", "new b"]
+    with pytest.raises(PatchError, match="past the file's end"):
+        apply_diff("line 1\n", _patch(diff), allow_unanchored=True)
+
+
+def test_every_shipped_diff_is_anchored():
+    for path in sorted(diffs.PATCH_DIR.glob("*.diff")):
+        for patch in parse_diff(path.read_text(encoding="utf-8"), path.name):
+            assert all(hunk.old for hunk in patch.hunks), (path.name, patch.path)

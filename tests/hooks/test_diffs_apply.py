@@ -1,4 +1,6 @@
-"""Every diff under patches/ still applies to the pinned verl 0.9.1 (checked with `patch --dry-run`)."""
+"""Every diff against verl still applies to the pinned verl 0.9.1 (checked with `patch --dry-run`): the readers'
+diffs of patches/ and the diffs that run, which live only in verl_cppo/hooks/patches/; patches/README.md names
+every one of them, and no diff exists twice."""
 
 import glob
 import importlib
@@ -11,21 +13,40 @@ import pytest
 import verl
 
 from tests.support import REPO_ROOT
+from verl_cppo.hooks.diffs import PATCH_DIR
 
 ROOT = REPO_ROOT
 SITE = os.path.dirname(os.path.dirname(verl.__file__))
-# The Top-K diffs are applied at import time by verl_cppo.hooks.diffs, so they ship inside the package;
-# patches/ links to them so that every diff against verl is listed in one place.
-DIFFS = sorted({os.path.realpath(p) for p in glob.glob(os.path.join(ROOT, "patches", "*.diff"))})
-PACKAGED = sorted(glob.glob(os.path.join(ROOT, "verl_cppo", "patches", "*.diff")))
+READERS = sorted(glob.glob(os.path.join(ROOT, "patches", "*.diff")))
+PACKAGED = sorted(str(p) for p in PATCH_DIR.glob("*.diff"))  # applied at import time by verl_cppo.hooks.diffs
+DIFFS = READERS + PACKAGED
 
 
-def test_every_packaged_diff_is_listed_in_patches():
-    assert {os.path.realpath(p) for p in PACKAGED} <= set(DIFFS)
+def unlisted(readme: str, packaged: list[str], readers: list[str]) -> list[str]:
+    """The diffs patches/README.md does not name: packaged ones by their repository path
+    (``verl_cppo/hooks/patches/<name>``), readers' ones by their file name."""
+    missing = [p for p in packaged if f"verl_cppo/hooks/patches/{os.path.basename(p)}" not in readme]
+    return missing + [p for p in readers if os.path.basename(p) not in readme]
 
 
-def test_there_are_diffs_to_check():
-    assert DIFFS
+def test_every_diff_is_named_in_patches_readme():
+    assert PACKAGED and READERS  # globs of the right directories: an empty set would check nothing
+    readme = open(os.path.join(ROOT, "patches", "README.md"), encoding="utf-8").read()
+    assert unlisted(readme, PACKAGED, READERS) == []
+    # and the check fails when a diff is missing from the list
+    for name in PACKAGED:
+        base = os.path.basename(name)
+        assert unlisted(readme.replace(f"verl_cppo/hooks/patches/{base}", base), PACKAGED, READERS) == [name]
+
+
+def test_every_diff_named_in_patches_readme_exists_once():
+    readme = open(os.path.join(ROOT, "patches", "README.md"), encoding="utf-8").read()
+    named = set(re.findall(r"(\w+\.diff)\b", readme))
+    names = [os.path.basename(p) for p in DIFFS]
+    assert sorted(named - set(names)) == []  # no stale name
+    assert len(names) == len(set(names))  # no copy of a packaged diff in patches/
+    contents = [open(p, "rb").read() for p in DIFFS]
+    assert len(contents) == len(set(contents))
 
 
 @pytest.mark.parametrize("diff", DIFFS, ids=os.path.basename)

@@ -185,3 +185,17 @@ def test_fused_quantile_selection_with_ties_equals_torch_path(dtype, q, fused, g
     else:  # exp differs in the last bit between numpy (the interpreter) and torch
         torch.testing.assert_close(rows[:, DELTA_B], want, rtol=0, atol=2e-7)  # D = pi - mu cancels
     assert (want > 1e-6).sum() >= 5
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # numpy's log(0) inside the interpreter
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@pytest.mark.parametrize("divergence", ["binary_tv", "binary_kl"])
+def test_fused_counts_log_probs_above_0_as_0_like_the_torch_path(divergence, fused, gen):
+    """Finite log-probs above 0 (0.5, 88.8, 1e30): the kernel's D, loss and statistics stay finite and match."""
+    cfg = CPPOConfig(divergence=divergence)
+    old, new, adv, mask = random_case(gen, batch=3, width=20, spread=0.4)
+    old[0, 3], new[1, 4], old[2, 5], new[2, 5] = 0.5, 88.8, 1e30, 1e30
+    _, loss, stats, *_ = _run_fused(fused, old, new, adv, mask, cfg)
+    terms = cppo_token_losses(old, new, adv, mask, cfg)
+    assert torch.isfinite(stats).all() and torch.isfinite(loss).all()
+    torch.testing.assert_close(stats, torch_stats(terms, mask, cfg.ratio_cap), rtol=1e-12, atol=1e-12)

@@ -5,7 +5,8 @@ The divergence names are the ``Literal`` types below; every other module spells 
 The binary estimators see only the sampled token y_t: they compare the two-outcome distributions
 {y_t, everything else} under mu and pi, a lower bound of the full-vocabulary divergence (DPPO, arXiv
 2602.04879). Inputs are log-probs of the sampled token; outputs are finite and >= 0 wherever the inputs
-are finite (the caller masks non-finite tokens before calling).
+are finite (the caller masks non-finite tokens before calling); log-probs above 0 count as 0 (every
+divergence, Top-K included, so no finite input, however out of range, makes D non-finite or above its cap).
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ prefix sums stay finite (any cap far above every sensible delta masks the token 
 
 
 def binary_tv(log_pi: torch.Tensor, log_mu: torch.Tensor) -> torch.Tensor:
-    """|mu_t - pi_t|, the binary total variation. Shapes: any, both the same; returns that shape."""
-    return (torch.exp(log_pi) - torch.exp(log_mu)).abs()
+    """|mu_t - pi_t|, the binary total variation, in [0, 1]. Shapes: any, both the same; returns that shape.
+
+    Log-probs above 0 (rounding, or a finite out-of-range input) are treated as 0, as in binary_kl: a
+    probability above 1 would give D > 1, and exp of a large one inf."""
+    return (torch.exp(log_pi.clamp(max=0.0)) - torch.exp(log_mu.clamp(max=0.0))).abs()
 
 
 LOG_HALF = -math.log(2.0)

@@ -10,7 +10,9 @@ Where a hunk applies (``apply_diff``): exactly where its old lines match, once, 
 its header's line (shifted by the earlier hunks' line-count changes), never before the previous hunk's end.
 GNU patch would search the whole file; here a far match, or two matches within the bound, is refused: when
 verl changes the targeted block and an identical block exists elsewhere, patching the other one would be a
-silent wrong change. Every refusal is a ``PatchError`` naming the diff, the file, the hunk and the offset.
+silent wrong change. A hunk with no old lines (``diff -U0``'s pure insertion, ``@@ -L,0 +M,N @@``) matches
+anywhere, so it is refused; ``allow_unanchored=True`` applies it where GNU patch does (after line L). Every
+refusal is a ``PatchError`` naming the diff, the file, the hunk and the offset.
 
 When (``install_patches``): each diff is applied to the installed sources (found without importing them) when
 it is installed, and registered only if every file patch applies, so a failing diff leaves none of its
@@ -144,18 +146,38 @@ def _located(patch: FilePatch, hunk: Hunk, lines: list[str], expected: int, earl
     )
 
 
-def apply_diff(source: str, patch: FilePatch) -> str:
+def _anchor(hunk: Hunk) -> int:
+    """The 0-based line where the hunk's old lines start, per its header. With old lines, ``-L,N`` starts at
+    line L; with none (``-L,0``, a pure insertion), unified diff (and GNU patch) insert *after* line L."""
+    return hunk.old_start if not hunk.old else hunk.old_start - 1
+
+
+def apply_diff(source: str, patch: FilePatch, *, allow_unanchored: bool = False) -> str:
     """``source`` with every hunk of ``patch`` applied.
 
     Each hunk applies where its old lines (context and removed lines, exactly, no fuzz) match once within
     MAX_OFFSET lines of its header's line (shifted by the line-count changes of the earlier hunks), at or
     after the end of the previous hunk. PatchError, naming diff, file, hunk and offset, when there is no
-    such match, only a farther one, or more than one."""
+    such match, only a farther one, or more than one.
+
+    A hunk with no old lines (``@@ -L,0 +M,N @@``, made by ``diff -U0``) has nothing to match: it would apply
+    to any file of at least L lines, so it is refused unless ``allow_unanchored`` (then it inserts after
+    line L, shifted by the earlier hunks, as GNU patch does)."""
     lines = source.splitlines(keepends=True)
     shift = 0  # line-count change of the hunks applied so far
     earliest = 0  # the previous hunk's end in ``lines``
     for hunk in patch.hunks:
-        at = _located(patch, hunk, lines, hunk.old_start - 1 + shift, earliest)
+        if not hunk.old and not allow_unanchored:
+            raise PatchError(
+                f"{patch.diff}: hunk {hunk.header} of {patch.path} has no context or removed lines, so nothing "
+                "anchors it: it would apply to any file. Regenerate the diff with context (diff -U3 / git diff)"
+            )
+        expected = _anchor(hunk) + shift
+        if not hunk.old and not 0 <= expected <= len(lines):
+            raise PatchError(
+                f"{patch.diff}: hunk {hunk.header} of {patch.path}: line {expected} is past the file's end"
+            )
+        at = _located(patch, hunk, lines, expected, earliest)
         lines[at : at + len(hunk.old)] = hunk.new
         shift += len(hunk.new) - len(hunk.old)
         earliest = at + len(hunk.new)

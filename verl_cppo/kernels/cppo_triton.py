@@ -85,7 +85,7 @@ def _divergence(log_pi, log_mu, KL: tl.constexpr, LIBDEVICE: tl.constexpr):
         d = tl.where(d == d, d, _KL_MAX)  # NaN (inf - inf) -> the cap; +-inf are clamped below
         d = tl.minimum(tl.maximum(d, 0.0), _KL_MAX)
     else:
-        d = tl.abs(tl.exp(log_pi) - tl.exp(log_mu))
+        d = tl.abs(tl.exp(tl.minimum(log_pi, 0.0)) - tl.exp(tl.minimum(log_mu, 0.0)))  # log-probs > 0 count as 0
     return d + 0.0  # -0 -> +0, so that the bit patterns of D order like its values
 
 

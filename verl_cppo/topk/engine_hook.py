@@ -8,8 +8,8 @@ per-token tensor it returns exactly like ``log_probs`` into ``model_output``:
     Megatron THD (TP, CP)                logits (1, nnz_pad/cp, V/tp)  zig-zag chunks of each padded sequence
     Megatron BSHD (TP, CP)               logits (B, S_pad/cp, V/tp)
 
-``patches/topk_trainer.diff`` sets that flag for the actor update and makes the worker's loss function
-``ppo_loss_with_topk``, which answers both calls:
+``verl_cppo/hooks/patches/topk_actor_update.diff`` sets that flag for the actor update and makes the worker's
+loss function ``ppo_loss_with_topk``, which answers both calls:
 
 * ``student_logits=...`` (the hook): lays mu's per-response-token inputs out over the sequence positions whose
   logits predict them (position P-1+t predicts response token t, as the log-probs do), cuts them to this rank's

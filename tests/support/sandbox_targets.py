@@ -1,0 +1,30 @@
+"""Functions a verl_cppo.sandbox child runs in tests/test_sandbox.py (loaded there by path: stdlib only)."""
+
+import os
+import time
+
+
+def echo(*args):
+    return args
+
+
+def sleep(seconds):
+    time.sleep(seconds)
+    return "woke"
+
+
+def allocate(megabytes):
+    block = bytearray(megabytes * 2**20)
+    return len(block)
+
+
+def die(code):
+    os._exit(code)
+
+
+def fail(message):
+    raise ValueError(message)
+
+
+def pid():
+    return os.getpid()
