@@ -114,8 +114,9 @@ def _parquet(path: Path, source: str, truths: list[str]) -> None:
     pd.DataFrame(rows).to_parquet(path)
 
 
-def _run(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def _run(*args, timeout=300, path_first=None):
+    path = [p for p in (path_first, str(ROOT), os.environ.get("PYTHONPATH", "")) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     return subprocess.run(
         [sys.executable, "-m", "verl_cppo.evaluate", *args],
@@ -167,15 +168,15 @@ def test_end_to_end_on_cpu_with_the_hf_engine(tiny_eval):
     assert any(c.strip() for line in lines for c in line["completions"])
 
 
-def test_vllm_engine_without_vllm_stops_with_a_clear_error(tiny_eval):
-    try:
-        import vllm  # noqa: F401
-
-        pytest.skip("vLLM is installed here")
-    except ImportError:
-        pass
+def test_vllm_engine_without_vllm_stops_with_a_clear_error(tiny_eval, tmp_path):
+    """vLLM is installed in the project's environment; a package first on the path that fails to import stands
+    for a machine without it."""
+    hidden = tmp_path / "no_vllm" / "vllm"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError(\"No module named 'vllm'\")\n")
     tmp, _, _ = tiny_eval
-    out = _run("--model", str(tmp / "model"), "--data", str(tmp / "aime-2024.parquet"), timeout=120)
+    args = ("--model", str(tmp / "model"), "--data", str(tmp / "aime-2024.parquet"))
+    out = _run(*args, timeout=120, path_first=str(hidden.parent))
     assert out.returncode != 0
     assert "--engine vllm needs vLLM" in out.stderr and "--engine hf" in out.stderr
 
