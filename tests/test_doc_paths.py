@@ -8,6 +8,7 @@ repository root and from the document's own folder; globs and placeholders (``*`
 skipped, and so is ``.ci/`` (written by the CI runner, not committed).
 """
 
+import glob
 import importlib
 import importlib.util
 import os
@@ -17,7 +18,14 @@ import pytest
 
 from tests.support import REPO_ROOT
 
-DOCS = ["examples/README.md", "patches/README.md", "ci/README.md", "benchmarks/README.md", "README.md"]
+DOCS = [
+    "README.md",
+    *sorted(
+        os.path.relpath(path, REPO_ROOT)
+        for top in ("verl_cppo", "examples", "patches", "ci", "benchmarks")
+        for path in glob.glob(os.path.join(REPO_ROOT, top, "**", "README.md"), recursive=True)
+    ),
+]
 DOTTED = re.compile(r"(?<![\w/.])verl_cppo(?:\.[A-Za-z_]\w*)+")
 FILE = re.compile(r"(?<![\w/.-])((?:verl_cppo|tests|ci|examples|benchmarks|patches)/[\w./{},*<>-]*[\w}>*])")
 
@@ -57,12 +65,7 @@ def stale(doc: str) -> list[str]:
     return bad + [p for p in sorted(set(FILE.findall(text))) if not file_path_exists(p, doc)]
 
 
-README_STALE = pytest.mark.xfail(
-    strict=True, reason="README.md is rewritten at the end of this round; strict: once it passes, drop this mark"
-)
-
-
-@pytest.mark.parametrize("doc", [pytest.param(d, marks=README_STALE) if d == "README.md" else d for d in DOCS])
+@pytest.mark.parametrize("doc", DOCS)
 def test_every_path_a_document_names_exists(doc):
     assert stale(doc) == []
 
@@ -108,7 +111,7 @@ def install_lines(doc: str) -> list[str]:
     return INSTALL.findall(open(os.path.join(REPO_ROOT, doc), encoding="utf-8").read())
 
 
-@pytest.mark.parametrize("doc", [pytest.param("README.md", marks=README_STALE), "examples/README.md"])
+@pytest.mark.parametrize("doc", ["README.md", "examples/README.md"])
 def test_install_lines_are_verls_own_pins(doc):
     """One install line for users: verl 0.9.1 with its vllm and math extras (verl's torch / vLLM / math-verify
     pins, read from verl's metadata below) and the plugin; no torch, vLLM or math-verify pinned beside it."""
