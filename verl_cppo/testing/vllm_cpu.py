@@ -21,7 +21,7 @@ machine three of their steps break, and each is changed here through ``verl_cppo
                  forever: ``LLMServerClient.generate`` (the one call every agent loop makes, for any rollout
                  server) gets a bound (``GENERATE_TIMEOUT_ENV``) and a ``TimeoutError`` naming the request.
 
-The rest is configuration, set by ``ci/tiny_regression.py --rollout vllm`` (``VLLM_CPU_OVERRIDES``): sleep
+The rest is configuration, set by ``verl_cppo.testing.launcher`` (``VLLM_CPU_OVERRIDES``): sleep
 mode off (vLLM refuses it on CPU), eager mode (no CUDA graphs), a small KV cache. The CPU platform reaches
 vLLM's worker process by itself (``import verl`` there loads ``VERL_USE_EXTERNAL_MODULES``), and the fake Ray
 GPU slot of the CPU runs satisfies the server's accelerator lookup. patches/README.md lists each shim with
