@@ -5,7 +5,15 @@ import sys
 
 import pytest
 
-from ci.regression_checks import CPPO_METRICS, DEFAULT_CHECKS, check, last_window, scaled_limits, summarize
+from ci.regression_checks import (
+    CPPO_METRICS,
+    DEFAULT_CHECKS,
+    check,
+    last_window,
+    masked_steps_min,
+    scaled_limits,
+    summarize,
+)
 from tests.support import REPO_ROOT
 
 STEPS = 6
@@ -60,22 +68,36 @@ def test_a_good_run_passes_sanity_and_its_own_golden():
         (lambda m, r: m["cppo"][4].pop("actor/cppo_delta_b_mean"), "actor/cppo_delta_b_mean"),
         (lambda m, r: [row.update(reward=0.1 + 0.01 * row["step"]) for row in m["cppo"]], "cppo: reward over"),
         (lambda m, r: m["vanilla"][1].update({"training/rollout_probs_diff_max": 0.3}), "weights not synced"),
-        (lambda m, r: [row.update(masked_frac=0.0) for row in m["cppo"][:5]], "cppo: masked tokens in 1 of 6 steps"),
+        (lambda m, r: [row.update(masked_frac=0.0) for row in m["cppo"][:16]], "cppo: masked tokens in 4 of 20 steps"),
     ],
     ids=["exit-code", "missing-step", "nan-loss", "missing-cppo-metric", "no-rise", "stale-rollout", "mask-idle"],
 )
 def test_sanity_failures_are_reported(break_it, message):
     metrics, runs = good()
+    config = ARGS
+    if "masked tokens" in message:  # below 7 steps no masking count is told from chance: 20 steps here
+        metrics["cppo"] = rows([0.1, 0.2, 0.4, 0.6, 0.8] + [0.9] * 15)
+        config = {**ARGS, "steps": 20}
     break_it(metrics, runs)
-    failures = check(metrics, runs, ARGS, None)
+    failures = check({"cppo": metrics["cppo"]} if config is not ARGS else metrics, runs, config, None)
     assert any(message in f for f in failures), failures
 
 
+def test_the_masking_bound_is_the_binomial_quantile():
+    """The largest k with P(Binomial(n, 0.45) < k) <= 0.02, by hand: 20 steps: P(X <= 4) = 0.0189, P(X <= 5) =
+    0.0553, so k = 5, the limit measured at 20 steps; 7 steps: P(X = 0) = 0.55^7 = 0.0152, P(X <= 1) = 0.1024,
+    so k = 1; 6 steps: P(X = 0) = 0.55^6 = 0.0277 > 0.02, so k = 0 (no masking count is told from chance)."""
+    assert masked_steps_min(20) == DEFAULT_CHECKS["cppo_masked_steps_min"] == 5
+    assert masked_steps_min(7) == 1
+    assert masked_steps_min(6) == 0
+    assert masked_steps_min(2) == 0
+
+
 def test_the_limits_scale_with_the_number_of_steps():
-    """Measured at 20 steps (rise 0.3 over the last 5, masking in >= 5 steps); in proportion for N steps."""
+    """Measured at 20 steps (rise 0.3 over the last 5, masking in >= 5 steps); scaled for N steps."""
     assert scaled_limits(DEFAULT_CHECKS, 20) == DEFAULT_CHECKS
     assert [last_window(n) for n in (2, 5, 6, 10, 20, 40)] == [1, 1, 2, 2, 5, 10]
-    by_hand = {2: (0.3 / 19, 1), 5: (0.3 * 4 / 19, 2), 10: (0.3 * 9 / 19, 3), 40: (0.3, 10)}
+    by_hand = {2: (0.3 / 19, 0), 5: (0.3 * 4 / 19, 0), 10: (0.3 * 9 / 19, 1), 40: (0.3, 12)}
     for steps, (rise, masked_steps) in by_hand.items():
         limits = scaled_limits(DEFAULT_CHECKS, steps)
         assert limits["cppo_rise_min"] == pytest.approx(rise), steps
@@ -87,8 +109,9 @@ def test_the_limits_scale_with_the_number_of_steps():
 
 @pytest.mark.parametrize("steps", [2, 3, 5, 10, 20, 30])
 def test_a_run_of_any_length_that_learns_and_masks_passes(steps):
-    """A curve that climbs 0.06 per step from 0.08 (slower than any measured run) to at most 0.95, masking at
-    every other step: passes at every length, and the same run with a flat reward or an idle mask fails."""
+    """A curve that climbs 0.06 per step from 0.08 (slower than the measured 5-step run: 0.08, 0.14, 0.17, 0.26,
+    0.29) to at most 0.95, masking at every other step: passes at every length; the same run with a flat reward
+    fails, and from 7 steps on so does one whose mask never engages."""
     rewards = [min(0.08 + 0.06 * i, 0.95) for i in range(steps)]
     metrics = {"cppo": rows(rewards)}
     for row in metrics["cppo"][1::2]:
@@ -99,7 +122,8 @@ def test_a_run_of_any_length_that_learns_and_masks_passes(steps):
     flat = {"cppo": rows([0.08] * steps)}
     assert any("cppo: reward over" in f for f in check(flat, runs, config, None))
     idle = {"cppo": rows(rewards, masked=0.0)}
-    assert any("cppo: masked tokens in 0 of" in f for f in check(idle, runs, config, None))
+    idle_failures = [f for f in check(idle, runs, config, None) if "cppo: masked tokens in 0 of" in f]
+    assert len(idle_failures) == (1 if steps >= 7 else 0), idle_failures
 
 
 def test_golden_tolerance_and_configuration():

@@ -169,8 +169,10 @@ def tiny_task_overrides(
         "trainer.v1.sampler.custom_sampler.path=pkg://verl_cppo.testing.replay_buffer",
         "trainer.v1.sampler.custom_sampler.name=PollingReplayBuffer",
         "+trainer.v1.sampler.sampler_kwargs.poll_interval=0.1",
-        # Ray on CPU: one fake GPU slot per rank for the resource pool; one TransferQueue storage unit
+        # Ray on CPU: one fake GPU slot per rank for the resource pool; one TransferQueue storage unit; no
+        # dashboard (a dozen processes that start with Ray and poll through the run, for nobody to look at)
         "ray_kwargs.ray_init.num_cpus=16",
+        "+ray_kwargs.ray_init.include_dashboard=False",
         f"+ray_kwargs.ray_init.num_gpus={n_gpus_per_node}",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
     ]

@@ -17,11 +17,14 @@ __all__ = ["PHASES", "duration", "eta_seconds", "phases_in", "progress_line", "p
 
 PHASES = (
     (re.compile(r"Started a local Ray instance|Connected to Ray cluster"), "Ray started"),
-    (re.compile(r"TaskRunner hostname"), "trainer driver up (TaskRunner)"),
-    (re.compile(r"Initializing a V1 LLM engine|vllm_version", re.I), "vLLM server: building the engine"),
-    (re.compile(r"init engine \(profile, create kv cache, warmup model\) took"), "vLLM server: engine ready"),
-    (re.compile(r"Started server process|Application startup complete"), "vLLM server: HTTP server up"),
-    (re.compile(r"Training Progress:\s+0%"), "training loop started (first step: rollout, update, weight sync)"),
+    (re.compile(r"\(TaskRunner\w* pid=\d+\)"), "trainer driver (TaskRunner) starting"),
+    (re.compile(r"actor and ref model engine initialized"), "FSDP2 actor ready"),
+    (re.compile(r"\(vLLMHttpServer pid=\d+\)"), "vLLM server starting"),
+    (re.compile(r"LLMServerManager: \["), "vLLM server up"),
+    (
+        re.compile(r"all initialize finished, ready to fit"),
+        "first step (agent loop workers start)",
+    ),
 )
 """(pattern in main_ppo.log, what it means): start-up phases reported once each, in the order seen."""
 

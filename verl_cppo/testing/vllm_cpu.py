@@ -64,10 +64,13 @@ VLLM_CPU_OVERRIDES = (
     "+actor_rollout_ref.rollout.enable_sleep_mode=False",
     "actor_rollout_ref.rollout.enforce_eager=True",
     "actor_rollout_ref.rollout.free_cache_engine=False",
+    # a 64 MiB KV cache (vLLM CPU's default is 4 GiB): the tiny task needs 256 sequences x 64 tokens x 1 KiB
+    "+actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes=67108864",
 )
 """main_ppo overrides of a CPU run with verl's vLLM rollout."""
-VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-"""Environment of a CPU run with verl's vLLM rollout: a 1 GiB KV cache (vLLM CPU's default is 4 GiB)."""
+VLLM_CPU_ENV: dict[str, str] = {}
+"""Environment of a CPU run with verl's vLLM rollout (none needed: ``VLLM_CPU_KVCACHE_SPACE``, whole GiB only,
+would override ``kv_cache_memory_bytes``)."""
 
 
 def _timeout_s(env: str) -> float:
