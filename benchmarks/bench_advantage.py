@@ -6,22 +6,17 @@ Both are called through verl's advantage-estimator registry the way the trainer 
 There is no speed target for the estimator (it runs once per step on the driver); this shows that
 excluding zero-variance groups costs nothing next to verl's own estimator.
 
-    .venv/bin/python benchmarks/bench_advantage.py [--batch 4096] [--length 1024] [--group 8] [--repeats 7]
+    .venv/bin/python -m benchmarks.bench_advantage [--batch 4096] [--length 1024] [--group 8] [--repeats 7]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
 import verl_cppo  # noqa: F401  (registers cppo_grpo)

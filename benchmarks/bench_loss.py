@@ -9,8 +9,8 @@ each called through verl's policy-loss registry exactly as verl's ``ppo_loss`` c
 and to the default cppo case. Before timing, every cppo implementation is checked against the float64 loop
 reference of tests/support/reference.py.
 
-    python benchmarks/bench_loss.py                      # CPU, 16 x 4096 fp32, 1 thread (reduced size)
-    python benchmarks/bench_loss.py --device cuda        # GPU, 64 x 8192 and 16 x 32768 fp32
+    python -m benchmarks.bench_loss                      # CPU, 16 x 4096 fp32, 1 thread (reduced size)
+    python -m benchmarks.bench_loss --device cuda        # GPU, 64 x 8192 and 16 x 32768 fp32
 
 Time: CPU, interleaved rounds of every case, the median over rounds of each case's ratio to dppo_tv (and to
 the default cppo case) in the same round (robust to a shared machine), plus the fastest round; CUDA, CUDA
@@ -27,10 +27,8 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn

@@ -1,8 +1,8 @@
 """Benchmark of the Top-K divergence (verl_cppo.core.topk_divergence): time and extra peak memory.
 
-    python benchmarks/bench_topk_divergence.py                  # GPU: N=8192, V=151936, K=20, bf16 logits
-    python benchmarks/bench_topk_divergence.py --device cpu     # CPU: a reduced size (N=1024, V=32768)
-    python benchmarks/bench_topk_divergence.py --sweep          # GPU: also time the kernel's BLOCK_V x num_warps
+    python -m benchmarks.bench_topk_divergence                  # GPU: N=8192, V=151936, K=20, bf16 logits
+    python -m benchmarks.bench_topk_divergence --device cpu     # CPU: a reduced size (N=1024, V=32768)
+    python -m benchmarks.bench_topk_divergence --sweep          # GPU: also time the kernel's BLOCK_V x num_warps
 
 Variants, each checked first against the float64 reference of tests/support/topk_reference.py on a few rows:
   naive    torch.log_softmax(logits.float()) over the full vocabulary, then the same finish
@@ -20,13 +20,10 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.topk_reference import reference_topk_divergence
 from verl_cppo.core.topk_divergence import RowStatistics, divergence_from_statistics

@@ -9,7 +9,7 @@ the ratio to logprobs=0. Then the bytes per response token that the Top-K fields
 ``response_topk_fields`` builds from a live answer, next to the bytes of the fields verl already sends per token
 (``responses`` int64, ``response_mask`` int64, ``rollout_log_probs`` float32).
 
-    .venv-vllm/bin/python benchmarks/bench_vllm_topk.py [--prompts 256] [--tokens 16]
+    .venv/bin/python -m benchmarks.bench_vllm_topk [--prompts 256] [--tokens 16]
 """
 
 from __future__ import annotations

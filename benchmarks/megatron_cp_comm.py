@@ -8,22 +8,18 @@ verl's dynamic batch size does), cuts them with verl's own ``preprocess_thd_engi
 the bytes every ``torch.distributed.all_gather`` moves on both paths (what one rank sends; it receives
 cp - 1 times as much). CPU, gloo, megatron-core's parallel_state: a volume count, not a timing.
 
-    python benchmarks/megatron_cp_comm.py [--cp 2 4 8] [--entropy] [--seed 0]
+    python -m benchmarks.megatron_cp_comm [--cp 2 4 8] [--entropy] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("VERL_LOGGING_LEVEL", "ERROR")  # verl logs every CP padding of a sequence at WARN
 
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import megatron.core.parallel_state as parallel_state
+import torch
 import torch.distributed as dist
 from verl.models.mcore.util import postprocess_thd_engine, preprocess_thd_engine
 

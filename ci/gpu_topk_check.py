@@ -1,6 +1,6 @@
 """GPU check of the Top-K engine hook (not run by CI: CI has no GPU). Usage on a CUDA machine:
 
-    .venv/bin/python ci/gpu_topk_check.py [--tokens 8192] [--vocab 151936] [--k 20]
+    .venv/bin/python -m ci.gpu_topk_check [--tokens 8192] [--vocab 151936] [--k 20]
 
 Builds one packed micro-batch (4 sequences) with mu's top-K, bf16 pi logits on the GPU, runs the hook exactly as
 verl's FSDP engine calls it (``ppo_loss_with_topk(config, student_logits=..., data=...)``, CUDA tensors), and
@@ -11,14 +11,11 @@ errors, the hook's time and its peak extra memory over the logits. Exits non-zer
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 from tensordict import TensorDict
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.support.verl_inputs import actor_config
 from verl_cppo.topk.engine_hook import TOPK_DIV_KEY, full_sequence_topk_inputs, ppo_loss_with_topk

@@ -1,6 +1,6 @@
 """Write ci/golden/tiny_regression.json from repeated runs of ci/tiny_regression.py (same seed, same config).
 
-    python ci/make_golden.py [--stored GOLDEN] RUN_DIR [RUN_DIR ...] [--out ci/golden/tiny_regression.json]
+    python -m ci.make_golden [--stored GOLDEN] RUN_DIR [RUN_DIR ...] [--out ci/golden/tiny_regression.json]
 
 A run directory may hold a subset of the arms (a rerun of one arm); each arm's statistics use the runs that
 hold it. ``--stored`` adds the runs recorded in an earlier golden file (its per-run values, same
@@ -19,11 +19,12 @@ masked fraction comes near 0 in some run (NOT_COMPARED) gets no band: ln of ~0 h
 at exactly 0 would fail a log-scale band for no fault.
 
 One-sided statistics (ONE_SIDED): where an arm's runs are bimodal, a mean +- k sd band describes neither
-mode. dppo_tv's rewards are: most runs climb to ~0.9, but one run in the 11 measured through hf_cpu was
-knocked back by a large update late in the run (in CI's first failure a step clipped 38% of tokens and the
-reward fell from 0.54 to 0.29) and ended near 0.4. That is the instability CPPO exists to remove, not a fault of the
-plumbing, so there the golden entry is a floor only: ``min`` = the arm's mean first-step reward + LEARNS_MIN,
-i.e. the arm must learn at all (a broken sign or a zero gradient stays at ~0.08).
+mode. dppo_tv's rewards are: most runs climb to ~0.9, but one run in the 11 measured through the project's
+since-removed HF stand-in rollout was knocked back by a large update late in the run (in CI's first failure a
+step clipped 38% of tokens and the reward fell from 0.54 to 0.29) and ended near 0.4. That is the instability
+CPPO exists to remove, not a fault of the plumbing, so there the golden entry is a floor only: ``min`` = the
+arm's mean first-step reward + LEARNS_MIN, i.e. the arm must learn at all (a broken sign or a zero gradient
+stays at ~0.08).
 
 The runs' values are stored next to each entry, so the golden file shows the spread it was derived from.
 ci/README.md explains the choices.
@@ -36,11 +37,10 @@ import json
 import math
 import os
 import statistics
-import sys
+
+from ci.regression_checks import DEFAULT_CHECKS, summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from regression_checks import DEFAULT_CHECKS, summarize  # noqa: E402
 
 SIGMAS = 4.0
 FLOOR = {"reward_first": 0.05, "reward_mean": 0.05, "reward_last5": 0.05}
@@ -48,8 +48,14 @@ LOG_STATS = ("masked_mean",)
 LOG_FLOOR = math.log(2.0)
 """The smallest log-scale tolerance: a factor of 2 either way."""
 ONE_SIDED = {
-    ("dppo_tv", "reward_mean"): "bimodal (1 run in 11 through hf_cpu was knocked back late): a floor, not a band",
-    ("dppo_tv", "reward_last5"): "bimodal (1 run in 11 through hf_cpu was knocked back late): a floor, not a band",
+    (
+        "dppo_tv",
+        "reward_mean",
+    ): "bimodal (1 run in 11 through the since-removed HF stand-in rollout was knocked back late): a floor",
+    (
+        "dppo_tv",
+        "reward_last5",
+    ): "bimodal (1 run in 11 through the since-removed HF stand-in rollout was knocked back late): a floor",
 }
 LEARNS_MIN = 0.1
 """A one-sided statistic must exceed the arm's mean first-step reward by this much."""
@@ -89,8 +95,6 @@ def main() -> None:
         with open(os.path.join(run, "metrics.json")) as f:
             for arm, rows in json.load(f).items():
                 per_arm.setdefault(arm, []).append(summarize(rows))
-    for config in configs:
-        config.setdefault("rollout", "hf_cpu")  # recorded before the rollout choice: every such run used hf_cpu
     if any(c != configs[0] for c in configs) or min(len(v) for v in per_arm.values()) < 2:
         raise SystemExit(f"need >= 2 runs of each arm, of one configuration; got {configs}")
     stats = list(next(iter(per_arm.values()))[0])

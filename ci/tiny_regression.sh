@@ -9,4 +9,4 @@ outdir=$(realpath -m "${1:?usage: bash ci/tiny_regression.sh OUTDIR}")
 shift
 cd "$(dirname "$0")/.."
 bash ci/setup_env.sh
-exec .venv/bin/python ci/tiny_regression.py "$outdir" "$@"
+exec .venv/bin/python -m ci.tiny_regression "$outdir" "$@"

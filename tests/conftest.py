@@ -5,12 +5,14 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The fused kernel's tests (tests/kernels/) run in Triton's CPU interpreter. It must be on before triton is
 # first imported (verl imports it), and it only matters where a test asks for cppo.kernel=triton on CPU
 # tensors; kernel=auto still picks the torch path on CPU. Run with TRITON_INTERPRET=0 to opt out.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+from verl_cppo.testing.launcher import TEST_ENV
+
+for _key, _value in TEST_ENV.items():  # no W&B, no Hub, no tokenizer threads, in every test and its children
+    os.environ.setdefault(_key, _value)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -13,6 +13,7 @@ import pytest
 from tests.support import REPO_ROOT
 from verl_cppo.evaluate import Problem, format_table, score_completions, summarize
 from verl_cppo.math_reward import compute_score
+from verl_cppo.testing.launcher import TEST_ENV
 
 ROOT = Path(REPO_ROOT)
 
@@ -117,7 +118,7 @@ def _parquet(path: Path, source: str, truths: list[str]) -> None:
 def _run(*args, timeout=300, path_first=None):
     path = [p for p in (path_first, str(ROOT), os.environ.get("PYTHONPATH", "")) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    env.update({**TEST_ENV, "OMP_NUM_THREADS": "1"})
     return subprocess.run(
         [sys.executable, "-m", "verl_cppo.evaluate", *args],
         capture_output=True,

@@ -1,8 +1,9 @@
 """Seeded stability study: CPPO vs DPPO vs clipped PPO (and CPPO's ablations) under heavy off-policy reuse.
 
-Every run is one ``python -m verl.trainer.main_ppo`` on CPU with the same trainer, rollout (``hf_cpu``), model
-and data as ``ci/tiny_regression.py``; the shared command line is that script's ``common_overrides`` (imported,
-not copied), and this study appends its regime on top (later Hydra overrides win):
+Every run is one ``python -m verl.trainer.main_ppo`` on CPU with the same trainer, rollout (verl's vLLM rollout
+on vLLM's CPU build), model and data as ``ci/tiny_regression.py``, launched by ``verl_cppo.testing.launcher``
+(the tiny task's shared command line, the CPU environment, the subprocess); this study appends its regime on
+top (later Hydra overrides win):
 
 * the reward of ``prefix_reward.py``: 16-word copy answers, each earlier mistake halves the later credit;
 * 16 prompts x 8 samples per step, mini-batches of 2 prompts and 2 epochs: 16 optimizer updates per rollout,
@@ -26,7 +27,7 @@ already there that completed every step with the same configuration is not run a
 (all arms of seed 0, then seed 1, ...), so an interrupted study has comparable arms. The summary (per-arm
 final reward, worst drawdown, collapses) goes to ``summary.json`` next to RESULTS, the plot to PLOT.
 
-    python benchmarks/stability/run_study.py [--arms cppo,dppo_tv,...] [--seeds 0,1,2,3,4] [--steps 24]
+    python -m benchmarks.stability.run_study [--arms cppo,dppo_tv,...] [--seeds 0,1,2,3,4] [--steps 24]
         [--lr 5e-3] [--results PATH] [--plot PATH] [--run-dir DIR] [--override K=V] [--summarize-only]
 """
 
@@ -38,31 +39,28 @@ import math
 import os
 import signal
 import statistics
-import subprocess
 import sys
-import time
+
+from benchmarks.stability import prefix_reward
+from verl_cppo.testing import launcher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path[:0] = [os.path.join(ROOT, "ci"), HERE]  # neither ci/ nor this folder is a package
-
-import prefix_reward  # noqa: E402
-import tiny_regression  # noqa: E402  (the regression owns the shared main_ppo command line)
 
 RESPONSE_LENGTH = prefix_reward.ANSWER_LENGTH
 SAMPLES_PER_PROMPT = 8  # the regression's rollout.n
 CPPO_CONFIG_TARGET = "actor_rollout_ref.actor.policy_loss._target_=verl_cppo.config.CPPOPolicyLossConfig"
 ARM_OVERRIDES = {
-    "cppo": tiny_regression.ARM_OVERRIDES["cppo"],
-    "dppo_tv": tiny_regression.ARM_OVERRIDES["dppo_tv"],
-    "vanilla": tiny_regression.ARM_OVERRIDES["vanilla"],
+    "cppo": launcher.ARM_OVERRIDES["cppo"],
+    "dppo_tv": launcher.ARM_OVERRIDES["dppo_tv"],
+    "vanilla": launcher.ARM_OVERRIDES["vanilla"],
     "cppo_no_position_weight": [
-        *tiny_regression.ARM_OVERRIDES["cppo"],
+        *launcher.ARM_OVERRIDES["cppo"],
         CPPO_CONFIG_TARGET,
         "+actor_rollout_ref.actor.policy_loss.cppo.position_weight=false",
     ],
     "cppo_no_prefix_budget": [
-        *tiny_regression.ARM_OVERRIDES["cppo"],
+        *launcher.ARM_OVERRIDES["cppo"],
         CPPO_CONFIG_TARGET,
         "+actor_rollout_ref.actor.policy_loss.cppo.prefix_budget=false",
     ],
@@ -124,59 +122,27 @@ def run_one(arm: str, seed: int, task: dict, args: argparse.Namespace) -> dict:
     """One main_ppo run; returns its results.json entry."""
     run_dir = os.path.join(args.run_dir, f"seed{seed}", arm)
     os.makedirs(run_dir, exist_ok=True)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    shared = argparse.Namespace(
-        adv_estimator=args.adv_estimator, seed=seed, lr=args.lr, steps=args.steps, rollout="hf_cpu"
+    overrides = launcher.tiny_task_overrides(
+        task, seed=seed, lr=args.lr, steps=args.steps, adv_estimator=args.adv_estimator
     )
-    command = [
-        sys.executable,
-        "-m",
-        "verl.trainer.main_ppo",
-        *tiny_regression.common_overrides(task, shared, metrics_path),
-        *regime_overrides(args),
-        *ARM_OVERRIDES[arm],
-        *args.override,
-        f"trainer.experiment_name={arm}_seed{seed}",
-        f"trainer.default_local_dir={run_dir}/checkpoints",
-        f"hydra.run.dir={run_dir}/hydra",
-    ]
-    env = {**os.environ, **tiny_regression.CPU_ENV, "VERL_FILE_LOGGER_PATH": metrics_path, "PYTHONUNBUFFERED": "1"}
-    env.update({"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    with open(os.path.join(run_dir, "command.txt"), "w") as f:
-        f.write(" \\\n  ".join(command) + "\n")
-    print(f"[{arm} seed {seed}] main_ppo starting (log: {run_dir}/main_ppo.log)", flush=True)
-    start = time.time()
-    with open(os.path.join(run_dir, "main_ppo.log"), "w") as log:
-        proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir, start_new_session=True
-        )
-        try:
-            proc.wait(timeout=args.run_timeout)
-        except subprocess.TimeoutExpired:
-            print(f"[{arm} seed {seed}] timed out after {args.run_timeout:.0f} s", flush=True)
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-        finally:  # also when the study itself is stopped: no Ray cluster is left behind
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    wall = time.time() - start
-    rows = tiny_regression.read_steps(metrics_path)
+    run = launcher.run_main_ppo(
+        run_dir,
+        [*overrides, *regime_overrides(args), *ARM_OVERRIDES[arm], *args.override],
+        steps=args.steps,
+        label=f"{arm}_seed{seed}",
+        timeout_s=args.run_timeout,
+        masked_key=MASKED_KEY[arm],
+    )
+    rows, wall = run.rows, run.wall_s
     entry = {"seed": seed, "masked_frac": [row.get(MASKED_KEY[arm], math.nan) for row in rows]}
     for field, key in PER_STEP_FIELDS.items():
         entry[field] = [row.get(key, math.nan) for row in rows]
     if arm.startswith("cppo"):
         entry["masked_by_budget_share"] = [row.get("actor/cppo_masked_by_budget_share", math.nan) for row in rows]
-    entry.update({"steps_done": len(rows), "exit_code": proc.returncode, "wall_s": round(wall, 1)})
+    entry.update({"steps_done": len(rows), "exit_code": run.exit_code, "wall_s": round(wall, 1)})
     entry["config"] = run_config(args)
     rewards = " ".join(f"{r:.2f}" for r in entry["rewards"])
-    print(f"[{arm} seed {seed}] exit {proc.returncode}, {len(rows)} steps, {wall:.0f} s; rewards {rewards}", flush=True)
+    print(f"[{arm} seed {seed}] exit {run.exit_code}, {len(rows)} steps, {wall:.0f} s; rewards {rewards}", flush=True)
     return entry
 
 
@@ -367,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{arm} seed {seed}] already complete, skipped", flush=True)
                 continue
             if task is None:  # the model's initialisation and the data order follow the seed
-                task = tiny_task.build(os.path.join(args.run_dir, f"seed{seed}", "task"), seed=seed)
+                task_dir = os.path.join(args.run_dir, f"seed{seed}", "task")
+                task = tiny_task.build(task_dir, seed=seed, head_dim=32)  # vLLM's CPU attention: head size >= 32
             entry = run_one(arm, seed, task, args)
             results[arm] = sorted([e for e in entries if e["seed"] != seed] + [entry], key=lambda e: e["seed"])
             save_json(results, args.results)

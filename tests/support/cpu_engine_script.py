@@ -1,17 +1,17 @@
 """Run by tests/e2e/test_cpu_engine.py in a fresh process with the CPU test backend switched on.
 
-The switch registered the platform and the rollout in verl's registries (the script reports them); verl's
-``TrainingWorker`` (the worker behind ``compute_log_prob`` / ``update_actor``) builds the FSDP2 engine on the
-CPU platform around the tiny model; the script then
+The switch registered the platform in verl's registry and installed the vLLM CPU shims (the script reports
+both); verl's ``TrainingWorker`` (the worker behind ``compute_log_prob`` / ``update_actor``) builds the FSDP2
+engine on the CPU platform around the tiny model; the script then
   1. computes log-probs with ``infer_batch`` and compares them with a plain HF forward;
   2. trains 3 mini-batches with ``loss_mode=cppo`` through verl's ``ppo_loss`` (``train_mini_batch``);
-  3. exports the trained weights with the engine's ``get_per_tensor_param`` (what verl hands the rollout in
-     ``update_weights``), loads them into the hf_cpu server and checks the server's sampled log-probs against
-     the engine's own log-probs of those tokens.
+  3. exports the trained weights with the engine's ``get_per_tensor_param`` (what verl's weight sync sends the
+     rollout), loads them into a fresh HF model and checks its log-probs against the engine's.
+That the vLLM rollout then serves exactly these weights is checked through main_ppo, by value, at every step
+(tests/testing/test_vllm_cpu.py: the rollout's log-probs equal the actor's to 1e-4).
 It prints one JSON line with the measurements.   python tests/support/cpu_engine_script.py MODEL_DIR
 """
 
-import asyncio
 import json
 import os
 import socket
@@ -39,17 +39,14 @@ from verl.workers.config import (  # noqa: E402
     FSDPEngineConfig,
     FSDPOptimizerConfig,
     HFModelConfig,
-    RolloutConfig,
     TrainingWorkerConfig,
 )
 from verl.workers.engine_workers import TrainingWorker  # noqa: E402
-from verl.workers.rollout.replica import RolloutMode  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
 
 from verl_cppo.config import CPPOConfig, CPPOPolicyLossConfig  # noqa: E402
 from verl_cppo.testing import tiny_task as T  # noqa: E402
-from verl_cppo.testing.cpu_rollout import HFCPUServer  # noqa: E402
 
 MODEL_DIR = sys.argv[1]
 B, P, R = 8, 9, 6  # responses, prompt length, response length
@@ -77,11 +74,12 @@ def batch(prompt_ids: torch.Tensor, responses: torch.Tensor, old: torch.Tensor, 
 
 def main() -> None:
     from verl.plugin.platform import PlatformRegistry
-    from verl.workers.rollout.base import get_rollout_class
-    from verl.workers.rollout.replica import get_rollout_replica_class
+    from verl.workers.rollout.llm_server import LLMServerClient
+
+    from verl_cppo import hooks
 
     out = {"device": get_device_name(), "platforms": list(PlatformRegistry.registered_names())}
-    out["rollout"] = [get_rollout_class("hf_cpu").__name__, get_rollout_replica_class("hf_cpu").__name__]
+    out["generate_hook"] = hooks.hook_name(LLMServerClient.generate)
     model_config = HFModelConfig(
         path=MODEL_DIR, use_remove_padding=False, enable_gradient_checkpointing=False,
         override_config={"attn_implementation": "sdpa"},
@@ -147,21 +145,16 @@ def main() -> None:
     out.update(losses=losses, masked=masked, cppo_metrics=sorted(k for k in metrics if k.startswith("actor/cppo_")))
     out["moved_toward_advantage"] = float(((after - before) * adv).sum())
 
-    # 3. weight export -> hf_cpu server -> the server's log-probs equal the engine's
+    # 3. weight export -> a fresh HF model loaded with the exported tensors computes the engine's log-probs
     params, _ = worker.engine.get_per_tensor_param()
     named = [(name, t.detach().to("cpu", copy=True)) for name, t in params]
-    server = HFCPUServer(
-        RolloutConfig(name="hf_cpu", dtype="float32", prompt_length=16, response_length=R),
-        model_config, RolloutMode.HYBRID, replica_rank=0, node_rank=0,
-    )  # fmt: skip
     out["exported"] = sorted(name for name, _ in named)
-    out["loaded"] = asyncio.run(server.update_weights(named, global_steps=1))
-    sampled = asyncio.run(
-        server.generate(prompt_ids[0].tolist(), {"temperature": 1.0, "max_tokens": R, "logprobs": True}, "r")
-    )
-    n = len(sampled.token_ids)
-    responses[0, :n] = torch.tensor(sampled.token_ids)
-    out["server_vs_engine_max_abs"] = float((torch.tensor(sampled.log_probs) - engine_log_probs()[0, :n]).abs().max())
+    fresh = AutoModelForCausalLM.from_pretrained(MODEL_DIR, attn_implementation="sdpa").eval()
+    missing, unexpected = fresh.load_state_dict(dict(named), strict=False)
+    out["loaded"] = len(named) - len(unexpected)
+    out["not_loaded"] = sorted(set(missing) - {"lm_head.weight"} if fresh.config.tie_word_embeddings else missing)
+    out["export_vs_engine_max_abs"] = float((hf_log_probs(fresh) - after).abs().max())
+    out["export_moved"] = float((hf_log_probs(fresh) - hf_log_probs(reference)).abs().max())
     print("RESULT " + json.dumps(out))
 
 

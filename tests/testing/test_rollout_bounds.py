@@ -14,15 +14,11 @@ import pytest
 
 from tests.support import REPO_ROOT
 from verl_cppo.testing import vllm_cpu
-
-ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+from verl_cppo.testing.launcher import CPU_ENV, TEST_ENV
 
 
 def test_a_generate_without_answer_fails_in_bounded_time():
-    sys.path.insert(0, os.path.join(REPO_ROOT, "ci"))
-    from tiny_regression import CPU_ENV
-
-    env = {**os.environ, **ENV, **CPU_ENV, vllm_cpu.GENERATE_TIMEOUT_ENV: "3"}
+    env = {**os.environ, **TEST_ENV, **CPU_ENV, vllm_cpu.GENERATE_TIMEOUT_ENV: "3"}
     script = os.path.join(REPO_ROOT, "tests", "support", "generate_timeout_script.py")
     run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=180, env=env)
     assert run.returncode == 0, run.stderr[-3000:]

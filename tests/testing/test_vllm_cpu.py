@@ -1,15 +1,16 @@
 """verl's own vLLM rollout on vLLM's CPU build (``verl_cppo.testing.vllm_cpu``), against the live engine.
 
-These tests need the vLLM environment (``.venv-vllm``, made by ci/setup_venv.sh) and carry the ``vllm``
-marker: ``ci/run_tests.sh`` runs them there (``-m vllm``) and the rest of the suite in ``.venv``
-(``-m "not vllm"``). Each checks the real part by value:
+These tests start vLLM engines (minutes each on CPU) and carry the ``vllm`` marker (``-m "not vllm"`` leaves
+them out of a quick run). Each checks the real part by value:
 
 * the live engine's top-K, parsed by the Top-K server code (``vllm_topk``), equals an independent float64
   forward of the same weights (log-softmax) to 1e-4;
 * through ``main_ppo`` (Ray, FSDP2, verl's vLLM replica, server, worker extension and weight sync): PPO with
   recomputed old log-probs sees the rollout's log-probs equal the actor's at every step, which holds only if
-  every weight sync reached vLLM; ``divergence=topk_tv`` with pi = mu gives D < 1e-4 at every step with full
-  top-K coverage, so the Top-K server diff, the agent loop and the engine hook line up on a live server;
+  every weight sync reached vLLM, i.e. the FSDP2 engine's weight export (``get_per_tensor_param``, checked
+  against the trained weights in tests/e2e/test_cpu_engine.py) arrived whole and under the right names;
+  ``divergence=topk_tv`` with pi = mu gives D < 1e-4 at every step with full top-K coverage, so the Top-K
+  server diff, the agent loop and the engine hook line up on a live server;
 * a weight sync whose receiver never answers fails within the bound, naming the weight sync.
 """
 
@@ -21,18 +22,19 @@ import sys
 import pytest
 import torch
 
+from ci.regression_checks import DEFAULT_CHECKS
 from tests.support import REPO_ROOT
+from verl_cppo.testing.launcher import CPU_ENV, TEST_ENV
 
 pytestmark = pytest.mark.vllm
 
 K = 4
-ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _regression(out, *args: str) -> dict:
-    command = [sys.executable, os.path.join(REPO_ROOT, "ci", "tiny_regression.py"), str(out), "--rollout=vllm"]
-    command += ["--no-golden", "--arm-timeout=540", *args]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env={**os.environ, **ENV})
+    command = [sys.executable, "-m", "ci.tiny_regression", str(out), "--no-golden", "--arm-timeout=540", *args]
+    env = {**os.environ, **TEST_ENV}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=env)
     logs = "".join(
         f"\n--- {arm}/main_ppo.log ---\n{(out / arm / 'main_ppo.log').read_text()[-6000:]}"
         for arm in ("vanilla", "cppo_topk_tv")
@@ -87,9 +89,6 @@ def test_live_topk_equals_an_independent_forward(tmp_path, monkeypatch):
 
 def test_weight_sync_reaches_vllm_through_main_ppo(tmp_path):
     """vanilla (old log-probs recomputed by the actor): rollout and actor log-probs agree after each sync."""
-    sys.path.insert(0, os.path.join(REPO_ROOT, "ci"))
-    from regression_checks import DEFAULT_CHECKS
-
     rows = _regression(tmp_path / "run", "--arms=vanilla", "--steps=3")["vanilla"]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
@@ -119,10 +118,7 @@ def test_a_weight_sync_without_answer_fails_in_bounded_time():
     """verl's sender against a receiver that never replies: a TimeoutError naming the sync, after the bound."""
     from verl_cppo.testing.vllm_cpu import WEIGHT_SYNC_TIMEOUT_ENV
 
-    sys.path.insert(0, os.path.join(REPO_ROOT, "ci"))
-    from tiny_regression import CPU_ENV
-
-    env = {**os.environ, **ENV, **CPU_ENV, WEIGHT_SYNC_TIMEOUT_ENV: "2"}
+    env = {**os.environ, **TEST_ENV, **CPU_ENV, WEIGHT_SYNC_TIMEOUT_ENV: "2"}
     script = os.path.join(REPO_ROOT, "tests", "support", "weight_sync_script.py")
     run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr[-3000:]

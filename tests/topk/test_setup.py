@@ -55,7 +55,7 @@ def test_k_is_read_from_the_policy_loss_node():
         (["actor_rollout_ref.actor.megatron.dynamic_context_parallel=true"], "megatron", "sglang", "dynamic_context"),
         (["distillation.enabled=true"], "dp", "sglang", "distillation.enabled=True"),
         ([], "dp", "trtllm", "rollout.name='trtllm'"),
-        ([], "dp", "hf_cpu", "rollout.name='hf_cpu'"),  # the CPU test server serves no top-K
+        ([], "dp", "hf", "rollout.name='hf'"),  # a rollout without the Top-K server diff
         ([], "torchtitan", "vllm", "actor strategy='torchtitan'"),
         (["actor_rollout_ref.model.external_lib=verl_cppo.megatron_shard_local"], "megatron", "vllm", "shard-local"),
     ],

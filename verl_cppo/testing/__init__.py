@@ -11,16 +11,16 @@ importing ``verl_cppo.testing`` itself registers nothing. The switch is explicit
 ``verl_cppo.testing.register`` refuses to register anything without the first variable, and refuses on a
 machine where CUDA is available, so a copied runtime_env cannot switch a GPU job to CPU.
 
-What it registers, each through verl's own registry (no verl file is edited):
+What it registers, each through verl's own registry (no verl file is edited), or installs through
+``verl_cppo.hooks``:
   cpu_platform.py  ``PlatformRegistry`` "cpu": torch.cpu device module with no-op memory calls, gloo;
                    ``EngineRegistry``: the FSDP2 language-model engine for device "cpu"
-  cpu_rollout.py   rollout ``hf_cpu``: a generation server (a Ray actor running HF transformers on CPU,
-                   returning the sampled tokens' log-probs), its ``BaseRollout`` server adapter (receives
-                   the actor's weights) and its ``RolloutReplica``
-  sampling.py      the server's batched sampler (pure torch + an HF model)
-Used by name in the trainer config, not registered:
+  vllm_cpu.py      the shims that let verl's own vLLM rollout run on vLLM's CPU build, and its settings
+Used by name, not registered:
   tiny_task.py     a tiny Qwen3 and word-level tokenizer built from a config, the synthetic copy task as verl
                    parquet, and its verl custom reward function
+  launcher.py      ``main_ppo`` on CPU: the environment block, the tiny task's command line, the subprocess,
+                   verl's per-step metrics and progress lines (ci/tiny_regression.py, the stability study)
   replay_buffer.py verl's sync replay buffer with a shorter poll interval (``custom_sampler`` hook)
 
 One runtime hook is needed (patches/README.md, section 2): verl builds the process-group backend string
@@ -28,15 +28,12 @@ One runtime hook is needed (patches/README.md, section 2): verl builds the proce
 """
 
 SWITCH_ENV = "VERL_CPPO_CPU_TESTING"
-"""Set to 1 to let ``verl_cppo.testing.register`` switch verl to the CPU platform and rollout."""
+"""Set to 1 to let ``verl_cppo.testing.register`` switch verl to the CPU platform."""
 
 REGISTER_MODULE = "verl_cppo.testing.register"
 """The module to name in VERL_USE_EXTERNAL_MODULES."""
 
-ROLLOUT_NAME = "hf_cpu"
-"""``actor_rollout_ref.rollout.name`` of the CPU rollout backend."""
-
 PLATFORM_NAME = "cpu"
 """``VERL_PLATFORM`` value of the CPU platform."""
 
-__all__ = ["PLATFORM_NAME", "REGISTER_MODULE", "ROLLOUT_NAME", "SWITCH_ENV"]
+__all__ = ["PLATFORM_NAME", "REGISTER_MODULE", "SWITCH_ENV"]

@@ -1,8 +1,8 @@
 """Switch verl to the CPU test backend in this process: ``VERL_USE_EXTERNAL_MODULES=verl_cppo.testing.register``.
 
 Importing this module (verl does it during ``import verl`` in every process that has the variable) registers
-the "cpu" platform, the FSDP2 engines for device "cpu", the ``hf_cpu`` rollout and the CPU shims of verl's vLLM
-rollout (``verl_cppo.testing.vllm_cpu``), with ``VERL_CPPO_LOSS_PROBE=1`` the loss-input probe
+the "cpu" platform and the FSDP2 engines for device "cpu", installs the CPU shims of verl's vLLM rollout
+(``verl_cppo.testing.vllm_cpu``) and, with ``VERL_CPPO_LOSS_PROBE=1``, the loss-input probe
 (``verl_cppo.testing.loss_probe``), and selects the platform (``VERL_PLATFORM=cpu``). It raises instead when:
 
 * ``VERL_CPPO_CPU_TESTING`` is not "1" (the explicit switch; a stray module name alone does nothing but fail);
@@ -39,10 +39,9 @@ def register() -> None:
     if current is not None and current.device_name != "cpu":
         raise RuntimeError(f"verl already resolved platform {current.device_name!r} before {__name__} ran")
 
-    from verl_cppo.testing import cpu_platform, cpu_rollout, vllm_cpu
+    from verl_cppo.testing import cpu_platform, vllm_cpu
 
     cpu_platform.install()
-    cpu_rollout.register()
     vllm_cpu.install()
     if os.environ.get("VERL_CPPO_LOSS_PROBE") == "1":  # what ppo_loss receives, as metrics (loss_probe)
         from verl_cppo.testing import loss_probe

@@ -21,7 +21,7 @@ machine three of their steps break, and each is changed here through ``verl_cppo
                  forever: ``LLMServerClient.generate`` (the one call every agent loop makes, for any rollout
                  server) gets a bound (``GENERATE_TIMEOUT_ENV``) and a ``TimeoutError`` naming the request.
 
-The rest is configuration, set by ``ci/tiny_regression.py --rollout vllm`` (``VLLM_CPU_OVERRIDES``): sleep
+The rest is configuration, set by ``verl_cppo.testing.launcher`` (``VLLM_CPU_OVERRIDES``): sleep
 mode off (vLLM refuses it on CPU), eager mode (no CUDA graphs), a small KV cache. The CPU platform reaches
 vLLM's worker process by itself (``import verl`` there loads ``VERL_USE_EXTERNAL_MODULES``), and the fake Ray
 GPU slot of the CPU runs satisfies the server's accelerator lookup. patches/README.md lists each shim with
@@ -64,10 +64,13 @@ VLLM_CPU_OVERRIDES = (
     "+actor_rollout_ref.rollout.enable_sleep_mode=False",
     "actor_rollout_ref.rollout.enforce_eager=True",
     "actor_rollout_ref.rollout.free_cache_engine=False",
+    # a 64 MiB KV cache (vLLM CPU's default is 4 GiB): the tiny task needs 256 sequences x 64 tokens x 1 KiB
+    "+actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes=67108864",
 )
 """main_ppo overrides of a CPU run with verl's vLLM rollout."""
-VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-"""Environment of a CPU run with verl's vLLM rollout: a 1 GiB KV cache (vLLM CPU's default is 4 GiB)."""
+VLLM_CPU_ENV: dict[str, str] = {}
+"""Environment of a CPU run with verl's vLLM rollout (none needed: ``VLLM_CPU_KVCACHE_SPACE``, whole GiB only,
+would override ``kv_cache_memory_bytes``)."""
 
 
 def _timeout_s(env: str) -> float:

@@ -1,0 +1,1 @@
+"""Benchmarks, importable from the repository root (``python -m benchmarks.stability.run_study``)."""

@@ -1,0 +1,1 @@
+"""The seeded stability study (README.md here)."""

@@ -1,0 +1,1 @@
+"""CI scripts, importable from the repository root (``python -m ci.tiny_regression``)."""

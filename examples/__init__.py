@@ -1,0 +1,1 @@
+"""Example launches, importable from the repository root (the tests import ``examples.dry_run``)."""

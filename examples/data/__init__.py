@@ -1,0 +1,1 @@
+"""Data preparation for the examples (``python examples/data/prepare_data.py``)."""
