@@ -1,8 +1,8 @@
 """verl's legacy trainer (``trainer.use_v1=False``: ``RayPPOTrainer``, DataProto, no TransferQueue) through
 ``python -m verl.trainer.main_ppo`` on CPU with verl's vLLM rollout (vLLM's CPU build), 2 steps per arm.
 
-One run of ``ci/tiny_regression.py`` serves every test (the ``vanilla`` and ``cppo`` arms, both with the
-``cppo_grpo`` estimator), with ``verl_cppo.testing.loss_probe`` reporting what ``ppo_loss`` receives:
+One run per arm through ``verl_cppo.testing.launcher`` serves every test (the ``vanilla`` and ``cppo`` arms,
+both with the ``cppo_grpo`` estimator), with ``verl_cppo.testing.loss_probe`` reporting what ``ppo_loss`` receives:
 
 * vanilla (old log-probs recomputed by the actor): the rollout's log-probs equal the actor's at every step
   (``training/rollout_probs_diff_max``), which holds only if every weight sync reached vLLM;
@@ -13,43 +13,38 @@ One run of ``ci/tiny_regression.py`` serves every test (the ``vanilla`` and ``cp
   (probe: global_batch_size + excluded responses = the mini-batch's 64 responses).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.support import REPO_ROOT
+from ci.regression_checks import DEFAULT_CHECKS
+from verl_cppo.testing import launcher, tiny_task
 
 pytestmark = pytest.mark.vllm
 
 STEPS = 2
-MINI_BATCH_RESPONSES = 8 * 8  # ppo_mini_batch_size x rollout.n of ci/tiny_regression.py
+MINI_BATCH_RESPONSES = 8 * 8  # ppo_mini_batch_size x rollout.n of launcher.tiny_task_overrides
 PROBE = {"VERL_CPPO_LOSS_PROBE": "1"}
 LEGACY_OVERRIDES = ["trainer.use_v1=False"]
 
 
-def _legacy_run(out, arms: str) -> tuple[dict, dict]:
-    """ci/tiny_regression.py's arms on the legacy trainer with the loss probe: (metrics, per-arm runs).
-    The one seam with the regression launcher; its own checks (20-step reward rise) are not asserted."""
-    command = [sys.executable, os.path.join(REPO_ROOT, "ci", "tiny_regression.py"), str(out), "--rollout=vllm"]
-    command += ["--no-golden", "--arm-timeout=540", f"--arms={arms}", f"--steps={STEPS}"]
-    command += [f"--override={o}" for o in LEGACY_OVERRIDES]
-    command += [f"--override=+ray_kwargs.ray_init.runtime_env.env_vars.{k}='{v}'" for k, v in PROBE.items()]
-    env = {**os.environ, **PROBE, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=REPO_ROOT, env=env)
-    summary = out / "summary.json"
-    assert summary.exists(), f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    runs = json.loads(summary.read_text())["runs"]
-    logs = "".join(f"\n--- {arm} ---\n{(out / arm / 'main_ppo.log').read_text()[-4000:]}" for arm in runs)
-    assert all(r["exit_code"] == 0 and r["steps"] == STEPS for r in runs.values()), f"{runs}{logs}"
-    return json.loads((out / "metrics.json").read_text()), runs
+def _legacy_run(out, arms: tuple[str, ...]) -> dict[str, list[dict]]:
+    """The regression's arms on the legacy trainer with the loss probe, through the project's one main_ppo
+    launcher: {arm: verl's per-step metrics}. Its 20-step sanity checks are not asserted here."""
+    task = tiny_task.build(str(out / "task"), seed=0, head_dim=32)
+    metrics = {}
+    for arm in arms:
+        overrides = [*launcher.tiny_task_overrides(task, steps=STEPS), *launcher.ARM_OVERRIDES[arm]]
+        run = launcher.run_main_ppo(
+            str(out / arm), [*overrides, *LEGACY_OVERRIDES], steps=STEPS, env=PROBE, label=arm, timeout_s=540
+        )
+        log = open(run.log_path, errors="replace").read()[-4000:]
+        assert run.exit_code == 0 and len(run.rows) == STEPS, f"{arm}: exit {run.exit_code}\n{log}"
+        metrics[arm] = run.rows
+    return metrics
 
 
 @pytest.fixture(scope="module")
 def legacy(tmp_path_factory):
-    metrics, _ = _legacy_run(tmp_path_factory.mktemp("legacy"), "vanilla,cppo")
+    metrics = _legacy_run(tmp_path_factory.mktemp("legacy"), ("vanilla", "cppo"))
     for arm, rows in metrics.items():  # the figures, for the log
         for r in rows:
             keys = ("probe", "rollout_probs_diff", "grad_norm", "cppo_masked_frac", "reward")
@@ -58,9 +53,6 @@ def legacy(tmp_path_factory):
 
 
 def test_vanilla_rollout_and_actor_log_probs_agree_at_every_step(legacy):
-    sys.path.insert(0, os.path.join(REPO_ROOT, "ci"))
-    from regression_checks import DEFAULT_CHECKS
-
     rows = legacy["vanilla"]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for row in rows:
