@@ -1,6 +1,6 @@
 """Per-call cost of bounding verl_cppo.math_reward: math-verify in the sandbox children vs in-process.
 
-    .venv/bin/python benchmarks/bench_math_reward.py --calls 1000 --threads 4
+    .venv/bin/python -m benchmarks.bench_math_reward --calls 1000 --threads 4
 
 Times ``--calls`` responses that need math-verify (no string match: ``3/4`` vs ``\\frac{3}{4}`` and the
 like, the work the sandbox exists for; every string distinct, so math-verify's caches never hit) three ways,
