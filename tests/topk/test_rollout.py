@@ -61,10 +61,10 @@ def test_vllm_topk_sampled_token_tied_with_the_kth():
 
 
 def test_vllm_topk_rejects_an_unexpected_answer():
-    with pytest.raises(ValueError, match=r"returned 1 logprobs at generated position 0; a logprobs=3 request"):
-        rt.vllm_topk([{5: Logprob(-0.1, 1)}], 3)
-    with pytest.raises(ValueError, match=r"returned no logprobs for generated position 0"):
-        rt.vllm_topk([None], 3)
+    with pytest.raises(ValueError, match=r"'r-0': 1 logprobs at generated position 0; a logprobs=3 request"):
+        rt.vllm_topk([{5: Logprob(-0.1, 1)}], 3, "r-0")
+    with pytest.raises(ValueError, match=r"'r-0': no logprobs at generated position 0"):
+        rt.vllm_topk([None], 3, "r-0")
 
 
 def sglang_meta(logprobs: torch.Tensor, k: int) -> dict:
@@ -200,3 +200,48 @@ def test_padding_sample_gets_empty_rows_of_its_own_length():
     untouched = {"responses": torch.zeros(3)}
     rt.pad_topk_fields(untouched, 1)
     assert list(untouched) == ["responses"]
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({5: Logprob(-0.1, None), 6: Logprob(-2.0, 2)}, r"malformed logprob entries at generated position 1"),
+        ({5: Logprob(-0.1, 1), 2**31: Logprob(-2.0, 2)}, r"token id 2147483648 at generated position 1, rank 2"),
+        ({5: Logprob(-0.1, 1), 6: (-2.0, 2)}, r"malformed logprob entries at generated position 1"),
+    ],
+)
+def test_vllm_malformed_entry_names_request_and_position(entry, message):
+    good = {1: Logprob(-0.5, 1), 2: Logprob(-1.5, 2)}
+    with pytest.raises(ValueError, match=r"vLLM request 'r-1': .*" + message):
+        rt.vllm_topk([good, entry], 2, "r-1")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            (-0.3, 7),
+            r"top logprob entry \(-0.3, 7\) at generated position 1, rank 2 is not a \(logprob, token_id, text\) tuple",
+        ),
+        ((None, 7, None), r"logprob None at generated position 1, rank 2 is not a number"),
+        ((-0.3, None, None), r"token id None at generated position 1, rank 2 is not a number"),
+        ((-0.3, 2**31, None), r"token id 2147483648 at generated position 1, rank 2 is not an int32"),
+        ((-0.3, 2**70, None), r"token id 1180591620717411303424 at generated position 1, rank 2 is not a number"),
+        ((-0.3, 2.5, None), r"token id 2.5 at generated position 1, rank 2 is not a number"),
+    ],
+)
+def test_sglang_malformed_entry_names_request_position_and_rank(bad, message):
+    top = [[(-0.1, 1, None), (-0.2, 2, None)], [(-0.1, 3, None), bad]]
+    with pytest.raises(ValueError, match=r"SGLang request 'r-2': " + message):
+        rt.sglang_topk({"output_top_logprobs": top}, 2, 2, "r-2")
+
+
+def test_sglang_wrong_count_and_k_zero():
+    top = [[(-0.1, 1, None), (-0.2, 2, None)], [(-0.1, 3, None)]]
+    with pytest.raises(ValueError, match=r"'r-3': 1 top logprobs at generated position 1; requested 2"):
+        rt.sglang_topk({"output_top_logprobs": top}, 2, 2, "r-3")
+    with pytest.raises(ValueError, match=r"SGLang top-K parsing needs K >= 1 \(K = 0 means no top-K is requested\)"):
+        rt.sglang_topk({"output_top_logprobs": [[], []]}, 2, 0)
+    extra = {}
+    rt.add_sglang_topk(extra, {"output_top_logprobs": [[], []]}, 2, 0)  # K = 0: nothing asked, nothing added
+    assert extra == {}
