@@ -16,6 +16,7 @@ from vllm.v1.outputs import LogprobsLists
 from verl_cppo import hooks
 from verl_cppo.testing import tiny_task
 from verl_cppo.topk import rollout as rt
+from verl_cppo.topk import servers as sv
 from verl_cppo.topk.setup import VLLM_ARRAYS_HOOK, _vllm_arrays_wrapper
 from verl_cppo.topk.vllm_arrays import TopKArrays
 
@@ -97,7 +98,7 @@ def generated_text(tokenizer, tokens):
 
 def topk_params(k, **kw):
     request = {"temperature": 1.0, "max_tokens": 40, "logprobs": True, **kw}
-    rt.vllm_topk_request(request, k)
+    sv.vllm_topk_request(request, k)
     return SamplingParams(**request)
 
 
@@ -110,7 +111,7 @@ def test_topk_request_keeps_arrays_and_its_text(arrays_hook, tokenizer, gen, k):
     assert isinstance(completion.logprobs, TopKArrays)
     assert completion.text == generated_text(tokenizer, tokens)  # the text: detokenized as before
     extra = {}
-    log_probs = rt.add_vllm_topk(extra, completion, k, "req-7")
+    log_probs = sv.add_vllm_topk(extra, completion, k, "req-7")
     true = torch.topk(logprobs, k)
     np.testing.assert_array_equal(extra[rt.TOPK_IDS], true.indices.numpy())
     np.testing.assert_allclose(extra[rt.TOPK_LOG_PROBS], true.values.numpy(), rtol=1e-6)
@@ -132,7 +133,7 @@ def test_stop_string_ends_text_and_rows_together(arrays_hook, tokenizer, gen):
     text = generated_text(tokenizer, tokens)
     assert completion.text == text[: text.index("c d")] and completion.text.strip() == "a b a"
     extra = {}
-    log_probs = rt.add_vllm_topk(extra, completion, 2)
+    log_probs = sv.add_vllm_topk(extra, completion, 2)
     n = len(completion.token_ids)
     assert n == 5 and extra[rt.TOPK_IDS].shape == (n, 2) and len(log_probs) == n
     np.testing.assert_array_equal(extra[rt.TOPK_IDS], torch.topk(logprobs[:n], 2).indices.numpy())
@@ -189,15 +190,15 @@ def test_answer_with_a_missing_or_shifted_position_is_refused():
     rows = np.array([[5, 5, 6], [7, 8, 7], [9, 1, 2]])
     arrays.append(rows, -np.ones((3, 3), np.float32))
     with pytest.raises(ValueError, match=r"'req-3': top-2 logprobs for 3 positions but 4 generated tokens "):
-        rt.add_vllm_topk({}, _Completion([5, 7, 9, 4], arrays), 2, "req-3")
+        sv.add_vllm_topk({}, _Completion([5, 7, 9, 4], arrays), 2, "req-3")
     with pytest.raises(
         ValueError, match=r"'req-3': logprob row 1 is for token 7 but generated position 1 holds token 8"
     ):
-        rt.add_vllm_topk({}, _Completion([5, 8, 9], arrays), 2, "req-3")
+        sv.add_vllm_topk({}, _Completion([5, 8, 9], arrays), 2, "req-3")
     with pytest.raises(ValueError, match=r"top-K arrays have 2 columns, expected K=3"):
-        rt.add_vllm_topk({}, _Completion([5, 7, 9], arrays), 3, "req-3")
+        sv.add_vllm_topk({}, _Completion([5, 7, 9], arrays), 3, "req-3")
     extra = {}
-    assert rt.add_vllm_topk(extra, _Completion([5, 7, 9], arrays), 2, "req-3") == [-1.0, -1.0, -1.0]
+    assert sv.add_vllm_topk(extra, _Completion([5, 7, 9], arrays), 2, "req-3") == [-1.0, -1.0, -1.0]
     assert extra[rt.TOPK_IDS].tolist() == [[5, 6], [8, 7], [1, 2]]
 
 
@@ -210,4 +211,4 @@ def test_topk_request_marker_is_checked():
     with pytest.raises(ValueError, match=r"must be an int K >= 1 equal to logprobs; got 3 with logprobs=2"):
         topk_of_request(bad)
     with pytest.raises(ValueError, match=r"needs K >= 1"):
-        rt.vllm_topk_request({"logprobs": True}, 0)
+        sv.vllm_topk_request({"logprobs": True}, 0)
