@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=16, help="responses per batch")
     parser.add_argument("--k", type=_ints, default=[0, 4, 20], help="K per setting; 0 = verl's own request")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--before",
+        action="store_true",
+        help="also run each K > 0 as the Top-K path did before the array processor (per-token Logprob dicts, "
+        "every top-K id decoded; printed as BEFORE lines)",
+    )
     args = parser.parse_args(argv)
     if args.prompts < 1 or min(args.vocab) < 64 or min(args.tokens) < 1 or max(args.k) > 20:
         parser.error("--prompts >= 1, --vocab >= 64, --tokens >= 1 and K <= 20 (vLLM's max_logprobs) are required")
@@ -208,8 +214,19 @@ class HeldLogprobs:
             yield final
 
 
-async def run_setting(server, k: int, prompts: list[list[int]], tokens: int, gc_clock: GcClock) -> dict:
+async def run_setting(
+    server, k: int, prompts: list[list[int]], tokens: int, gc_clock: GcClock, before: bool = False
+) -> dict:
+    from verl_cppo import hooks
     from verl_cppo.topk.rollout import ENV_TOPK
+    from verl_cppo.topk.setup import VLLM_ARRAYS_HOOK, _vllm_arrays_wrapper
+
+    if before:  # the frontend without the array processor: vLLM's own dicts, parsed position by position
+        hooks.unwrap("vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request")
+    else:
+        hooks.wrap(
+            "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", _vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
+        )
 
     if k:
         os.environ[ENV_TOPK] = str(k)
@@ -275,13 +292,17 @@ def main(argv: list[str] | None = None) -> int:
                 gc_clock = GcClock()
                 gc.callbacks.append(gc_clock)
                 try:
-                    return [(k, await run_setting(server, k, prompts, tokens, gc_clock)) for k in args.k]
+                    settings = [(k, False) for k in args.k] + [(k, True) for k in args.k if k and args.before]
+                    return [
+                        (k, before, await run_setting(server, k, prompts, tokens, gc_clock, before))
+                        for k, before in settings
+                    ]
                 finally:
                     gc.callbacks.remove(gc_clock)
                     server.engine.shutdown()
 
-            for k, row in asyncio.run(session()):
-                results.append({"vocab": vocab, "tokens": tokens, "k": k, **row})
+            for k, before, row in asyncio.run(session()):
+                results.append({"vocab": vocab, "tokens": tokens, "k": k, "before": before, **row})
     base = {(r["vocab"], r["tokens"]): r for r in results if r["k"] == 0}
     print(f"\n{args.prompts} prompts per setting, device {'cuda' if cuda else 'cpu'}")
     print("| vocab | tokens | K | tokens/s | x k=0 | frontend us/token | x k=0 | GC s | held B/token |")
@@ -291,12 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         rate = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if b else "-"
         cpu = f"{r['frontend_us_per_token'] / b['frontend_us_per_token']:.2f}" if b else "-"
         print(
-            f"| {r['vocab']:,} | {r['tokens']} | {r['k']} | {r['tokens_per_s']:,.0f} | {rate} | "
+            f"| {r['vocab']:,} | {r['tokens']} | {r['k']}{' before' if r['before'] else ''} | "
+            f"{r['tokens_per_s']:,.0f} | {rate} | "
             f"{r['frontend_us_per_token']:.1f} | {cpu} | {r['gc_s']:.3f} | {r['held_bytes_per_token']:.0f} |"
         )
     for r in results:
         print(
-            f"RESULT vocab={r['vocab']} tokens={r['tokens']} k={r['k']} tokens_per_s={r['tokens_per_s']:.1f} "
+            f"{'BEFORE' if r['before'] else 'RESULT'} vocab={r['vocab']} tokens={r['tokens']} k={r['k']} "
+            f"tokens_per_s={r['tokens_per_s']:.1f} "
             f"frontend_us_per_token={r['frontend_us_per_token']:.2f} gc_s={r['gc_s']:.4f} "
             f"held_bytes_per_token={r['held_bytes_per_token']:.1f}"
         )
