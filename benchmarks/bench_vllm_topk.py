@@ -98,9 +98,8 @@ def deep_size(obj, seen: set | None = None) -> int:
         if id(item) in seen or item is None or isinstance(item, type):
             continue
         seen.add(id(item))
-        total += sys.getsizeof(item)
+        total += sys.getsizeof(item)  # an array that owns its data counts its buffer here too
         if isinstance(item, np.ndarray):
-            total += item.nbytes if item.base is None else 0
             if item.base is not None:
                 stack.append(item.base)
         elif isinstance(item, dict):

@@ -45,6 +45,7 @@ def test_deep_size_counts_each_object_once():
     assert bench.deep_size(rows) == expected
     block = np.zeros((256, 21), dtype=np.int32)
     view = block[:10]
-    assert (
-        bench.deep_size([view]) == _sys.getsizeof([view]) + _sys.getsizeof(view) + _sys.getsizeof(block) + block.nbytes
-    )
+    assert _sys.getsizeof(block) >= block.nbytes > _sys.getsizeof(view)  # numpy counts an owned buffer in getsizeof
+    size = bench.deep_size([view])  # the view keeps the whole block alive: its buffer is counted once
+    assert size == _sys.getsizeof([view]) + _sys.getsizeof(view) + _sys.getsizeof(block)
+    assert block.nbytes < size < block.nbytes + 400
