@@ -49,6 +49,10 @@ def live(tmp_path_factory):
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)["input_ids"] for c in chats]
     yield server, loop, task["model"], prompts, tokenizer
     server.engine.shutdown()
+    tasks = asyncio.all_tasks(loop)  # the engine's output handler: cancelled before the loop closes
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
     loop.close()
     if saved is None:
         os.environ.pop(ENV_TOPK, None)
