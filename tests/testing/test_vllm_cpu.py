@@ -58,7 +58,7 @@ def test_live_topk_equals_an_independent_forward(tmp_path, monkeypatch):
     from vllm import LLM, SamplingParams
 
     from verl_cppo.testing import tiny_task
-    from verl_cppo.topk.rollout import vllm_topk
+    from verl_cppo.topk.servers import vllm_topk
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

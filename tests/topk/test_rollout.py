@@ -16,6 +16,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopO
 from verl.workers.rollout.replica import TokenOutput
 
 from verl_cppo.topk import rollout as rt
+from verl_cppo.topk import servers as sv
 
 
 @dataclass
@@ -43,7 +44,7 @@ def test_vllm_topk_recovers_the_true_top_k(k, gen):
     sampled = [int(torch.multinomial(row.exp(), 1, generator=gen)) for row in logprobs]
     sampled[0] = int(logprobs[0].argmax())  # inside the top-k
     sampled[1] = int(logprobs[1].argmin())  # far outside
-    ids, lps = rt.vllm_topk([vllm_position(row, s, k) for row, s in zip(logprobs, sampled)], k)
+    ids, lps = sv.vllm_topk([vllm_position(row, s, k) for row, s in zip(logprobs, sampled)], k)
     assert ids.dtype == np.int32 and lps.dtype == np.float32 and ids.shape == (12, k)
     true = torch.topk(logprobs, k)
     np.testing.assert_array_equal(ids, true.indices.numpy())
@@ -56,15 +57,15 @@ def test_vllm_topk_sampled_token_tied_with_the_kth():
     position = vllm_position(row, sampled=2, k=2)  # torch.topk picks ids 0, 1; id 2 ties id 1
     assert len(position) == 3 and position[2].rank == 3
     position = {2: Logprob(float(row[2]), 2), 0: Logprob(float(row[0]), 1), 1: Logprob(float(row[1]), 2)}
-    ids, _ = rt.vllm_topk([position], 2)
+    ids, _ = sv.vllm_topk([position], 2)
     assert ids.tolist() == [[0, 1]]
 
 
 def test_vllm_topk_rejects_an_unexpected_answer():
-    with pytest.raises(ValueError, match=r"returned 1 logprobs at generated position 0; a logprobs=3 request"):
-        rt.vllm_topk([{5: Logprob(-0.1, 1)}], 3)
-    with pytest.raises(ValueError, match=r"returned no logprobs for generated position 0"):
-        rt.vllm_topk([None], 3)
+    with pytest.raises(ValueError, match=r"'r-0': 1 logprobs at generated position 0; a logprobs=3 request"):
+        sv.vllm_topk([{5: Logprob(-0.1, 1)}], 3, "r-0")
+    with pytest.raises(ValueError, match=r"'r-0': no logprobs at generated position 0"):
+        sv.vllm_topk([None], 3, "r-0")
 
 
 def sglang_meta(logprobs: torch.Tensor, k: int) -> dict:
@@ -80,13 +81,13 @@ def sglang_meta(logprobs: torch.Tensor, k: int) -> dict:
 
 def test_sglang_topk(gen):
     logprobs = torch.log_softmax(torch.randn(5, 20, generator=gen, dtype=torch.float64), -1)
-    ids, lps = rt.sglang_topk(sglang_meta(logprobs, 4), 5, 4)
+    ids, lps = sv.sglang_topk(sglang_meta(logprobs, 4), 5, 4)
     np.testing.assert_array_equal(ids, torch.topk(logprobs, 4).indices.numpy())
     np.testing.assert_allclose(lps, torch.topk(logprobs, 4).values.numpy(), rtol=1e-6)
     # verl drops a mismatched answer to zero tokens: the top-K follows
-    assert rt.sglang_topk({}, 0, 4)[0].shape == (0, 4)
+    assert sv.sglang_topk({}, 0, 4)[0].shape == (0, 4)
     with pytest.raises(ValueError, match=r"output_top_logprobs for 5 tokens but 4 output ids"):
-        rt.sglang_topk(sglang_meta(logprobs, 4), 4, 4)
+        sv.sglang_topk(sglang_meta(logprobs, 4), 4, 4)
 
 
 def _answer(tokens, k, seed):
@@ -200,3 +201,48 @@ def test_padding_sample_gets_empty_rows_of_its_own_length():
     untouched = {"responses": torch.zeros(3)}
     rt.pad_topk_fields(untouched, 1)
     assert list(untouched) == ["responses"]
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({5: Logprob(-0.1, None), 6: Logprob(-2.0, 2)}, r"malformed logprob entries at generated position 1"),
+        ({5: Logprob(-0.1, 1), 2**31: Logprob(-2.0, 2)}, r"token id 2147483648 at generated position 1, rank 2"),
+        ({5: Logprob(-0.1, 1), 6: (-2.0, 2)}, r"malformed logprob entries at generated position 1"),
+    ],
+)
+def test_vllm_malformed_entry_names_request_and_position(entry, message):
+    good = {1: Logprob(-0.5, 1), 2: Logprob(-1.5, 2)}
+    with pytest.raises(ValueError, match=r"vLLM request 'r-1': .*" + message):
+        sv.vllm_topk([good, entry], 2, "r-1")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            (-0.3, 7),
+            r"top logprob entry \(-0.3, 7\) at generated position 1, rank 2 is not a \(logprob, token_id, text\) tuple",
+        ),
+        ((None, 7, None), r"logprob None at generated position 1, rank 2 is not a number"),
+        ((-0.3, None, None), r"token id None at generated position 1, rank 2 is not a number"),
+        ((-0.3, 2**31, None), r"token id 2147483648 at generated position 1, rank 2 is not an int32"),
+        ((-0.3, 2**70, None), r"token id 1180591620717411303424 at generated position 1, rank 2 is not a number"),
+        ((-0.3, 2.5, None), r"token id 2.5 at generated position 1, rank 2 is not a number"),
+    ],
+)
+def test_sglang_malformed_entry_names_request_position_and_rank(bad, message):
+    top = [[(-0.1, 1, None), (-0.2, 2, None)], [(-0.1, 3, None), bad]]
+    with pytest.raises(ValueError, match=r"SGLang request 'r-2': " + message):
+        sv.sglang_topk({"output_top_logprobs": top}, 2, 2, "r-2")
+
+
+def test_sglang_wrong_count_and_k_zero():
+    top = [[(-0.1, 1, None), (-0.2, 2, None)], [(-0.1, 3, None)]]
+    with pytest.raises(ValueError, match=r"'r-3': 1 top logprobs at generated position 1; requested 2"):
+        sv.sglang_topk({"output_top_logprobs": top}, 2, 2, "r-3")
+    with pytest.raises(ValueError, match=r"SGLang top-K parsing needs K >= 1 \(K = 0 means no top-K is requested\)"):
+        sv.sglang_topk({"output_top_logprobs": [[], []]}, 2, 0)
+    extra = {}
+    sv.add_sglang_topk(extra, {"output_top_logprobs": [[], []]}, 2, 0)  # K = 0: nothing asked, nothing added
+    assert extra == {}

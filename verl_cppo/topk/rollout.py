@@ -4,7 +4,7 @@ Data flow (each step names the verl 0.9.1 function that ``patches/topk_*.diff`` 
 
     vLLM / SGLang server  generate(): asks the engine for K top log-probs (vLLM ``SamplingParams.logprobs=K``,
         SGLang ``top_logprobs_num=K``) and adds ``[n, K]`` numpy arrays to ``TokenOutput.extra_fields``
-        (``vllm_topk`` / ``sglang_topk``)
+        (``verl_cppo.topk.servers``; vLLM's frontend keeps them as arrays: ``verl_cppo.topk.vllm_arrays``)
     agent-loop worker    ``LLMServerClient.generate``: pops the arrays from every server answer and records them
         with the turn's token ids (``record_generation``) in a per-trajectory ``generation_recorder``, opened by
         ``AgentLoopWorker._run_agent_loop``; the async trainers' resume loop calls it once per partial answer
@@ -36,18 +36,15 @@ __all__ = [
     "ENV_TOPK",
     "TOPK_IDS",
     "TOPK_LOG_PROBS",
+    "TOPK_REQUEST_KEY",
     "TOPK_ROLLOUTS",
     "Generation",
-    "add_sglang_topk",
-    "add_vllm_topk",
     "align_response_topk",
     "generation_recorder",
     "pad_topk_fields",
     "record_generation",
     "response_topk_fields",
     "rollout_topk",
-    "sglang_topk",
-    "vllm_topk",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +58,9 @@ TOPK_IDS = "rollout_topk_ids"
 TOPK_LOG_PROBS = "rollout_topk_log_probs"
 """Batch field: float32 [T, K] per response, mu's log-probs of those ids (0 where the id is -1)."""
 
+
+TOPK_REQUEST_KEY = "verl_cppo_topk"
+"""``SamplingParams.extra_args`` key of a vLLM Top-K request: K, mu's top-K kept as arrays (``vllm_arrays``)."""
 
 TOPK_ROLLOUTS = {"vllm", "sglang"}
 """``actor_rollout_ref.rollout.name`` values whose servers return mu's top-K (with the Top-K diffs)."""
@@ -82,75 +82,6 @@ def rollout_topk() -> int:
 
 def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, k), -1, dtype=np.int32), np.zeros((n, k), dtype=np.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Servers
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def vllm_topk(position_logprobs: Sequence[dict | None], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """mu's top-K from vLLM's sample logprobs (``CompletionOutput.logprobs`` of a ``logprobs=k`` request).
-
-    vLLM (0.24, ``vllm.logprobs.append_logprobs_for_next_position``) builds each position's dict
-    ``{token_id: Logprob(logprob, rank)}`` from [sampled, top_1 .. top_k] in that order: k + 1 entries when the
-    sampled token is not in the top-k (the first entry, whose rank may even tie with the k-th), k entries when it
-    is (the dict keeps its first position, with the top-k rank). The top-k are thus the entries after the first
-    when there are k + 1, all of them otherwise, ordered by rank. Returns ids int32 [n, k], log-probs float32.
-    """
-    n = len(position_logprobs)
-    ids, lps = _empty(n, k)
-    for i, entry in enumerate(position_logprobs):
-        if not entry:
-            raise ValueError(f"vLLM returned no logprobs for generated position {i}; requested logprobs={k}")
-        items = list(entry.items())
-        if len(items) == k + 1:
-            items = items[1:]
-        elif len(items) != k:
-            raise ValueError(
-                f"vLLM returned {len(items)} logprobs at generated position {i}; a logprobs={k} request gives "
-                f"{k} (sampled token in the top-{k}) or {k + 1}"
-            )
-        items.sort(key=lambda item: item[1].rank)
-        ids[i] = [token for token, _ in items]
-        lps[i] = [logprob.logprob for _, logprob in items]
-    return ids, lps
-
-
-def add_vllm_topk(extra_fields: dict, position_logprobs: Sequence[dict | None], k: int) -> None:
-    """Put mu's top-k of a vLLM answer into ``TokenOutput.extra_fields`` (no-op when k is 0)."""
-    if k > 0:
-        extra_fields[TOPK_IDS], extra_fields[TOPK_LOG_PROBS] = vllm_topk(position_logprobs, k)
-
-
-def sglang_topk(meta_info: dict, num_tokens: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """mu's top-K from SGLang's ``meta_info["output_top_logprobs"]`` of a ``top_logprobs_num=k`` request.
-
-    SGLang (0.5.12, ``TokenizerManager.detokenize_top_logprobs_tokens``) gives one list per generated token of
-    ``(logprob, token_id, text_or_None)`` tuples ranked best-first. ``num_tokens`` is the number of token ids
-    verl kept (0 when it dropped a mismatched answer). Returns ids int32 [n, k], log-probs float32 [n, k].
-    """
-    if num_tokens == 0:
-        return _empty(0, k)
-    top = meta_info.get("output_top_logprobs") or []
-    if len(top) != num_tokens:
-        raise ValueError(
-            f"SGLang returned output_top_logprobs for {len(top)} tokens but {num_tokens} output ids; "
-            f"requested top_logprobs_num={k}"
-        )
-    ids, lps = _empty(num_tokens, k)
-    for i, entries in enumerate(top):
-        if not entries or len(entries) != k:
-            raise ValueError(f"SGLang returned {len(entries or [])} top logprobs at generated position {i}, not {k}")
-        ids[i] = [int(token) for _, token, _ in entries]
-        lps[i] = [float(logprob) for logprob, _, _ in entries]
-    return ids, lps
-
-
-def add_sglang_topk(extra_fields: dict, meta_info: dict, num_tokens: int, k: int) -> None:
-    """Put mu's top-k of an SGLang answer into ``TokenOutput.extra_fields`` (no-op when k is 0)."""
-    if k > 0:
-        extra_fields[TOPK_IDS], extra_fields[TOPK_LOG_PROBS] = sglang_topk(meta_info, num_tokens, k)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ The user selects ``actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv``
    job's runtime environment that verl's ``run_ppo`` passes to ``ray.init``, so every process of the job
    (TaskRunner, agent-loop workers, rollout servers, actor workers) starts with it;
 2. each process (``verl_cppo.plugin``, during ``import verl``): ``install_topk_runtime`` applies the Top-K diffs
-   of ``verl_cppo/hooks/patches`` to the verl modules when they are imported, only when VERL_CPPO_TOPK is set.
+   of ``verl_cppo/hooks/patches`` to the verl modules when they are imported, and wraps vLLM's
+   ``LogprobsProcessor.from_new_request`` (``verl_cppo.topk.vllm_arrays``), only when VERL_CPPO_TOPK is set.
 
 The rollouts that serve mu's top-K are ``verl_cppo.topk.rollout.TOPK_ROLLOUTS`` (verl's vllm and sglang
 servers with the diffs).
@@ -78,8 +79,24 @@ def propagate_topk(config: Any) -> int:
     return k
 
 
+VLLM_ARRAYS_HOOK = "topk_vllm_arrays"
+"""Hook name of the ``LogprobsProcessor.from_new_request`` wrapper (``verl_cppo.topk.vllm_arrays``)."""
+
+
+def _vllm_arrays_wrapper(original):
+    from verl_cppo.topk.vllm_arrays import wrap_from_new_request
+
+    return wrap_from_new_request(original)
+
+
 def install_topk_runtime() -> list[str]:
-    """In a process with VERL_CPPO_TOPK set, patch the Top-K modules on import; returns their names."""
+    """In a process with VERL_CPPO_TOPK set, patch the Top-K modules on import; returns their names.
+
+    Also wraps vLLM's ``LogprobsProcessor.from_new_request`` (when vLLM's frontend is imported) so that the Top-K
+    requests of verl's vLLM server keep mu's top-K as arrays (``verl_cppo.topk.vllm_arrays``)."""
     if not rollout_topk():
         return []
+    hooks.wrap(
+        "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", _vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
+    )
     return hooks.apply_diffs(TOPK_DIFFS)
