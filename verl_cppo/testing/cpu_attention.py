@@ -14,8 +14,8 @@ This module gives the CPU test platform both halves:
   ``flash_attention_forward`` does (heads to dim 2, then call ``flash_attention._flash_attention_forward`` looked
   up at call time, i.e. verl's Ulysses wrapper once verl patched it), with the flash mask function (no 4-D mask);
 * ``varlen_causal_attention``: the packed-stream attention on CPU, installed with ``hooks.wrap`` in place of
-  ``_flash_attention_forward`` in ``verl.models.transformers.monkey_patch`` (what the Ulysses wrapper calls) and in
-  ``transformers.integrations.flash_attention`` (what ``cpu_varlen`` calls without verl's patch). Sequences are
+  ``_flash_attention_forward`` in ``verl.models.transformers.monkey_patch`` (what the Ulysses wrapper calls;
+  ``cpu_varlen`` calls it directly when verl did not patch the seam). Sequences are
   the runs of consecutive ``position_ids`` (verl packs each response's positions from 0); each is attended
   causally with ``scaled_dot_product_attention``, grouped-query heads repeated.
 
@@ -104,11 +104,17 @@ def cpu_varlen_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-interface signature (q / k / v [B, H, T, D]); calls the flash seam at call time."""
+    """transformers' attention-interface signature (q / k / v [B, H, T, D]); calls the flash seam at call time:
+    verl's Ulysses wrapper once ``apply_monkey_patch`` installed it (``use_remove_padding=True``), else the CPU
+    attention directly (transformers' own seam needs ``flash_attn``)."""
+    from transformers import modeling_flash_attention_utils
     from transformers.integrations import flash_attention
 
+    seam = flash_attention._flash_attention_forward
+    if seam is modeling_flash_attention_utils._flash_attention_forward:
+        seam = varlen_causal_attention
     kwargs.pop("is_causal", None)
-    out = flash_attention._flash_attention_forward(
+    out = seam(
         query.transpose(1, 2),  # [B, T, H, D]
         key.transpose(1, 2),
         value.transpose(1, 2),
@@ -131,11 +137,10 @@ def _replace(original):
 
 
 def install() -> None:
-    """Register ``cpu_varlen`` with transformers and route both flash seams to the CPU attention (idempotent)."""
+    """Register ``cpu_varlen`` with transformers; verl's Ulysses wrapper calls the CPU attention (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, cpu_varlen_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
-    for module in ("transformers.integrations.flash_attention", "verl.models.transformers.monkey_patch"):
-        hooks.wrap(module, "_flash_attention_forward", _replace, name=HOOK_NAME, now=True)
+    hooks.wrap("verl.models.transformers.monkey_patch", "_flash_attention_forward", _replace, name=HOOK_NAME, now=True)
