@@ -14,6 +14,7 @@ optimizer steps each (the second masks tokens). The checks:
 
 Planting a count error in front of the loss (``MULTIRANK_PLANT=dp_size`` or ``tokens`` in the environment; the
 2-rank runs then pass ``--plant``) makes these tests fail; ci/README.md records that check.
+``MULTIRANK_KEEP_DIR=DIR`` keeps every rank's log and output file.
 """
 
 from __future__ import annotations
@@ -75,10 +76,13 @@ def run_layout(world: int, sp: int, out_dir: str, plant: str | None = None) -> d
 @pytest.fixture(scope="module")
 def runs():
     plant = os.environ.get("MULTIRANK_PLANT") or None
+    keep = os.environ.get("MULTIRANK_KEEP_DIR")  # keep the ranks' logs and outputs there (default: a temp dir)
     with tempfile.TemporaryDirectory(prefix="multirank_") as tmp:
-        result = {"one": run_layout(1, 1, tmp)}
+        out_dir = keep or tmp
+        os.makedirs(out_dir, exist_ok=True)
+        result = {"one": run_layout(1, 1, out_dir)}
         for name, (world, sp) in LAYOUTS.items():
-            result[name] = run_layout(world, sp, tmp, plant)
+            result[name] = run_layout(world, sp, out_dir, plant)
     return result
 
 

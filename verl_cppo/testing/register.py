@@ -39,10 +39,10 @@ def register() -> None:
     if current is not None and current.device_name != "cpu":
         raise RuntimeError(f"verl already resolved platform {current.device_name!r} before {__name__} ran")
 
-    from verl_cppo.testing import cpu_attention, cpu_platform, cpu_rollout, vllm_cpu
+    from verl_cppo.testing import cpu_platform, cpu_rollout, cpu_ulysses, vllm_cpu
 
     cpu_platform.install()
-    cpu_attention.install()
+    cpu_ulysses.install()
     cpu_rollout.register()
     vllm_cpu.install()
 

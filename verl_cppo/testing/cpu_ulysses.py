@@ -1,4 +1,4 @@
-"""Packed (varlen) causal attention on CPU behind verl's flash-attention seam, so Ulysses SP runs on gloo.
+"""verl's Ulysses sequence parallelism on the CPU test platform: packed attention and an all-to-all gloo has.
 
 verl 0.9.1's Ulysses sequence parallelism lives inside flash attention: with ``use_remove_padding=True`` (which
 Ulysses requires) ``apply_monkey_patch`` replaces ``transformers.integrations.flash_attention.
@@ -7,7 +7,9 @@ the heads), which calls ``_flash_attention_forward`` of ``transformers.modeling_
 packed stream. That last call needs the ``flash_attn`` CUDA kernels, and under SDPA or eager attention the
 Ulysses all-to-all is never reached (each rank would attend within its own sequence shard only).
 
-This module gives the CPU test platform both halves:
+The exchange itself, ``verl.utils.ulysses.all_to_all_tensor``, calls ``dist.all_to_all`` (lists), which gloo
+does not implement (``RuntimeError: Backend gloo does not support alltoall``); gloo does implement
+``all_to_all_single``. This module gives the CPU test platform the three pieces:
 
 * an attention implementation ``cpu_varlen`` (transformers' ``AttentionInterface``; select it with
   ``+actor_rollout_ref.model.override_config.attn_implementation=cpu_varlen``) that does what transformers'
@@ -17,7 +19,10 @@ This module gives the CPU test platform both halves:
   ``_flash_attention_forward`` in ``verl.models.transformers.monkey_patch`` (what the Ulysses wrapper calls;
   ``cpu_varlen`` calls it directly when verl did not patch the seam). Sequences are
   the runs of consecutive ``position_ids`` (verl packs each response's positions from 0); each is attended
-  causally with ``scaled_dot_product_attention``, grouped-query heads repeated.
+  causally with ``scaled_dot_product_attention``, grouped-query heads repeated;
+* ``all_to_all_tensor`` in place of verl's in ``verl.utils.ulysses`` (``hooks.wrap``; ``SeqAllToAll`` looks the
+  name up there at call time): the same split, exchange and concatenation through one ``all_to_all_single`` on
+  the chunks stacked along a new first dim.
 
 Installed only by ``verl_cppo.testing.register`` (CPU test switch on); patches/README.md, section 7.
 """
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 
 from verl_cppo import hooks
 
-__all__ = ["ATTN_IMPLEMENTATION", "install", "segment_starts", "varlen_causal_attention"]
+__all__ = ["ATTN_IMPLEMENTATION", "all_to_all_tensor", "install", "segment_starts", "varlen_causal_attention"]
 
 ATTN_IMPLEMENTATION = "cpu_varlen"
 """``attn_implementation`` of the packed CPU attention (model ``override_config``)."""
@@ -128,6 +133,42 @@ def cpu_varlen_attention_forward(
     return out, None
 
 
+def all_to_all_tensor(
+    local_input: torch.Tensor,
+    scatter_dim: int,
+    gather_dim: int,
+    group: Any = None,
+    async_op: bool = False,
+):
+    """verl's ``all_to_all_tensor`` through ``all_to_all_single``: chunk i of ``scatter_dim`` goes to rank i, the
+    chunks received are concatenated along ``gather_dim`` in rank order (``group`` None: verl's Ulysses group)."""
+    import torch.distributed as dist
+    from verl.utils.ulysses import get_ulysses_sequence_parallel_group
+
+    group = get_ulysses_sequence_parallel_group() if group is None else group
+    world = dist.get_world_size(group)
+    chunks = torch.tensor_split(local_input, world, scatter_dim)
+    if len({tuple(c.shape) for c in chunks}) != 1:
+        raise ValueError(
+            f"all_to_all_tensor: dim {scatter_dim} of {tuple(local_input.shape)} does not split evenly over "
+            f"{world} ranks"
+        )
+    send = torch.stack(chunks).contiguous()  # [W, *chunk]
+    received = torch.empty_like(send)  # [W, *chunk]: row i from rank i
+    work = dist.all_to_all_single(received, send, group=group, async_op=async_op)
+
+    def gathered() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return torch.cat(received.unbind(0), dim=gather_dim).contiguous()
+
+    return gathered if async_op else gathered()
+
+
+def _all_to_all(original):
+    return functools.wraps(original)(lambda *args, **kwargs: all_to_all_tensor(*args, **kwargs))
+
+
 def _replace(original):
     @functools.wraps(original)
     def flash_attention_on_cpu(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -137,10 +178,12 @@ def _replace(original):
 
 
 def install() -> None:
-    """Register ``cpu_varlen`` with transformers; verl's Ulysses wrapper calls the CPU attention (idempotent)."""
+    """Register ``cpu_varlen`` with transformers; verl's Ulysses wrapper calls the CPU attention, its
+    all-to-all goes through ``all_to_all_single`` (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, cpu_varlen_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
     hooks.wrap("verl.models.transformers.monkey_patch", "_flash_attention_forward", _replace, name=HOOK_NAME, now=True)
+    hooks.wrap("verl.utils.ulysses", "all_to_all_tensor", _all_to_all, name=HOOK_NAME, now=True)

@@ -1,5 +1,6 @@
-"""The packed CPU attention behind verl's flash seam (``verl_cppo.testing.cpu_attention``) against a float64
-loop of softmax(q k^T / sqrt(d)) v per sequence, causal, grouped-query heads. Its use under Ulysses SP = 2 is
+"""The CPU Ulysses pieces (``verl_cppo.testing.cpu_ulysses``): the packed attention against a float64
+loop of softmax(q k^T / sqrt(d)) v per sequence (causal, grouped-query heads), the all-to-all on 2 gloo ranks
+against the list exchange it replaces. Their use under Ulysses SP = 2 is
 checked end to end by tests/e2e/test_multirank_equivalence.py."""
 
 import math
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from verl_cppo.testing.cpu_attention import segment_starts, varlen_causal_attention
+from verl_cppo.testing.cpu_ulysses import segment_starts, varlen_causal_attention
 
 
 def reference(q, k, v, lengths):
@@ -55,3 +56,28 @@ def test_padding_mask_and_dropout_are_refused():
         varlen_causal_attention(x, x, x, torch.tensor([[1, 1, 0], [1, 1, 1]]), 3)
     with pytest.raises(ValueError, match=r"dropout=0\.1"):
         varlen_causal_attention(x, x, x, None, 3, dropout=0.1)
+
+
+def _exchange(rank, world, scatter_dim, gather_dim):
+    import torch.distributed as dist
+
+    from verl_cppo.testing.cpu_ulysses import all_to_all_tensor
+
+    mine = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(2, 4, 6) + 1000 * rank  # [2, 4, 6]
+    out = all_to_all_tensor(mine, scatter_dim, gather_dim, group=dist.group.WORLD)
+    waited = all_to_all_tensor(mine, scatter_dim, gather_dim, group=dist.group.WORLD, async_op=True)()
+    return out, waited
+
+
+@pytest.mark.parametrize(("scatter_dim", "gather_dim"), [(1, 2), (2, 1), (0, 1)])
+def test_all_to_all_through_all_to_all_single_matches_the_list_exchange(scatter_dim, gather_dim):
+    """Rank r receives chunk r of every rank's scatter dim, concatenated in rank order along the gather dim
+    (what verl's list-based ``dist.all_to_all`` version returns), synchronously and with async_op."""
+    from tests.support.distributed import run_ranks
+
+    world = 2
+    results = run_ranks(_exchange, world, scatter_dim, gather_dim, time_limit_s=60)
+    inputs = [torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(2, 4, 6) + 1000 * r for r in range(world)]
+    for rank, (out, waited) in enumerate(results):
+        expected = torch.cat([torch.tensor_split(x, world, scatter_dim)[rank] for x in inputs], dim=gather_dim)
+        assert torch.equal(torch.tensor(out), expected) and torch.equal(torch.tensor(waited), expected)
