@@ -121,7 +121,7 @@ def run_case(case: str, record: dict, model_dir: str, sp: int, plant: str | None
     from verl.workers.utils.losses import ppo_loss
 
     from verl_cppo.config import CPPOConfig, CPPOPolicyLossConfig
-    from verl_cppo.testing.cpu_attention import ATTN_IMPLEMENTATION
+    from verl_cppo.testing.cpu_ulysses import ATTN_IMPLEMENTATION
     from verl_cppo.topk.engine_hook import ppo_loss_with_topk
 
     data, exclusion = recorded_batch(record, case)
