@@ -38,7 +38,8 @@ RUN_TIMEOUT_S = 420
 SWITCH = {"VERL_CPPO_CPU_TESTING": "1", "VERL_USE_EXTERNAL_MODULES": "verl_cppo.testing.register"}
 QUIET = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 RTOL, ATOL = 1e-5, 1e-6  # float32: DP / SP change only the order of sums
-PARAM_ATOL = 1e-5
+PARAM_ATOL = 1e-4  # after 2 AdamW steps of lr 0.05: g / sqrt(v) amplifies float32 noise of tiny gradient entries
+# (measured up to 3.5e-5); 1e-4 is 1e-3 of the largest possible move (2 x lr)
 
 
 def run_layout(world: int, sp: int, out_dir: str, plant: str | None = None) -> dict:
