@@ -30,7 +30,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 LAYOUT_OVERRIDES = {
     "one": [],
-    "dp2": ["trainer.n_gpus_per_node=2", "ray_kwargs.ray_init.num_gpus=2"],
+    "dp2": [  # 64 responses per mini-batch -> 32 per rank; verl needs them divisible by the micro-batch size
+        "trainer.n_gpus_per_node=2",
+        "ray_kwargs.ray_init.num_gpus=2",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32",
+    ],
     "sp2": [
         "trainer.n_gpus_per_node=2",
         "ray_kwargs.ray_init.num_gpus=2",
@@ -69,7 +73,8 @@ def plot(results: dict[str, dict[str, list[dict]]], path: str) -> None:
                     ax.plot(*zip(*points), marker=".", label=layout)
             ax.set(title=f"{arm}: {key}", xlabel="step")
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
