@@ -187,7 +187,12 @@ def test_when_imported_runs_after_import_and_at_once_if_imported(tmp_path, monke
     monkeypatch.delitem(sys.modules, "cppo_probe_module")
 
 
-HOOKED = ["verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.v1.trainer_base", "verl.workers.engine_workers"]
+HOOKED = [  # cppo_grpo's three hooks, and the legacy trainer's bypass anchor (verl_cppo.bypass_anchor)
+    "verl.trainer.ppo.ray_trainer",
+    "verl.trainer.ppo.rollout_corr_helper",
+    "verl.trainer.ppo.v1.trainer_base",
+    "verl.workers.engine_workers",
+]
 
 
 def test_plugin_defers_the_hooks_to_the_first_import():

@@ -16,6 +16,8 @@ What it registers, each through verl's own registry (no verl file is edited), or
   cpu_platform.py  ``PlatformRegistry`` "cpu": torch.cpu device module with no-op memory calls, gloo;
                    ``EngineRegistry``: the FSDP2 language-model engine for device "cpu"
   vllm_cpu.py      the shims that let verl's own vLLM rollout run on vLLM's CPU build, and its settings
+  cpu_ulysses.py   Ulysses SP on gloo: a packed causal attention behind verl's flash seam, all_to_all_single
+  loss_probe.py    with VERL_CPPO_LOSS_PROBE=1, what ppo_loss receives, as metrics (tests only)
 Used by name, not registered:
   tiny_task.py     a tiny Qwen3 and word-level tokenizer built from a config, the synthetic copy task as verl
                    parquet, and its verl custom reward function
@@ -23,7 +25,7 @@ Used by name, not registered:
                    verl's per-step metrics and progress lines (ci/tiny_regression.py, the stability study)
   replay_buffer.py verl's sync replay buffer with a shorter poll interval (``custom_sampler`` hook)
 
-One runtime hook is needed (patches/README.md, section 2): verl builds the process-group backend string
+Runtime hooks (patches/README.md, sections 5, 6, 8 and 10), e.g.: verl builds the process-group backend string
 ``cpu:gloo,<device>:<backend>``, which torch rejects when the device is the CPU.
 """
 

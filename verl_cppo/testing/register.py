@@ -2,8 +2,9 @@
 
 Importing this module (verl does it during ``import verl`` in every process that has the variable) registers
 the "cpu" platform and the FSDP2 engines for device "cpu", installs the CPU shims of verl's vLLM rollout
-(``verl_cppo.testing.vllm_cpu``) and, with ``VERL_CPPO_LOSS_PROBE=1``, the loss-input probe
-(``verl_cppo.testing.loss_probe``), and selects the platform (``VERL_PLATFORM=cpu``). It raises instead when:
+(``verl_cppo.testing.vllm_cpu``) and of Ulysses SP on gloo (``verl_cppo.testing.cpu_ulysses``) and, with
+``VERL_CPPO_LOSS_PROBE=1``, the loss-input probe (``verl_cppo.testing.loss_probe``), and selects the platform
+(``VERL_PLATFORM=cpu``). It raises instead when:
 
 * ``VERL_CPPO_CPU_TESTING`` is not "1" (the explicit switch; a stray module name alone does nothing but fail);
 * CUDA is available (a GPU machine must never train on the CPU test backend by accident);
@@ -39,9 +40,10 @@ def register() -> None:
     if current is not None and current.device_name != "cpu":
         raise RuntimeError(f"verl already resolved platform {current.device_name!r} before {__name__} ran")
 
-    from verl_cppo.testing import cpu_platform, vllm_cpu
+    from verl_cppo.testing import cpu_platform, cpu_ulysses, vllm_cpu
 
     cpu_platform.install()
+    cpu_ulysses.install()
     vllm_cpu.install()
     if os.environ.get("VERL_CPPO_LOSS_PROBE") == "1":  # what ppo_loss receives, as metrics (loss_probe)
         from verl_cppo.testing import loss_probe

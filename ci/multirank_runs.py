@@ -1,0 +1,130 @@
+"""The tiny regression's CPPO arms through ``main_ppo`` on two CPU ranks (gloo), beside the one-rank run.
+
+Layouts (each arm of the tiny regression runs once per layout through ``verl_cppo.testing.launcher``, with
+verl's vLLM rollout on vLLM's CPU build):
+  one   trainer.n_gpus_per_node=1                                   (FSDP2, one rank; the reference)
+  dp2   trainer.n_gpus_per_node=2                                   (FSDP2 DP = 2)
+  sp2   trainer.n_gpus_per_node=2, ulysses_sequence_parallel_size=2 (DP = 1, Ulysses SP = 2)
+Every layout packs sequences (``use_remove_padding=True``, which Ulysses needs) and uses the CPU test platform's
+packed attention ``cpu_varlen`` (patches/README.md, section 10), so the three differ only in the layout. The
+rollout is one vLLM replica per trainer rank (``rollout.tensor_model_parallel_size=1``: verl builds
+n_gpus / TP replicas); a TP = 2 replica would need vLLM's CPU build to run its own two-process executor.
+Arms: ``cppo`` (binary TV) and ``cppo_topk_tv``, both with ``adv_estimator=cppo_grpo`` (the regression's
+default), so groups with equal rewards are excluded at every step.
+
+OUTDIR/<layout>/metrics.json and OUTDIR/multirank.png (reward, masked fraction, delta_b, grad norm per step,
+layouts side by side per arm). The sampled rollouts differ between layouts (one replica vs two, each seeded),
+so these runs show that the layouts train alike; the step-for-step equality of the update is
+tests/e2e/test_multirank_equivalence.py's (one recorded rollout replayed through verl's worker path).
+
+    python -m ci.multirank_runs OUTDIR [--layouts one,dp2,sp2] [--arms cppo,cppo_topk_tv] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+LAYOUT_OVERRIDES = {
+    "one": [],
+    "dp2": [  # 64 responses per mini-batch -> 32 per rank; verl needs them divisible by the micro-batch size
+        "trainer.n_gpus_per_node=2",
+        "ray_kwargs.ray_init.num_gpus=2",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32",
+    ],
+    "sp2": [
+        "trainer.n_gpus_per_node=2",
+        "ray_kwargs.ray_init.num_gpus=2",
+        "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
+    ],
+}
+PACKED = [  # every layout: packed sequences and the CPU packed attention (later overrides win in Hydra)
+    "actor_rollout_ref.model.use_remove_padding=True",
+    "actor_rollout_ref.model.override_config.attn_implementation=cpu_varlen",
+]
+PANELS = ("reward", "masked_frac", "actor/cppo_delta_b_mean", "actor/grad_norm")
+
+
+def plot(results: dict[str, dict[str, list[dict]]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = sorted({arm for per_arm in results.values() for arm in per_arm})
+    fig, axes = plt.subplots(len(arms), len(PANELS), figsize=(4 * len(PANELS), 3.2 * len(arms)), squeeze=False)
+    for row, arm in enumerate(arms):
+        for col, key in enumerate(PANELS):
+            ax = axes[row][col]
+            for layout, per_arm in results.items():
+                points = [(r["step"], r[key]) for r in per_arm.get(arm, []) if key in r and r[key] == r[key]]
+                if points:
+                    ax.plot(*zip(*points), marker=".", label=layout)
+            ax.set(title=f"{arm}: {key}", xlabel="step")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("outdir")
+    parser.add_argument("--layouts", default="one,dp2,sp2")
+    parser.add_argument("--arms", default="cppo,cppo_topk_tv")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arm-timeout", type=float, default=1200.0)
+    args = parser.parse_args()
+    outdir = os.path.abspath(args.outdir)
+    from verl_cppo.testing import launcher, tiny_task
+
+    task = tiny_task.build(os.path.join(outdir, "task"), seed=args.seed, head_dim=32)
+    results: dict[str, dict[str, list[dict]]] = {}
+    codes = {}
+    for layout in args.layouts.split(","):
+        results[layout] = {}
+        for arm in args.arms.split(","):
+            masked = launcher.MASKED_KEY.get(arm, "actor/pg_clipfrac")
+            overrides = [
+                *launcher.tiny_task_overrides(task, seed=args.seed, steps=args.steps),
+                *launcher.ARM_OVERRIDES[arm],
+                *PACKED,
+                *LAYOUT_OVERRIDES[layout],
+            ]
+            run = launcher.run_main_ppo(
+                os.path.join(outdir, layout, arm),
+                overrides,
+                steps=args.steps,
+                label=f"{layout}/{arm}",
+                timeout_s=args.arm_timeout,
+                masked_key=masked,
+            )
+            results[layout][arm] = [
+                {
+                    **row,
+                    "reward": row.get("critic/score/mean", float("nan")),
+                    "masked_frac": row.get(launcher.MASKED_KEY.get(arm, "actor/pg_clipfrac"), float("nan")),
+                }
+                for row in run.rows
+            ]
+            codes[f"{layout}/{arm}"] = {
+                "exit_code": run.exit_code,
+                "wall_s": round(run.wall_s, 1),
+                "steps": len(run.rows),
+            }
+        with open(os.path.join(outdir, layout, "metrics.json"), "w") as f:
+            json.dump(results[layout], f, indent=1, allow_nan=True)
+    plot(results, os.path.join(outdir, "multirank.png"))
+    with open(os.path.join(outdir, "runs.json"), "w") as f:
+        json.dump(codes, f, indent=1)
+    print(json.dumps(codes))
+    return 0 if all(c["exit_code"] == 0 and c["steps"] == args.steps for c in codes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

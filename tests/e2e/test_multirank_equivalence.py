@@ -1,0 +1,139 @@
+"""Two ranks equal one: the same CPPO update through verl's worker path on 1 rank, DP = 2 and Ulysses SP = 2.
+
+tests/support/multirank_update.py runs verl's ``TrainingWorker.train_mini_batch`` (FSDP2 engine, CPU platform,
+gloo) on a recorded vLLM rollout for three cases: ``loss_mode=cppo`` with binary TV (``token-mean``), Top-K TV
+(the engine's logits hook; mu's top-K from vLLM) and ``cppo_grpo`` with one excluded group
+(``seq-mean-token-mean``, so both of verl's global counts matter). Each layout's processes run every case, two
+optimizer steps each (the second masks tokens). The checks:
+
+* the global counts verl hands the loss (``dp_size``, ``batch_num_tokens``, ``global_batch_size``) are the
+  one-rank values on every micro-batch of every rank (DP = 2: dp_size 2; SP = 2: dp_size 1), and the worker's
+  exclusion removes the estimator's 4 excluded responses from ``global_batch_size`` on every layout;
+* the loss and gradient norm of each step, every CPPO metric (masked fraction, delta_b mean, Top-K coverage, ...)
+  and the updated parameters equal the one-rank run to float32 tolerance.
+
+Planting a count error in front of the loss (``MULTIRANK_PLANT=dp_size`` or ``tokens`` in the environment; the
+2-rank runs then pass ``--plant``) makes these tests fail; ci/README.md records that check.
+``MULTIRANK_KEEP_DIR=DIR`` keeps every rank's log and output file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from tests.support import REPO_ROOT
+from verl_cppo.testing import tiny_task
+
+pytestmark = pytest.mark.slow
+
+CASES = ("cppo", "topk_tv", "cppo_grpo")
+LAYOUTS = {"dp2": (2, 1), "sp2": (2, 2)}  # name: (world, ulysses sp)
+RUN_TIMEOUT_S = 420
+SWITCH = {"VERL_CPPO_CPU_TESTING": "1", "VERL_USE_EXTERNAL_MODULES": "verl_cppo.testing.register"}
+QUIET = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+RTOL, ATOL = 1e-5, 1e-6  # float32: DP / SP change only the order of sums
+PARAM_ATOL = 1e-4  # after 2 AdamW steps of lr 0.05: g / sqrt(v) amplifies float32 noise of tiny gradient entries
+# (measured up to 3.5e-5); 1e-4 is 1e-3 of the largest possible move (2 x lr)
+
+
+def run_layout(world: int, sp: int, out_dir: str, plant: str | None = None) -> dict:
+    """Start `world` ranks of the update script (gloo, FileStore), wait at most RUN_TIMEOUT_S, load rank 0's file."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_USE_EXTERNAL", "VERL_CPPO", "VERL_PLAT"))}
+    out, store = os.path.join(out_dir, f"w{world}_sp{sp}.pt"), os.path.join(out_dir, f"store_w{world}_sp{sp}")
+    command = [sys.executable, "-m", "tests.support.multirank_update", out, store, ",".join(CASES), str(sp)]
+    command += ["--plant", plant] if plant else []
+    procs, logs = [], []
+    for rank in range(world):
+        env = {**base, **SWITCH, **QUIET, "PYTHONPATH": REPO_ROOT, "RANK": str(rank), "WORLD_SIZE": str(world)}
+        env.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+        log = open(os.path.join(out_dir, f"w{world}_sp{sp}_rank{rank}.log"), "w+")
+        procs.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        logs.append(log)
+    try:
+        codes = [p.wait(timeout=RUN_TIMEOUT_S) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    tails = []
+    for rank, log in enumerate(logs):
+        log.seek(0)
+        tails.append(f"--- rank {rank} ---\n" + log.read()[-3000:])
+        log.close()
+    assert codes is not None, f"world={world} sp={sp} timed out after {RUN_TIMEOUT_S} s\n" + "\n".join(tails)
+    assert codes == [0] * world, f"world={world} sp={sp} exit codes {codes}\n" + "\n".join(tails)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    plant = os.environ.get("MULTIRANK_PLANT") or None
+    keep = os.environ.get("MULTIRANK_KEEP_DIR")  # keep the ranks' logs and outputs there (default: a temp dir)
+    with tempfile.TemporaryDirectory(prefix="multirank_") as tmp:
+        out_dir = keep or tmp
+        os.makedirs(out_dir, exist_ok=True)
+        result = {"one": run_layout(1, 1, out_dir)}
+        for name, (world, sp) in LAYOUTS.items():
+            result[name] = run_layout(world, sp, out_dir, plant)
+    return result
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= ATOL + RTOL * abs(b)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("case", CASES)
+def test_global_counts_are_the_one_rank_counts(runs, case, layout):
+    one, many = runs["one"]["results"][case], runs[layout]["results"][case]
+    world, sp = LAYOUTS[layout]
+    (reference,) = {(c["batch_num_tokens"], c["global_batch_size"]) for c in one["counts"][0]}
+    assert many["layout"] == {"world": world, "sp": sp, "dp": world // sp}
+    for rank, per_micro in enumerate(many["counts"]):
+        assert per_micro, f"rank {rank} never called the loss"
+        for counts in per_micro:
+            assert counts["dp_size"] == world // sp, (rank, counts)
+            assert (counts["batch_num_tokens"], counts["global_batch_size"]) == reference, (rank, counts, reference)
+    excluded = 16 - reference[1]  # what the worker's exclusion removed from verl's sequence count
+    assert excluded == (one["estimator_excluded"] if case == "cppo_grpo" else 0) and many["estimator_excluded"] == 4
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("case", CASES)
+def test_loss_grad_norm_and_metrics_equal_one_rank(runs, case, layout):
+    one, many = runs["one"]["results"][case], runs[layout]["results"][case]
+    for key in ("loss", "grad_norm"):
+        assert len(one["steps"][key]) == len(many["steps"][key]) == 2
+        for step, (a, b) in enumerate(zip(many["steps"][key], one["steps"][key])):
+            assert _close(a, b), f"{key} step {step}: {layout} {a!r} vs one rank {b!r}"
+    assert one["metrics"]["actor/cppo_masked_frac"] > 0.05  # the comparison covers masked tokens
+    if case == "topk_tv":
+        assert one["metrics"]["actor/cppo_topk_coverage"] == 1.0
+    assert set(many["metrics"]) == set(one["metrics"])
+    cppo = [k for k in one["metrics"] if k.startswith("actor/cppo_")]
+    assert len(cppo) >= 10
+    wrong = {
+        k: (many["metrics"][k], one["metrics"][k]) for k in cppo if not _close(*(many["metrics"][k], one["metrics"][k]))
+    }
+    assert not wrong, f"{layout} CPPO metrics differ from one rank: {wrong}"
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("case", CASES)
+def test_updated_weights_equal_one_rank(runs, case, layout):
+    one, many = runs["one"]["params"][case], runs[layout]["params"][case]
+    assert sorted(one) == sorted(many)
+    diff = max(float((many[name] - one[name]).abs().max()) for name in one)
+    assert diff <= PARAM_ATOL, f"{layout}: updated weights differ by {diff}"
+    initial = tiny_task.build_model(seed=0, head_dim=32).state_dict()
+    moved = max(float((one[name] - initial[name]).abs().max()) for name in one if name in initial)
+    assert moved > 1e-3  # the update moved the weights: the comparison is not of the initial model
