@@ -311,13 +311,6 @@ def validate(config: Any, working_dir: str | None = None) -> list[Problem]:
     """Every driver-side check; warnings logged prominently, notes at DEBUG, ONE ValueError listing every
     error. Then K of a Top-K divergence to every Ray process. Returns the problems (notes and warnings)."""
     found = problems(config, working_dir)
-    if involves_the_plugin(config) is None:
-        found = [
-            Problem(f"(not refused: the launch does not use verl-cppo) {p.message}", "warning")
-            if p.level == "error"
-            else p
-            for p in found
-        ]
     for problem in found:
         if problem.level == "warning":
             logger.warning("\n%s\nverl-cppo WARNING: %s\n%s", "!" * 100, problem.message, "!" * 100)
