@@ -2,8 +2,8 @@
 # Creates (or refreshes) the one environment .venv at the repository root: verl 0.9.1 on its own pins (torch
 # 2.11.0, vllm 0.24.0 as vLLM's CPU build, transformers 5.9.0, megatron-core: verl's `vllm` and `cpu` extras),
 # the plugin editable with its test extras. Idempotent: a stamp of pyproject.toml and the set-up files skips the
-# work when nothing changed. Prints nothing on success but its one-line summary; a failing step prints one line
-# naming the step (pip's own output of that step is above it).
+# work when nothing changed. On success it ends with a one-line summary (time, size); a failing step ends with one
+# line naming the step (pip's own output of that step is above it). Nothing pip reports as an ERROR is expected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
@@ -16,8 +16,10 @@ start=$(date +%s)
 step() {  # step NAME COMMAND...: run one step, and on failure say which one
     local name=$1
     shift
-    if ! "$@"; then
-        echo "setup_env: FAILED at step '$name' (exit $?); see the output above" >&2
+    local status=0
+    "$@" || status=$?
+    if [ "$status" -ne 0 ]; then
+        echo "setup_env: FAILED at step '$name' (exit $status); see the output above" >&2
         exit 1
     fi
 }
