@@ -54,7 +54,7 @@ def test_fsdp2_engine_trains_cppo_and_syncs_weights_on_cpu(tmp_path):
     model_dir = T.build(str(tmp_path), n_train=4, n_val=4)["model"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_USE_EXTERNAL", "VERL_CPPO", "VERL_PLAT"))}
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "support", "cpu_engine_script.py"), model_dir],
+        [sys.executable, "-m", "tests.support.cpu_engine_script", model_dir],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**env, **SWITCH},
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -39,12 +39,11 @@ from verl.workers.config import (  # noqa: E402
     FSDPEngineConfig,
     FSDPOptimizerConfig,
     HFModelConfig,
-    TrainingWorkerConfig,
 )
-from verl.workers.engine_workers import TrainingWorker  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
 
+from tests.support.verl_inputs import training_worker  # noqa: E402
 from verl_cppo.config import CPPOConfig, CPPOPolicyLossConfig  # noqa: E402
 from verl_cppo.testing import tiny_task as T  # noqa: E402
 
@@ -97,13 +96,7 @@ def main() -> None:
         loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=R,
         policy_loss=CPPOPolicyLossConfig(loss_mode="cppo", cppo=CPPOConfig()),
     )  # fmt: skip
-    worker = TrainingWorker(
-        TrainingWorkerConfig(
-            model_type="language_model", model_config=model_config, engine_config=engine_config,
-            optimizer_config=optim_config, checkpoint_config=actor_config.checkpoint,
-        )
-    )  # fmt: skip
-    worker.reset()
+    worker = training_worker(model_config, engine_config, optim_config, actor_config)
     worker.set_loss_fn(partial(ppo_loss, config=actor_config))
     out["engine"] = type(worker.engine).__name__
 

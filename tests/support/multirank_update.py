@@ -115,11 +115,10 @@ def run_case(case: str, record: dict, model_dir: str, sp: int, plant: str | None
         FSDPEngineConfig,
         FSDPOptimizerConfig,
         HFModelConfig,
-        TrainingWorkerConfig,
     )
-    from verl.workers.engine_workers import TrainingWorker
     from verl.workers.utils.losses import ppo_loss
 
+    from tests.support.verl_inputs import training_worker
     from verl_cppo.config import CPPOConfig, CPPOPolicyLossConfig
     from verl_cppo.testing.cpu_ulysses import ATTN_IMPLEMENTATION
     from verl_cppo.topk.engine_hook import ppo_loss_with_topk
@@ -147,13 +146,7 @@ def run_case(case: str, record: dict, model_dir: str, sp: int, plant: str | None
         ulysses_sequence_parallel_size=sp,
         policy_loss=CPPOPolicyLossConfig(loss_mode="cppo", cppo=cppo),
     )  # fmt: skip
-    worker = TrainingWorker(
-        TrainingWorkerConfig(
-            model_type="language_model", model_config=model_config, engine_config=engine_config,
-            optimizer_config=optim_config, checkpoint_config=actor_config.checkpoint,
-        )
-    )  # fmt: skip
-    worker.reset()
+    worker = training_worker(model_config, engine_config, optim_config, actor_config)
     loss_fn = ppo_loss_with_topk if case == "topk_tv" else ppo_loss
     seen: list[dict] = []  # the global counts verl hands the loss, per micro-batch
 

@@ -91,3 +91,19 @@ def write_tiny_model_config(directory) -> None:
     import pathlib
 
     (pathlib.Path(directory) / "config.json").write_text(json.dumps(TINY_QWEN2_CONFIG))
+
+
+def training_worker(model_config, engine_config, optim_config, actor_config):
+    """verl's ``TrainingWorker`` for a language model built from these configs, reset (engine and optimizer
+    built), as the v1 trainer's actor worker builds it; call it after the process group and platform are set."""
+    from verl.workers.config import TrainingWorkerConfig
+    from verl.workers.engine_workers import TrainingWorker
+
+    worker = TrainingWorker(
+        TrainingWorkerConfig(
+            model_type="language_model", model_config=model_config, engine_config=engine_config,
+            optimizer_config=optim_config, checkpoint_config=actor_config.checkpoint,
+        )
+    )  # fmt: skip
+    worker.reset()
+    return worker
