@@ -85,6 +85,11 @@ def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
+def _whole(x: Any) -> bool:
+    """A finite real number with no fractional part (a bool is not one)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x == int(x)
+
+
 def _refuse(key: str, value: Any, allowed: str) -> None:
     raise ValueError(f"cppo loss: global_batch_info {key} must be {allowed}, got {value!r}")
 
@@ -105,13 +110,11 @@ def checked_batch_info(batch_info: Any) -> dict:
             if x is None:
                 info[key] = 1
                 continue
-            whole = isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x == int(x)
-            if not whole or x < 1:
+            if not _whole(x) or x < 1:
                 _refuse(key, value, "an int >= 1")
             info[key] = int(x)
         elif key in ("batch_num_tokens", "global_batch_size") and x is not None:
-            whole = isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x == int(x)
-            if not whole or x < 0:
+            if not _whole(x) or x < 0:
                 _refuse(key, value, "a whole count >= 0 (or None)")
         elif key == "loss_scale_factor" and x is not None:
             if isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0 < x < math.inf:
