@@ -1,53 +1,59 @@
-"""Seeded stability study: CPPO vs DPPO vs clipped PPO (and CPPO's ablations) under heavy off-policy reuse.
+"""Seeded stability study: CPPO vs DPPO (at its own and at a matched tighter delta) and CPPO's ablations.
 
 Every run is one ``python -m verl.trainer.main_ppo`` on CPU with the same trainer, rollout (verl's vLLM rollout
 on vLLM's CPU build), model and data as ``ci/tiny_regression.py``, launched by ``verl_cppo.testing.launcher``
 (the tiny task's shared command line, the CPU environment, the subprocess); this study appends its regime on
 top (later Hydra overrides win):
 
-* the reward of ``prefix_reward.py``: 16-word copy answers, each earlier mistake halves the later credit;
+* the reward of ``prefix_reward.py``: 64-word copy answers, each earlier mistake costs 10% of every later credit;
 * 16 prompts x 8 samples per step, mini-batches of 2 prompts and 2 epochs: 16 optimizer updates per rollout,
   so the last mini-batches are trained far from the rollout policy mu;
 * a learning rate of 5e-3 (the regression's is 1.5e-3 with 4 updates per rollout).
 
 Arms (the loss and its anchoring; everything else identical):
 
-  cppo                     loss_mode=cppo, paper defaults, anchored on mu (bypass mode)
-  cppo_no_position_weight  the same with cppo.position_weight=false (w_t = 1)
-  cppo_no_prefix_budget    the same with cppo.prefix_budget=false (the position-weighted token test only)
+  cppo                     loss_mode=cppo, paper defaults (binary TV), anchored on mu (bypass mode)
   dppo_tv                  verl's dppo_tv, delta 0.15 both sides, ratio cap 20, anchored on mu
-  vanilla                  PPO clip-higher 0.2 / 0.28, old log-probs recomputed by the actor (verl's default)
+  dppo_tv_matched          dppo_tv with delta MATCHED_DELTA: calibrated on seed 0 so that its masked fraction
+                           matches cppo's (is CPPO's effect its cumulative prefix budget, or only tightness?)
+  cppo_topk_tv             cppo with divergence=topk_tv, K = 4 (vLLM's top-K log-probs, the paper's divergence)
+  cppo_no_position_weight  cppo with cppo.position_weight=false (w_t = 1)
+  cppo_no_prefix_budget    cppo with cppo.prefix_budget=false (the position-weighted token test only)
+  vanilla                  PPO clip-higher 0.2 / 0.28 on the actor's recomputed old log-probs (first round only)
 
 A seed fixes the model's initialisation, the data order, the actor and the rollout's per-request seeds, and
-every arm gets the same seeds. Runs are still not bit-identical (ci/README.md: the TransferQueue agent loop
-assigns the rollout's per-request seeds in arrival order), which is why the study reports spreads.
+every arm gets the same seeds (SEEDS: 10 for the three main arms, 5 for the others). Runs are still not
+bit-identical (ci/README.md: the TransferQueue agent loop assigns the rollout's per-request seeds in arrival
+order), which is why the study reports spreads and paired tests (``stats.py``).
 
 Resumable: RESULTS (default ``benchmarks/stability/results.json``) is rewritten after every run, and a run
 already there that completed every step with the same configuration is not run again. Runs go seed by seed
 (all arms of seed 0, then seed 1, ...), so an interrupted study has comparable arms. The summary (per-arm
-final reward, worst drawdown, collapses) goes to ``summary.json`` next to RESULTS, the plot to PLOT.
+statistics and the paired comparisons of COMPARISONS) goes to ``summary.json`` next to RESULTS, the plot to PLOT.
 
-    python -m benchmarks.stability.run_study [--arms cppo,dppo_tv,...] [--seeds 0,1,2,3,4] [--steps 24]
-        [--lr 5e-3] [--results PATH] [--plot PATH] [--run-dir DIR] [--override K=V] [--summarize-only]
+    python -m benchmarks.stability.run_study [--arms cppo,dppo_tv,...] [--seeds 0,1,2] [--steps 24]
+        [--lr 5e-3] [--matched-delta D] [--results PATH] [--plot PATH] [--run-dir DIR] [--override K=V]
+        [--summarize-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import signal
-import statistics
 import sys
 
-from benchmarks.stability import prefix_reward
+from benchmarks.stability import prefix_reward, report
 from verl_cppo.testing import launcher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 RESPONSE_LENGTH = prefix_reward.ANSWER_LENGTH
+MAX_PROMPT = 16  # the tiny task's data.max_prompt_length
 SAMPLES_PER_PROMPT = 8  # the regression's rollout.n
 CPPO_CONFIG_TARGET = "actor_rollout_ref.actor.policy_loss._target_=verl_cppo.config.CPPOPolicyLossConfig"
 ARM_OVERRIDES = {
@@ -65,7 +71,23 @@ ARM_OVERRIDES = {
         "+actor_rollout_ref.actor.policy_loss.cppo.prefix_budget=false",
     ],
 }
-ARMS = ("cppo", "dppo_tv", "vanilla", "cppo_no_position_weight", "cppo_no_prefix_budget")
+ARM_OVERRIDES["cppo_topk_tv"] = launcher.ARM_OVERRIDES["cppo_topk_tv"]
+MATCHED_DELTA = 0.15
+"""dppo_tv_matched's delta (clip_ratio_low = clip_ratio_high): calibrated on seed 0 (README, "Calibration")."""
+ARMS = (
+    "cppo",
+    "dppo_tv",
+    "dppo_tv_matched",
+    "cppo_topk_tv",
+    "cppo_no_position_weight",
+    "cppo_no_prefix_budget",
+    "vanilla",
+)
+SEEDS = {"cppo": range(10), "dppo_tv": range(10), "dppo_tv_matched": range(10)}
+"""The default seeds per arm; arms not listed get DEFAULT_SEEDS."""
+DEFAULT_SEEDS = range(5)
+DEFAULT_ARMS = ARMS[:-1]
+"""The second round's arms (vanilla was measured in the first round only)."""
 MASKED_KEY = {arm: "actor/cppo_masked_frac" if arm.startswith("cppo") else "actor/pg_clipfrac" for arm in ARMS}
 """The fraction of valid tokens each loss drops from the gradient (masked or clipped)."""
 
@@ -79,17 +101,19 @@ PER_STEP_FIELDS = {
 }
 """results.json field -> verl metric, per step (masked_frac comes from MASKED_KEY)."""
 
-FINAL_WINDOW = 3
-"""Final reward = mean over the last FINAL_WINDOW steps (one step's mean over 128 samples is noisy)."""
-COLLAPSE_DROP = 0.25
-"""A run collapsed when its final reward is more than COLLAPSE_DROP below the best FINAL_WINDOW-step moving
-average it reached earlier: it learnt something and then lost it (a run that never learns is not a collapse)."""
-LOCKED_GRAD_NORM = 1e-3
-"""A run locked in when the actor's gradient norm stayed below LOCKED_GRAD_NORM over the last FINAL_WINDOW
-steps while its final reward was below LOCKED_BELOW: every group's 8 samples got the same reward (the policy
-became deterministic), so group-relative advantages are 0 and the run can never improve again. The learning
-steps of these runs have gradient norms of 0.01-0.1."""
-LOCKED_BELOW = 0.95
+
+def arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
+    """The arm's loss overrides; dppo_tv_matched is dppo_tv with its delta set to ``args.matched_delta``."""
+    if arm != "dppo_tv_matched":
+        return ARM_OVERRIDES[arm]
+    delta = args.matched_delta
+    if not 0.0 < delta <= 1.0:
+        raise ValueError(f"--matched-delta must be in (0, 1], got {delta}")
+    return [
+        *ARM_OVERRIDES["dppo_tv"],
+        f"actor_rollout_ref.actor.clip_ratio_low={delta}",
+        f"actor_rollout_ref.actor.clip_ratio_high={delta}",
+    ]
 
 
 def regime_overrides(args: argparse.Namespace) -> list[str]:
@@ -106,9 +130,12 @@ def regime_overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def run_config(args: argparse.Namespace) -> dict:
+def run_config(args: argparse.Namespace, arm: str = "") -> dict:
     """What must match for a stored run to count as done."""
+    matched = {"matched_delta": args.matched_delta} if arm == "dppo_tv_matched" else {}
     return {
+        **matched,
+        "answer_length": RESPONSE_LENGTH,
         "steps": args.steps,
         "lr": args.lr,
         "mini_batch": args.mini_batch,
@@ -127,7 +154,7 @@ def run_one(arm: str, seed: int, task: dict, args: argparse.Namespace) -> dict:
     )
     run = launcher.run_main_ppo(
         run_dir,
-        [*overrides, *regime_overrides(args), *ARM_OVERRIDES[arm], *args.override],
+        [*overrides, *regime_overrides(args), *arm_overrides(arm, args), *args.override],
         steps=args.steps,
         label=f"{arm}_seed{seed}",
         timeout_s=args.run_timeout,
@@ -140,17 +167,17 @@ def run_one(arm: str, seed: int, task: dict, args: argparse.Namespace) -> dict:
     if arm.startswith("cppo"):
         entry["masked_by_budget_share"] = [row.get("actor/cppo_masked_by_budget_share", math.nan) for row in rows]
     entry.update({"steps_done": len(rows), "exit_code": run.exit_code, "wall_s": round(wall, 1)})
-    entry["config"] = run_config(args)
+    entry["config"] = run_config(args, arm)
     rewards = " ".join(f"{r:.2f}" for r in entry["rewards"])
     print(f"[{arm} seed {seed}] exit {run.exit_code}, {len(rows)} steps, {wall:.0f} s; rewards {rewards}", flush=True)
     return entry
 
 
-def is_complete(entry: dict, args: argparse.Namespace) -> bool:
+def is_complete(entry: dict, args: argparse.Namespace, arm: str = "") -> bool:
     return (
         entry.get("exit_code") == 0
         and entry.get("steps_done") == args.steps
-        and entry.get("config") == run_config(args)
+        and entry.get("config") == run_config(args, arm)
     )
 
 
@@ -161,6 +188,33 @@ def load_results(path: str) -> dict[str, list[dict]]:
         return json.load(f)
 
 
+def record(arm: str, entry: dict, path: str) -> dict[str, list[dict]]:
+    """Merge one run into the results file under an exclusive lock (study processes on disjoint arms may share
+    it) and return the merged results."""
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(path)
+        others = [e for e in results.get(arm, []) if e["seed"] != entry["seed"]]
+        results[arm] = sorted([*others, entry], key=lambda e: e["seed"])
+        save_json(results, path)
+    return results
+
+
+def seed_task(seed: int, run_dir: str) -> dict:
+    """The seed's model and data, built once (under a lock: a second study process may want the same seed)."""
+    from verl_cppo.testing import tiny_task
+
+    task_dir = os.path.join(run_dir, f"seed{seed}", "task")
+    os.makedirs(task_dir, exist_ok=True)
+    with open(os.path.join(task_dir, "build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = os.path.join(task_dir, "task.json")
+        if not os.path.exists(done):  # vLLM's CPU attention needs head size >= 32; prompt and answer must fit
+            tiny_task.build(task_dir, seed=seed, head_dim=32, max_positions=MAX_PROMPT + RESPONSE_LENGTH)
+        with open(done) as f:
+            return json.load(f)
+
+
 def save_json(data, path: str) -> None:
     """Write through a temporary file, so an interrupted study never leaves a truncated results.json."""
     tmp = f"{path}.tmp"
@@ -169,137 +223,16 @@ def save_json(data, path: str) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------------------------- statistics
-
-
-def moving_average(values: list[float], window: int) -> list[float]:
-    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
-
-
-def worst_drawdown(rewards: list[float]) -> float:
-    """Largest fall of the per-step reward below its running maximum (0 for a non-decreasing curve)."""
-    peak, worst = -math.inf, 0.0
-    for reward in rewards:
-        peak = max(peak, reward)
-        worst = max(worst, peak - reward)
-    return worst
-
-
-def run_stats(entry: dict) -> dict:
-    rewards = entry["rewards"]
-    final = statistics.fmean(rewards[-FINAL_WINDOW:])
-    best_smoothed = max(moving_average(rewards, FINAL_WINDOW))
-    masked = [m for m in entry["masked_frac"] if not math.isnan(m)]
-    return {
-        "final_reward": final,
-        "best_reward": max(rewards),
-        "worst_drawdown": worst_drawdown(rewards),
-        "collapsed": final < best_smoothed - COLLAPSE_DROP,
-        "locked_in": max(entry["grad_norm"][-FINAL_WINDOW:]) < LOCKED_GRAD_NORM and final < LOCKED_BELOW,
-        "masked_frac_mean": statistics.fmean(masked) if masked else math.nan,
-        "rollout_train_kl_max": max(entry["rollout_train_kl"]),
-        "grad_norm_max": max(entry["grad_norm"]),
-    }
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
-    """Per arm over its completed runs: mean and sd of the final reward, worst drawdowns, collapses."""
-    summary = {}
-    for arm, entries in results.items():
-        done = [e for e in entries if is_complete(e, args)]
-        if not done:
-            continue
-        per_run = {e["seed"]: run_stats(e) for e in done}
-        finals = [s["final_reward"] for s in per_run.values()]
-        drawdowns = [s["worst_drawdown"] for s in per_run.values()]
-        final_mean, final_sd = mean_sd(finals)
-        drawdown_mean, _ = mean_sd(drawdowns)
-        summary[arm] = {
-            "runs": len(done),
-            "seeds": sorted(per_run),
-            "final_reward_mean": final_mean,
-            "final_reward_sd": final_sd,
-            "final_reward_min": min(finals),
-            "worst_drawdown_mean": drawdown_mean,
-            "worst_drawdown_max": max(drawdowns),
-            "collapsed": sum(s["collapsed"] for s in per_run.values()),
-            "locked_in": sum(s["locked_in"] for s in per_run.values()),
-            "masked_frac_mean": statistics.fmean(s["masked_frac_mean"] for s in per_run.values()),
-            "rollout_train_kl_max": max(s["rollout_train_kl_max"] for s in per_run.values()),
-            "wall_s_mean": statistics.fmean(e["wall_s"] for e in done),
-            "per_seed": per_run,
-        }
-    return summary
-
-
-def summary_table(summary: dict) -> str:
-    lines = [
-        f"| arm | runs | final reward (last {FINAL_WINDOW} steps) mean ± sd | min | worst drawdown mean / max "
-        "| collapsed | locked in | masked / clipped frac | max KL(mu‖pi) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for arm, s in summary.items():
-        lines.append(
-            f"| {arm} | {s['runs']} | {s['final_reward_mean']:.3f} ± {s['final_reward_sd']:.3f} "
-            f"| {s['final_reward_min']:.3f} | {s['worst_drawdown_mean']:.3f} / {s['worst_drawdown_max']:.3f} "
-            f"| {s['collapsed']}/{s['runs']} | {s['locked_in']}/{s['runs']} "
-            f"| {s['masked_frac_mean']:.4f} | {s['rollout_train_kl_max']:.4f} |"
-        )
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------- plot
-
-
-def plot(results: dict[str, list[dict]], args: argparse.Namespace, path: str) -> None:
-    """Reward, masked fraction and KL(mu || pi) per step: mean over seeds with a ± sd band, seeds as thin lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = (("rewards", "reward (critic/score/mean)"), ("masked_frac", "masked / clipped fraction"))
-    panels += (("rollout_train_kl", "KL(mu || pi) over the updates (actor/ppo_kl)"),)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0))
-    for index, (arm, entries) in enumerate(results.items()):
-        done = [e for e in entries if is_complete(e, args)]
-        if not done:
-            continue
-        color = f"C{index}"
-        for ax, (field, _) in zip(axes, panels):
-            curves = [e[field] for e in done]
-            steps = range(1, len(curves[0]) + 1)
-            mean = [statistics.fmean(c[i] for c in curves) for i in range(len(steps))]
-            sd = [statistics.stdev(c[i] for c in curves) if len(curves) > 1 else 0.0 for i in range(len(steps))]
-            for curve in curves:
-                ax.plot(steps, curve, color=color, alpha=0.15, linewidth=0.8)
-            ax.plot(steps, mean, color=color, linewidth=2, label=f"{arm} (n={len(done)})")
-            ax.fill_between(
-                steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], color=color, alpha=0.15
-            )
-    for ax, (_, title) in zip(axes, panels):
-        ax.set(xlabel="step", title=title)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylim(0, 1.02)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS))
+    parser.add_argument("--seeds", default=None, help="the same seeds for every arm (default: SEEDS per arm)")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--matched-delta", type=float, default=MATCHED_DELTA, help="dppo_tv_matched's delta")
     parser.add_argument("--mini-batch", type=int, default=2, help="prompts per mini-batch (of 16 per step)")
     parser.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch")
     parser.add_argument("--adv-estimator", default="cppo_grpo")
@@ -314,41 +247,46 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {ARMS}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.seeds is None:
+        plan = {arm: list(SEEDS.get(arm, DEFAULT_SEEDS)) for arm in arms}
+    else:
+        plan = {arm: [int(s) for s in args.seeds.split(",") if s] for arm in arms}
+    seeds = sorted({seed for arm_seeds in plan.values() for seed in arm_seeds})
     args.results = os.path.abspath(args.results)
     args.run_dir = os.path.abspath(args.run_dir)
     plot_path = args.plot or os.path.join(os.path.dirname(args.results), "reward_curves.png")
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
 
-    from verl_cppo.testing import tiny_task
-
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # run the cleanup in run_one
 
     results = load_results(args.results)
-    for seed in [] if args.summarize_only else seeds:
+    main_arms = [arm for arm in arms if arm in SEEDS]
+    # the main arms' seeds first (the primary comparison complete as early as possible), then the others
+    order = [(seed, group) for group in (main_arms, [a for a in arms if a not in SEEDS]) for seed in seeds]
+    for seed, group in [] if args.summarize_only else order:
         task = None
-        for arm in arms:
+        for arm in [arm for arm in group if seed in plan[arm]]:
             entries = results.setdefault(arm, [])
-            if any(e["seed"] == seed and is_complete(e, args) for e in entries):
+            if any(e["seed"] == seed and is_complete(e, args, arm) for e in entries):
                 print(f"[{arm} seed {seed}] already complete, skipped", flush=True)
                 continue
             if task is None:  # the model's initialisation and the data order follow the seed
-                task_dir = os.path.join(args.run_dir, f"seed{seed}", "task")
-                task = tiny_task.build(task_dir, seed=seed, head_dim=32)  # vLLM's CPU attention: head size >= 32
-            entry = run_one(arm, seed, task, args)
-            results[arm] = sorted([e for e in entries if e["seed"] != seed] + [entry], key=lambda e: e["seed"])
-            save_json(results, args.results)
+                task = seed_task(seed, args.run_dir)
+            results = record(arm, run_one(arm, seed, task, args), args.results)
 
-    summary = summarize(results, args)
+    results = load_results(args.results)  # with what other study processes recorded meanwhile
+    completed = {arm: [e for e in entries if is_complete(e, args, arm)] for arm, entries in results.items()}
+    summary = report.summarize(completed)
     save_json(summary, os.path.join(os.path.dirname(args.results), "summary.json"))
-    if summary:
-        plot(results, args, plot_path)
-        print(summary_table(summary))
+    if summary["arms"]:
+        report.plot(completed, plot_path)
+        print(report.summary_table(summary["arms"]))
+        print(report.comparison_table(summary["comparisons"]))
     incomplete = [
         (arm, s)
         for arm in arms
-        for s in seeds
-        if not any(e["seed"] == s and is_complete(e, args) for e in results.get(arm, []))
+        for s in plan[arm]
+        if not any(e["seed"] == s and is_complete(e, args, arm) for e in results.get(arm, []))
     ]
     if incomplete and not args.summarize_only:
         print(f"incomplete runs: {incomplete}")

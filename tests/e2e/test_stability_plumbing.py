@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from benchmarks.stability import report
 from benchmarks.stability import run_study as study_module
 from tests.support import REPO_ROOT
 from verl_cppo.testing.launcher import TEST_ENV
@@ -61,7 +62,7 @@ def test_one_run_writes_results_and_a_second_invocation_resumes(tmp_path):
     assert all(0.0 <= r <= 1.0 for r in entry["rewards"])
     assert all(0.0 <= m <= 1.0 for m in entry["masked_frac"])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary[ARM]["runs"] == 1 and summary[ARM]["seeds"] == [0]
+    assert summary["arms"][ARM]["runs"] == 1 and summary["arms"][ARM]["seeds"] == [0]
     assert (tmp_path / "reward_curves.png").stat().st_size > 0
 
     log_mtime = log_path.stat().st_mtime
@@ -77,8 +78,8 @@ def test_one_run_writes_results_and_a_second_invocation_resumes(tmp_path):
 
 def test_drawdown_collapse_and_completeness_on_hand_made_curves():
     study = study_module
-    assert study.worst_drawdown([0.1, 0.5, 0.3, 0.6, 0.2, 0.4]) == pytest.approx(0.4)
-    assert study.worst_drawdown([0.1, 0.2, 0.2, 0.9]) == 0.0
+    assert report.worst_drawdown([0.1, 0.5, 0.3, 0.6, 0.2, 0.4]) == pytest.approx(0.4)
+    assert report.worst_drawdown([0.1, 0.2, 0.2, 0.9]) == 0.0
 
     def entry(rewards):
         n = len(rewards)
@@ -87,20 +88,26 @@ def test_drawdown_collapse_and_completeness_on_hand_made_curves():
     rising = {**entry([0.1, 0.3, 0.5, 0.7, 0.8, 0.9]), "rollout_train_kl": [0.01] * 6}
     collapsing = {**entry([0.1, 0.6, 0.8, 0.8, 0.3, 0.2, 0.1]), "rollout_train_kl": [0.01] * 7}
     never_learns = {**entry([0.02, 0.03, 0.02, 0.01, 0.02]), "rollout_train_kl": [0.01] * 5}
-    assert not study.run_stats(rising)["collapsed"]
-    assert study.run_stats(collapsing)["collapsed"]
-    assert not study.run_stats(never_learns)["collapsed"]
-    assert not any(study.run_stats(e)["locked_in"] for e in (rising, collapsing, never_learns))
+    assert not report.run_stats(rising)["collapsed"]
+    assert report.run_stats(collapsing)["collapsed"]
+    assert not report.run_stats(never_learns)["collapsed"]
+    assert not any(report.run_stats(e)["locked_in"] for e in (rising, collapsing, never_learns))
     frozen_gradient = [0.05, 0.05, 0.05, 0.0, 0.0, 0.0]
     locked = {**rising, "rewards": [0.1, 0.3, 0.44, 0.44, 0.44, 0.44], "grad_norm": frozen_gradient}
     solved = {**rising, "rewards": [0.1, 0.5, 0.9, 1.0, 1.0, 1.0], "grad_norm": frozen_gradient}
-    assert study.run_stats(locked)["locked_in"] and not study.run_stats(locked)["collapsed"]
-    assert not study.run_stats(solved)["locked_in"]
+    assert report.run_stats(locked)["locked_in"] and not report.run_stats(locked)["collapsed"]
+    assert not report.run_stats(solved)["locked_in"]
 
-    args = argparse.Namespace(steps=6, lr=5e-3, mini_batch=2, epochs=2, adv_estimator="cppo_grpo", override=[])
+    args = argparse.Namespace(
+        steps=6, lr=5e-3, mini_batch=2, epochs=2, adv_estimator="cppo_grpo", override=[], matched_delta=0.1
+    )
     done = {**rising, "exit_code": 0, "steps_done": 6, "config": study.run_config(args)}
     assert study.is_complete(done, args)
     assert not study.is_complete({**done, "exit_code": 1}, args)
     assert not study.is_complete({**done, "steps_done": 5}, args)
     other_lr = argparse.Namespace(**{**vars(args), "lr": 1e-3})
     assert not study.is_complete(done, other_lr)
+    matched = {**done, "config": study.run_config(args, "dppo_tv_matched")}
+    assert study.is_complete(matched, args, "dppo_tv_matched")
+    other_delta = argparse.Namespace(**{**vars(args), "matched_delta": 0.2})
+    assert not study.is_complete(matched, other_delta, "dppo_tv_matched")

@@ -72,9 +72,12 @@ def build_model(
     num_layers: int = 2,
     head_dim: int | None = None,
     vocab_size: int | None = None,
+    max_positions: int = 64,
 ):
     """The seeded random Qwen3 of the task; ``vocab_size`` (default: the task's VOCAB) widens its vocabulary for
-    benchmarks whose K must be a real choice (the task's tokenizer then covers only the first ids)."""
+    benchmarks whose K must be a real choice (the task's tokenizer then covers only the first ids).
+    ``max_positions`` bounds prompt + response (vLLM's max_model_len follows it); RoPE has no weights, so it
+    does not change the seeded initialisation."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
@@ -86,7 +89,7 @@ def build_model(
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=head_dim or hidden_size // 4,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         bos_token_id=VOCAB.index("<|im_start|>"),
         eos_token_id=VOCAB.index("<|im_end|>"),
@@ -126,14 +129,20 @@ def write_data(outdir: str, n_train: int, n_val: int, seed: int = 0) -> dict[str
 
 
 def build(
-    outdir: str, seed: int = 0, n_train: int = 1024, n_val: int = 64, head_dim: int | None = None
+    outdir: str,
+    seed: int = 0,
+    n_train: int = 1024,
+    n_val: int = 64,
+    head_dim: int | None = None,
+    max_positions: int = 64,
 ) -> dict[str, str]:
     """Write OUTDIR/model (weights + tokenizer) and the parquet files; returns their paths.
 
-    ``head_dim``: None keeps hidden / heads = 16; vLLM's CPU attention needs >= 32."""
+    ``head_dim``: None keeps hidden / heads = 16; vLLM's CPU attention needs >= 32. ``max_positions``: the
+    longest prompt + response the model (and vLLM's max_model_len) allows."""
     os.makedirs(outdir, exist_ok=True)
     model_dir = os.path.join(outdir, "model")
-    build_model(seed, head_dim=head_dim).save_pretrained(model_dir)
+    build_model(seed, head_dim=head_dim, max_positions=max_positions).save_pretrained(model_dir)
     build_tokenizer().save_pretrained(model_dir)
     paths = {"model": model_dir, **write_data(outdir, n_train, n_val, seed)}
     with open(os.path.join(outdir, "task.json"), "w") as f:
