@@ -12,10 +12,12 @@ n_gpus / TP replicas); a TP = 2 replica would need vLLM's CPU build to run its o
 Arms: ``cppo`` (binary TV) and ``cppo_topk_tv``, both with ``adv_estimator=cppo_grpo`` (the regression's
 default), so groups with equal rewards are excluded at every step.
 
-OUTDIR/<layout>/metrics.json and OUTDIR/multirank.png (reward, masked fraction, delta_b, grad norm per step,
-layouts side by side per arm). The sampled rollouts differ between layouts (one replica vs two, each seeded),
-so these runs show that the layouts train alike; the step-for-step equality of the update is
-tests/e2e/test_multirank_equivalence.py's (one recorded rollout replayed through verl's worker path).
+OUTDIR/<layout>/metrics.json (every metric), OUTDIR/summary.json (the panels' metrics, loss, Top-K coverage
+and step time per step, exit code and wall time per run) and OUTDIR/multirank.png (reward, masked fraction,
+delta_b, grad norm, excluded-response share per step, layouts side by side per arm). The sampled rollouts
+differ between layouts (one replica vs two, each seeded), so these runs show that the layouts train alike; the
+step-for-step equality of the update is tests/e2e/test_multirank_equivalence.py's (one recorded rollout
+replayed through verl's worker path).
 
     python -m ci.multirank_runs OUTDIR [--layouts one,dp2,sp2] [--arms cppo,cppo_topk_tv] [--steps 10]
 """
@@ -44,7 +46,9 @@ PACKED = [  # every layout: packed sequences and the CPU packed attention (later
     "actor_rollout_ref.model.use_remove_padding=True",
     "actor_rollout_ref.model.override_config.attn_implementation=cpu_varlen",
 ]
-PANELS = ("reward", "masked_frac", "actor/cppo_delta_b_mean", "actor/grad_norm")
+PANELS = ("reward", "masked_frac", "actor/cppo_delta_b_mean", "actor/grad_norm", "cppo_grpo/excluded_response_frac")
+SUMMARY_KEYS = (*PANELS, "actor/pg_loss", "actor/cppo_topk_coverage", "timing_s/step")
+"""Per-step metrics kept in OUTDIR/summary.json (the compact record of the runs; metrics.json has them all)."""
 
 
 def plot(results: dict[str, dict[str, list[dict]]], path: str) -> None:
@@ -122,6 +126,13 @@ def main() -> int:
     plot(results, os.path.join(outdir, "multirank.png"))
     with open(os.path.join(outdir, "runs.json"), "w") as f:
         json.dump(codes, f, indent=1)
+    summary = {
+        f"{layout}/{arm}": {**codes[f"{layout}/{arm}"], **{k: [row.get(k) for row in rows] for k in SUMMARY_KEYS}}
+        for layout, per_arm in results.items()
+        for arm, rows in per_arm.items()
+    }
+    with open(os.path.join(outdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, allow_nan=True)
     print(json.dumps(codes))
     return 0 if all(c["exit_code"] == 0 and c["steps"] == args.steps for c in codes.values()) else 1
 
