@@ -10,7 +10,9 @@ packed attention ``cpu_varlen`` (patches/README.md, section 10), so the three di
 rollout is one vLLM replica per trainer rank (``rollout.tensor_model_parallel_size=1``: verl builds
 n_gpus / TP replicas); a TP = 2 replica would need vLLM's CPU build to run its own two-process executor.
 Arms: ``cppo`` (binary TV) and ``cppo_topk_tv``, both with ``adv_estimator=cppo_grpo`` (the regression's
-default), so groups with equal rewards are excluded at every step.
+default). On the tiny task a group's 8 answers all score the same only once the policy is near-deterministic
+(reward above ~0.95, after about 15 steps), so ``--unsolvable-every 4`` makes every 4th prompt unsolvable
+(``tiny_task.write_data``): its group scores 0 throughout and is excluded at every step, on every layout.
 
 OUTDIR/<layout>/metrics.json (every metric), OUTDIR/summary.json (the panels' metrics, loss, Top-K coverage
 and step time per step, exit code and wall time per run) and OUTDIR/multirank.png (reward, masked fraction,
@@ -20,12 +22,14 @@ step-for-step equality of the update is tests/e2e/test_multirank_equivalence.py'
 replayed through verl's worker path).
 
     python -m ci.multirank_runs OUTDIR [--layouts one,dp2,sp2] [--arms cppo,cppo_topk_tv] [--steps 10]
+        [--unsolvable-every K]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -75,7 +79,37 @@ def plot(results: dict[str, dict[str, list[dict]]], path: str) -> None:
     plt.close(fig)
 
 
-def main() -> int:
+def check(summary: dict[str, dict], steps: int, unsolvable_every: int) -> list[str]:
+    """The runs' sanity checks (``summary``: OUTDIR/summary.json): each run exited 0 after every step with
+    finite reward, masked fraction and grad norm; its reward rose as the tiny regression's cppo must (the mean
+    of its last ``last_window`` steps at least the scaled ``cppo_rise_min`` above its first step); with
+    unsolvable prompts, cppo_grpo excluded responses at every step (their all-zero groups); the Top-K arm's
+    coverage is in (0, 1] at every step."""
+    from ci import regression_checks
+
+    rise_min = regression_checks.scaled_limits(regression_checks.DEFAULT_CHECKS, steps)["cppo_rise_min"]
+    window = regression_checks.last_window(steps)
+    problems = []
+    for name, run in summary.items():
+        if run["exit_code"] != 0 or run["steps"] != steps:
+            problems.append(f"{name}: exit {run['exit_code']} after {run['steps']} of {steps} steps")
+            continue
+        for key in ("reward", "masked_frac", "actor/grad_norm"):
+            if not all(isinstance(v, float) and math.isfinite(v) for v in run[key]):
+                problems.append(f"{name}: non-finite {key}: {run[key]}")
+        rewards = run["reward"]
+        rise = sum(rewards[-window:]) / window - rewards[0]
+        if not rise >= rise_min:
+            problems.append(f"{name}: reward rose {rise:.3f} (last {window} steps vs first), needs >= {rise_min:.3f}")
+        excluded = run["cppo_grpo/excluded_response_frac"]
+        if unsolvable_every and not all(v and v > 0 for v in excluded):
+            problems.append(f"{name}: cppo_grpo excluded no response in some step: {excluded}")
+        if "topk" in name and not all(v is not None and 0 < v <= 1 for v in run["actor/cppo_topk_coverage"]):
+            problems.append(f"{name}: Top-K coverage outside (0, 1]: {run['actor/cppo_topk_coverage']}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("outdir")
     parser.add_argument("--layouts", default="one,dp2,sp2")
@@ -83,11 +117,15 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arm-timeout", type=float, default=1200.0)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--unsolvable-every", type=int, default=0, help="every k-th prompt unsolvable: cppo_grpo excludes its group"
+    )
+    args = parser.parse_args(argv)
     outdir = os.path.abspath(args.outdir)
     from verl_cppo.testing import launcher, tiny_task
 
-    task = tiny_task.build(os.path.join(outdir, "task"), seed=args.seed, head_dim=32)
+    task_dir = os.path.join(outdir, "task")
+    task = tiny_task.build(task_dir, seed=args.seed, head_dim=32, unsolvable_every=args.unsolvable_every)
     results: dict[str, dict[str, list[dict]]] = {}
     codes = {}
     for layout in args.layouts.split(","):
@@ -133,8 +171,10 @@ def main() -> int:
     }
     with open(os.path.join(outdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, allow_nan=True)
+    problems = check(summary, args.steps, args.unsolvable_every)
+    print("\n".join(["multirank checks:", *problems]) if problems else "multirank checks: all passed")
     print(json.dumps(codes))
-    return 0 if all(c["exit_code"] == 0 and c["steps"] == args.steps for c in codes.values()) else 1
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

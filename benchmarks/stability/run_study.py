@@ -189,8 +189,8 @@ def load_results(path: str) -> dict[str, list[dict]]:
 
 
 def record(arm: str, entry: dict, path: str) -> dict[str, list[dict]]:
-    """Merge one run into the results file under an exclusive lock (study processes on disjoint arms may share
-    it) and return the merged results."""
+    """Merge one run into the results file under an exclusive lock (another study call, e.g. a calibration
+    trial, may write the same file) and return the merged results."""
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = load_results(path)
@@ -201,7 +201,7 @@ def record(arm: str, entry: dict, path: str) -> dict[str, list[dict]]:
 
 
 def seed_task(seed: int, run_dir: str) -> dict:
-    """The seed's model and data, built once (under a lock: a second study process may want the same seed)."""
+    """The seed's model and data, built once per run directory (under a lock, like ``record``)."""
     from verl_cppo.testing import tiny_task
 
     task_dir = os.path.join(run_dir, f"seed{seed}", "task")

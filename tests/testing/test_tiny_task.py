@@ -56,3 +56,18 @@ def test_verl_dataset_reads_the_parquet(tmp_path):
     assert row["data_source"] == T.DATA_SOURCE
     assert row["raw_prompt"][0]["content"] in T.SYMBOLS
     assert row["reward_model"]["ground_truth"] == row["raw_prompt"][0]["content"]
+
+
+def test_unsolvable_prompts_score_zero_for_every_answer(tmp_path):
+    import pandas as pd
+
+    paths = T.write_data(str(tmp_path), n_train=12, n_val=4, unsolvable_every=4)
+    train, val = pd.read_parquet(paths["train"]), pd.read_parquet(paths["val"])
+    truths = [row["ground_truth"] for row in train["reward_model"]]
+    assert [t == T.UNSOLVABLE for t in truths] == [False, False, False, True] * 3
+    assert all(row["ground_truth"] in T.SYMBOLS for row in val["reward_model"])  # validation stays solvable
+    assert T.UNSOLVABLE not in T.VOCAB
+    for symbol in T.SYMBOLS:  # not even a perfect copy of the prompt's symbol scores
+        assert T.compute_score(T.DATA_SOURCE, " ".join([symbol] * T.ANSWER_LENGTH), T.UNSOLVABLE) == 0.0
+    with pytest.raises(ValueError, match="unsolvable_every must be >= 0, got -1"):
+        T.write_data(str(tmp_path), n_train=4, n_val=4, unsolvable_every=-1)

@@ -28,10 +28,21 @@ import json
 import os
 import random
 
-__all__ = ["ANSWER_LENGTH", "DATA_SOURCE", "SYMBOLS", "build_model", "build_tokenizer", "compute_score", "write_data"]
+__all__ = [
+    "ANSWER_LENGTH",
+    "DATA_SOURCE",
+    "SYMBOLS",
+    "UNSOLVABLE",
+    "build_model",
+    "build_tokenizer",
+    "compute_score",
+    "write_data",
+]
 
 DATA_SOURCE = "verl_cppo/copy"
 SYMBOLS = tuple("abcd")
+UNSOLVABLE = "<unsolvable>"
+"""The ground truth of an unsolvable prompt (``write_data``): not a word of VOCAB, so no answer matches it."""
 ANSWER_LENGTH = 8
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad, turn start, turn end = eos
 VOCAB = (*SPECIAL, "\n", "user", "assistant", *SYMBOLS)
@@ -104,8 +115,14 @@ def build_model(
     return model
 
 
-def write_data(outdir: str, n_train: int, n_val: int, seed: int = 0) -> dict[str, str]:
-    """verl RLHF parquet files with prompts cycling through SYMBOLS in a seeded order."""
+def write_data(outdir: str, n_train: int, n_val: int, seed: int = 0, unsolvable_every: int = 0) -> dict[str, str]:
+    """verl RLHF parquet files with prompts cycling through SYMBOLS in a seeded order.
+
+    ``unsolvable_every`` = k > 0 makes every k-th training prompt unsolvable: its ground truth is UNSOLVABLE, a
+    word the tokenizer cannot write, so all its answers score 0 and ``cppo_grpo`` excludes its group (the
+    all-fail prompts of real data sets)."""
+    if unsolvable_every < 0:
+        raise ValueError(f"unsolvable_every must be >= 0, got {unsolvable_every}")
     import pandas as pd
 
     rng = random.Random(seed)
@@ -114,12 +131,14 @@ def write_data(outdir: str, n_train: int, n_val: int, seed: int = 0) -> dict[str
         rows = []
         for index in range(n):
             symbol = rng.choice(SYMBOLS)
+            unsolvable = split == "train" and unsolvable_every and index % unsolvable_every == unsolvable_every - 1
+            truth = UNSOLVABLE if unsolvable else symbol
             rows.append(
                 {
                     "data_source": DATA_SOURCE,
                     "prompt": [{"role": "user", "content": symbol}],
                     "ability": "copy",
-                    "reward_model": {"style": "rule", "ground_truth": symbol},
+                    "reward_model": {"style": "rule", "ground_truth": truth},
                     "extra_info": {"split": split, "index": index},
                 }
             )
@@ -135,16 +154,18 @@ def build(
     n_val: int = 64,
     head_dim: int | None = None,
     max_positions: int = 64,
+    unsolvable_every: int = 0,
 ) -> dict[str, str]:
     """Write OUTDIR/model (weights + tokenizer) and the parquet files; returns their paths.
 
     ``head_dim``: None keeps hidden / heads = 16; vLLM's CPU attention needs >= 32. ``max_positions``: the
-    longest prompt + response the model (and vLLM's max_model_len) allows."""
+    longest prompt + response the model (and vLLM's max_model_len) allows. ``unsolvable_every``: see
+    ``write_data``."""
     os.makedirs(outdir, exist_ok=True)
     model_dir = os.path.join(outdir, "model")
     build_model(seed, head_dim=head_dim, max_positions=max_positions).save_pretrained(model_dir)
     build_tokenizer().save_pretrained(model_dir)
-    paths = {"model": model_dir, **write_data(outdir, n_train, n_val, seed)}
+    paths = {"model": model_dir, **write_data(outdir, n_train, n_val, seed, unsolvable_every)}
     with open(os.path.join(outdir, "task.json"), "w") as f:
         json.dump({"seed": seed, "symbols": SYMBOLS, "answer_length": ANSWER_LENGTH, **paths}, f, indent=1)
     return paths
