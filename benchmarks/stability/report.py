@@ -174,3 +174,20 @@ def plot(completed: dict[str, list[dict]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def per_seed_table(summary: dict) -> str:
+    """Final reward per arm and seed, "(locked)" marking the runs that locked in, "(collapsed)" the collapses."""
+    seeds = sorted({seed for s in summary.values() for seed in s["per_seed"]})
+    lines = ["| arm | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for arm, s in summary.items():
+        cells = []
+        for seed in seeds:
+            run = s["per_seed"].get(seed) or s["per_seed"].get(str(seed))
+            if run is None:
+                cells.append("")
+                continue
+            marks = " (locked)" * bool(run["locked_in"]) + " (collapsed)" * bool(run["collapsed"])
+            cells.append(f"{run['final_reward']:.2f}{marks}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

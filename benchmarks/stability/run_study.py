@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary["arms"]:
         report.plot(completed, plot_path)
         print(report.summary_table(summary["arms"]))
+        print(report.per_seed_table(summary["arms"]))
         print(report.comparison_table(summary["comparisons"]))
     incomplete = [
         (arm, s)
