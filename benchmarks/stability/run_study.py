@@ -73,7 +73,7 @@ ARM_OVERRIDES = {
 }
 ARM_OVERRIDES["cppo_topk_tv"] = launcher.ARM_OVERRIDES["cppo_topk_tv"]
 MATCHED_DELTA = 0.0625
-"""dppo_tv_matched's delta (clip_ratio_low = clip_ratio_high): calibrated on seed 0 (README, "Calibration")."""
+"""dppo_tv_matched's delta (clip_ratio_low = clip_ratio_high), calibrated on seed 0 (README: "Calibrating")."""
 ARMS = (
     "cppo",
     "dppo_tv",
