@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     outdir = os.path.abspath(args.outdir)
     from verl_cppo.testing import launcher, tiny_task
 
-    task_dir = os.path.join(outdir, "task")
-    task = tiny_task.build(task_dir, seed=args.seed, head_dim=32, unsolvable_every=args.unsolvable_every)
+    task = tiny_task.build(
+        os.path.join(outdir, "task"), seed=args.seed, head_dim=32, unsolvable_every=args.unsolvable_every
+    )
     results: dict[str, dict[str, list[dict]]] = {}
     codes = {}
     for layout in args.layouts.split(","):

@@ -183,7 +183,7 @@ def per_seed_table(summary: dict) -> str:
     for arm, s in summary.items():
         cells = []
         for seed in seeds:
-            run = s["per_seed"].get(seed) or s["per_seed"].get(str(seed))
+            run = s["per_seed"].get(seed)
             if run is None:
                 cells.append("")
                 continue

@@ -39,7 +39,6 @@ statistics and the paired comparisons of COMPARISONS) goes to ``summary.json`` n
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import math
 import os
@@ -189,30 +188,25 @@ def load_results(path: str) -> dict[str, list[dict]]:
 
 
 def record(arm: str, entry: dict, path: str) -> dict[str, list[dict]]:
-    """Merge one run into the results file under an exclusive lock (another study call, e.g. a calibration
-    trial, may write the same file) and return the merged results."""
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = load_results(path)
-        others = [e for e in results.get(arm, []) if e["seed"] != entry["seed"]]
-        results[arm] = sorted([*others, entry], key=lambda e: e["seed"])
-        save_json(results, path)
+    """Merge one run into the results file as it is on disk now (a study call run in between, e.g. a
+    calibration trial, may have added to it) and return the merged results."""
+    results = load_results(path)
+    others = [e for e in results.get(arm, []) if e["seed"] != entry["seed"]]
+    results[arm] = sorted([*others, entry], key=lambda e: e["seed"])
+    save_json(results, path)
     return results
 
 
 def seed_task(seed: int, run_dir: str) -> dict:
-    """The seed's model and data, built once per run directory (under a lock, like ``record``)."""
+    """The seed's model and data, built once per run directory (task.json marks a finished build)."""
     from verl_cppo.testing import tiny_task
 
     task_dir = os.path.join(run_dir, f"seed{seed}", "task")
-    os.makedirs(task_dir, exist_ok=True)
-    with open(os.path.join(task_dir, "build.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = os.path.join(task_dir, "task.json")
-        if not os.path.exists(done):  # vLLM's CPU attention needs head size >= 32; prompt and answer must fit
-            tiny_task.build(task_dir, seed=seed, head_dim=32, max_positions=MAX_PROMPT + RESPONSE_LENGTH)
-        with open(done) as f:
-            return json.load(f)
+    done = os.path.join(task_dir, "task.json")
+    if not os.path.exists(done):  # vLLM's CPU attention needs head size >= 32; prompt and answer must fit
+        tiny_task.build(task_dir, seed=seed, head_dim=32, max_positions=MAX_PROMPT + RESPONSE_LENGTH)
+    with open(done) as f:
+        return json.load(f)
 
 
 def save_json(data, path: str) -> None:
@@ -274,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
                 task = seed_task(seed, args.run_dir)
             results = record(arm, run_one(arm, seed, task, args), args.results)
 
-    results = load_results(args.results)  # with what other study processes recorded meanwhile
     completed = {arm: [e for e in entries if is_complete(e, args, arm)] for arm, entries in results.items()}
     summary = report.summarize(completed)
     save_json(summary, os.path.join(os.path.dirname(args.results), "summary.json"))

@@ -71,7 +71,7 @@ def paired_comparison(stats_a: dict[int, dict], stats_b: dict[int, dict]) -> dic
         out[f"{key}_p"] = sign_flip_p(differences)
     only_a = sum(stats_a[s]["locked_in"] and not stats_b[s]["locked_in"] for s in seeds)
     only_b = sum(stats_b[s]["locked_in"] and not stats_a[s]["locked_in"] for s in seeds)
-    out.update({"locked_in_a": sum(stats_a[s]["locked_in"] for s in seeds)})
-    out.update({"locked_in_b": sum(stats_b[s]["locked_in"] for s in seeds)})
-    out.update({"locked_only_a": only_a, "locked_only_b": only_b, "locked_in_p": mcnemar_exact_p(only_a, only_b)})
+    out["locked_in_a"] = sum(stats_a[s]["locked_in"] for s in seeds)
+    out["locked_in_b"] = sum(stats_b[s]["locked_in"] for s in seeds)
+    out.update(locked_only_a=only_a, locked_only_b=only_b, locked_in_p=mcnemar_exact_p(only_a, only_b))
     return out
