@@ -24,7 +24,8 @@ Design:
   longer than ``MAX_GROUND_TRUTH_CHARS``) is compared as a string only.
 * Bad arguments are errors, not scores: a ``solution_str`` that is not a string or a ``ground_truth`` that
   is None (a dataset row without ``reward_model.ground_truth``) raise a ``TypeError`` / ``ValueError``
-  naming the argument; scoring such a row 0 would silently drop its prompt from training.
+  naming the argument; scoring such a row 0 would silently drop its prompt from training. The driver checks
+  the data files for ``DATA_FIELDS`` before Ray starts, so this error is the last guard, not the first.
 * Score 1.0 for a correct answer, 0.0 otherwise (the paper's grader; no format penalty).
 
 math-verify is verl's ``math`` extra; it is imported on first use, with an error that says how to install it.
@@ -39,6 +40,7 @@ import threading
 from typing import Any
 
 __all__ = [
+    "DATA_FIELDS",
     "MAX_ANSWER_CHARS",
     "MAX_GROUND_TRUTH_CHARS",
     "MEMORY_MB",
@@ -65,6 +67,10 @@ TIMEOUT_SECONDS = 5
 
 MEMORY_MB = 512
 """Address space a math-verify child may grow by beyond its size after importing math-verify."""
+
+DATA_FIELDS = {"reward_model.ground_truth": "string"}
+"""What ``compute_score`` reads from every dataset row: the driver checks ``data.train_files`` and
+``data.val_files`` for it before Ray starts (``verl_cppo.data_check``; keep it true in a copy you adapt)."""
 
 MAX_WORKERS = min(4, os.cpu_count() or 1)
 """math-verify child processes per process that scores (started on demand)."""
