@@ -34,6 +34,7 @@ __all__ = [
     "TOPK_DIFFS",
     "TOPK_ROLLOUTS",
     "configured_topk",
+    "export_to_ray_job",
     "install_topk_runtime",
     "propagate_topk",
 ]
@@ -61,20 +62,27 @@ def configured_topk(config: Any) -> int:
     return k
 
 
-def propagate_topk(config: Any) -> int:
-    """Export VERL_CPPO_TOPK=K to this process and to the Ray job's runtime env (no-op without Top-K)."""
-    k = configured_topk(config)
-    if k == 0:
-        return 0
+def export_to_ray_job(config: Any, name: str, value: str) -> None:
+    """Set environment variable ``name`` in this process and in ``ray_kwargs.ray_init.runtime_env.env_vars``,
+    the Ray job's runtime environment that verl's ``run_ppo`` passes to ``ray.init``: every process of the job
+    (TaskRunner, agent-loop workers, rollout servers, actor workers) starts with it."""
     from omegaconf import OmegaConf
 
-    os.environ[ENV_TOPK] = str(k)
+    os.environ[name] = value
     keys = ["ray_kwargs", "ray_init", "runtime_env", "env_vars"]
     for depth in range(1, len(keys) + 1):  # a null node on the way (e.g. runtime_env: null) becomes {}
         node = ".".join(keys[:depth])
         if OmegaConf.select(config, node) is None:
             OmegaConf.update(config, node, {}, force_add=True)
-    OmegaConf.update(config, f"{node}.{ENV_TOPK}", str(k), force_add=True)
+    OmegaConf.update(config, f"{node}.{name}", value, force_add=True)
+
+
+def propagate_topk(config: Any) -> int:
+    """Export VERL_CPPO_TOPK=K to this process and to the Ray job's runtime env (no-op without Top-K)."""
+    k = configured_topk(config)
+    if k == 0:
+        return 0
+    export_to_ray_job(config, ENV_TOPK, str(k))
     logger.info("verl-cppo: Top-K divergence with K=%d; %s=%d exported to the Ray job's runtime env", k, ENV_TOPK, k)
     return k
 
