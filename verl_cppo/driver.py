@@ -263,7 +263,7 @@ def _cppo_grpo(config: Any) -> list[Problem]:
 def _verl_assumptions(config: Any) -> list[Problem]:
     """What the plugin assumes of verl (``verl_cppo.hooks.assumptions``); a replaced registrant is a warning, and
     the opt-in that replaced it reaches every Ray process."""
-    found = [Problem(message) for message in assumptions.violations()]
+    found = [Problem(message) for message in assumptions.violations(config)]
     for registry, other in assumptions.replaced_registrants().items():
         found.append(Problem(f"verl-cppo's {registry} replaced {other} ({assumptions.REPLACE_ENV}=1)", "warning"))
         export_to_ray_job(config, assumptions.REPLACE_ENV, "1")

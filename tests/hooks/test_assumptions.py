@@ -130,5 +130,8 @@ def test_a_data_plane_that_drops_undeclared_columns_is_a_named_error(monkeypatch
     monkeypatch.setattr(
         assumptions, "_module_file", lambda m: neoproto if m == "verl.experimental.neoproto" else original(m)
     )
-    errors, _ = _errors_and_warnings(CPPO_LAUNCH)
-    assert [e for e in errors if "this verl ships NeoProto" in e and "cppo_grpo_keep" in e], errors
+    message = "this launch's data plane is NeoProto (verl.experimental.neoproto)"
+    for plane, refused in ((None, True), ("neoproto", True), ("classic", False)):
+        overrides = CPPO_LAUNCH + ([f"+trainer.data_plane={plane}"] if plane else [])
+        errors, _ = _errors_and_warnings(overrides)
+        assert bool([e for e in errors if message in e and "cppo_grpo_keep" in e]) == refused, (plane, errors)

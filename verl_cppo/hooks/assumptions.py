@@ -13,7 +13,8 @@ explicit, checked assumption rather than a hope:
    the driver points such a node at our config classes, which would capture verl's own node.
 3. **Columns.** The batch container carries every column the plugin adds (``cppo_grpo_keep``, mu's top-K) to
    the workers that read it. verl 0.9.1's ``DataProto`` and ``TensorDict`` carry any key; ``NeoProto`` (verl's
-   ``neo`` branch) materializes only the keys a worker declares, so excluded groups would silently train.
+   ``neo`` branch) materializes only the keys a worker declares, so excluded groups would silently train:
+   refused when the launch's data plane is NeoProto (read from the config by verl's own rule).
 4. **Signatures.** Every verl function the plugin wraps or calls by keyword has the parameters it relies on.
    They are read from verl's source (``ast``), not imported: the driver need not import the Megatron engine.
 
@@ -28,7 +29,7 @@ import ast
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -186,13 +187,27 @@ def _config_field_violations() -> list[str]:
     return found
 
 
-def _column_violations() -> list[str]:
+def _data_plane(trainer: Mapping) -> str:
+    """The legacy trainer's batch container, by the rule of verl's ``neo`` branch (``data_plane.py``:
+    ``trainer.data_plane``, default classic, upgraded by ``use_neoproto``). A verl that ships NeoProto and has
+    no ``data_plane`` key made NeoProto the only container (verl PR #7557)."""
+    if "data_plane" not in trainer:
+        return "neoproto"
+    name = str(trainer.get("data_plane") or "classic")
+    return "neoproto" if name == "classic" and trainer.get("use_neoproto", False) else name
+
+
+def _column_violations(config: Mapping | None) -> list[str]:
     if _module_file("verl.experimental.neoproto") is None:
+        return []
+    trainer = config.get("trainer", {}) if isinstance(config, Mapping) else {}
+    if _data_plane(trainer if isinstance(trainer, Mapping) else {}) != "neoproto":
         return []
     return [
         "verl-cppo assumes the trainer's batch carries every column it adds (cppo_grpo_keep, mu's top-K) to the "
-        "workers; this verl ships NeoProto (verl.experimental.neoproto), whose workers materialize only the keys "
-        "they declare, so excluded groups would silently be trained on"
+        "workers; this launch's data plane is NeoProto (verl.experimental.neoproto), whose workers materialize "
+        "only the keys they declare, so excluded groups would silently be trained on (trainer.data_plane=classic "
+        "keeps the container verl-cppo supports)"
     ]
 
 
@@ -251,14 +266,15 @@ def _signature_violations() -> list[str]:
     return found
 
 
-def violations() -> list[str]:
-    """Every broken assumption, one message each, ending with the supported and the installed verl."""
+def violations(config: Mapping | None = None) -> list[str]:
+    """Every broken assumption (for the composed trainer ``config``, where one depends on it), one message
+    each, ending with the supported and the installed verl."""
     import verl
 
     found = [
         *_registration_violations(),
         *_config_field_violations(),
-        *_column_violations(),
+        *_column_violations(config),
         *_signature_violations(),
     ]
     version = getattr(verl, "__version__", "?")
