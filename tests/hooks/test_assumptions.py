@@ -135,3 +135,18 @@ def test_a_data_plane_that_drops_undeclared_columns_is_a_named_error(monkeypatch
         overrides = CPPO_LAUNCH + ([f"+trainer.data_plane={plane}"] if plane else [])
         errors, _ = _errors_and_warnings(overrides)
         assert bool([e for e in errors if message in e and "cppo_grpo_keep" in e]) == refused, (plane, errors)
+
+
+def test_a_features_signatures_are_checked_only_for_a_launch_that_uses_it(monkeypatch, tmp_path):
+    """verl's own mcore/util.py with postprocess_thd_engine's cp_layout renamed (as on verl's neo branch): an
+    error with the shard-local Megatron loss configured, nothing for a launch without it."""
+    module = "verl.models.mcore.util"
+    changed = tmp_path / "util.py"
+    changed.write_text(open(assumptions._module_file(module)).read().replace("cp_layout", "layout"))
+    original = assumptions._module_file
+    monkeypatch.setattr(assumptions, "_module_file", lambda m: str(changed) if m == module else original(m))
+    message = f"verl-cppo assumes {module}.postprocess_thd_engine takes"
+    assert not [v for v in assumptions.violations({"trainer": {}}) if message in v]
+    shard_local = {"actor_rollout_ref": {"model": {"external_lib": "verl_cppo.megatron_shard_local"}}}
+    assert [v for v in assumptions.violations(shard_local) if message in v and "no ['cp_layout']" in v]
+    assert [v for v in assumptions.violations() if message in v]  # no config: every feature is checked

@@ -17,6 +17,8 @@ explicit, checked assumption rather than a hope:
    refused when the launch's data plane is NeoProto (read from the config by verl's own rule).
 4. **Signatures.** Every verl function the plugin wraps or calls by keyword has the parameters it relies on.
    They are read from verl's source (``ast``), not imported: the driver need not import the Megatron engine.
+   A function of an optional feature (the shard-local Megatron loss, Top-K, the checkpoint callback) is
+   checked only for a launch that uses it (``FEATURES``).
 
 ``violations()`` returns one message per broken assumption, naming it, what was found, and the verl version
 this package supports; the driver reports them (errors for a launch that uses the plugin, warnings for a
@@ -33,6 +35,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 __all__ = [
+    "FEATURES",
     "REPLACE_ENV",
     "SIGNATURES",
     "SUPPORTED_VERL",
@@ -59,6 +62,7 @@ class Signature:
     qualname: str  # "function" or "Class.method"; an imported name is accepted as bound
     params: tuple[str, ...]
     used_by: str
+    feature: str = "always"  # checked only for a launch that uses it: see FEATURES
 
 
 SIGNATURES = (
@@ -79,7 +83,9 @@ SIGNATURES = (
     Signature("verl.workers.engine_workers", "TrainingWorker.train_batch", ("self", "data"), "cppo_grpo's exclusion"),
     Signature("verl.trainer.ppo.ray_trainer", "RayPPOTrainer._val_metrics_update", ("self",), "AIME averages"),
     Signature("verl.trainer.ppo.v1.trainer_base", "PPOTrainer._val_metrics_update", ("self",), "AIME averages"),
-    Signature("verl.utils.tracking", "Tracking.log", ("self", "data", "step"), "the best-checkpoint callback"),
+    Signature(
+        "verl.utils.tracking", "Tracking.log", ("self", "data", "step"), "the best-checkpoint callback", "checkpoints"
+    ),
     Signature(
         "verl.workers.utils.losses",
         "ppo_loss",
@@ -97,28 +103,52 @@ SIGNATURES = (
         "MegatronEngine.forward_backward_batch",
         ("self", "data", "loss_function", "forward_only"),
         "the shard-local Megatron CP loss (verl_cppo.megatron_shard_local)",
+        "shard_local",
     ),
     Signature(
         "verl.workers.engine.megatron.transformer_impl",
         "MegatronEngineWithLMHead.postprocess_micro_batch_func",
         ("self", "output", "data", "forward_only", "loss_function", "local_cp_size"),
         "the shard-local Megatron CP loss (verl_cppo.megatron_shard_local)",
+        "shard_local",
     ),
     Signature(
         "verl.models.mcore.util",
         "postprocess_thd_engine",
         ("output", "packed_seq_params", "input_ids", "batch_size", "post_process", "local_cp_size", "cp_layout"),
         "the shard-local Megatron CP loss (verl_cppo.megatron_shard_local)",
+        "shard_local",
     ),
-    Signature("verl.models.mcore.model_forward", "postprocess_thd_engine", (), "the shard-local Megatron CP loss"),
+    Signature("verl.models.mcore.model_forward", "postprocess_thd_engine", (), "the Megatron CP loss", "shard_local"),
     Signature(
         "vllm.v1.engine.logprobs",
         "LogprobsProcessor.from_new_request",
         ("cls", "tokenizer", "request"),
         "mu's top-K from vLLM (verl_cppo.topk.vllm_arrays)",
+        "topk",
     ),
 )
 """Every signature assumption (tests/hooks/test_assumptions.py keeps it covering every ``hooks.wrap`` target)."""
+
+
+def _setting(config: Mapping, dotted: str):
+    node = config
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node
+
+
+FEATURES = {
+    "always": lambda config: True,
+    "shard_local": lambda config: (
+        "verl_cppo.megatron_shard_local" in str(_setting(config, "actor_rollout_ref.model.external_lib") or "")
+    ),
+    "topk": lambda config: str(
+        _setting(config, "actor_rollout_ref.actor.policy_loss.cppo.divergence") or ""
+    ).startswith("topk"),
+    "checkpoints": lambda config: "verl_cppo" in str(_setting(config, "trainer.checkpoint_callback_class") or ""),
+}
+"""Which launches use a feature whose signatures are checked (every feature when no config is given)."""
 
 
 def _registrant(fn) -> str:
@@ -242,9 +272,11 @@ def _parameters(tree: ast.Module, qualname: str) -> list[str] | None:
     return None
 
 
-def _signature_violations() -> list[str]:
+def _signature_violations(config: Mapping | None) -> list[str]:
     found = []
     for sig in SIGNATURES:
+        if config is not None and not FEATURES[sig.feature](config):
+            continue  # e.g. the Megatron shard-local loss's functions, for a launch without it
         if importlib.util.find_spec(sig.module.split(".")[0]) is None:
             continue  # vLLM not installed on this node: nothing of it will run here
         where = f"{sig.module}.{sig.qualname}"
@@ -275,7 +307,7 @@ def violations(config: Mapping | None = None) -> list[str]:
         *_registration_violations(),
         *_config_field_violations(),
         *_column_violations(config),
-        *_signature_violations(),
+        *_signature_violations(config),
     ]
     version = getattr(verl, "__version__", "?")
     return [f"{message} [verl-cppo supports verl {SUPPORTED_VERL}; installed: verl {version}]" for message in found]
