@@ -31,8 +31,6 @@ from verl_cppo.core.topk_divergence import RowStatistics, divergence_from_statis
 from verl_cppo.kernels import topk_divergence
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-GPU_IMPORTS = ("verl_cppo.kernels.topk_divergence",)
-"""Modules the CUDA run imports inside functions (the Triton kernel); benchmarks.check_imports imports them."""
 
 
 def make_case(n: int, v: int, k: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -125,7 +123,7 @@ def check(variants, case, kind: str, rows: int) -> None:
 
 
 def sweep(case, repeats: int) -> None:
-    from verl_cppo.kernels.topk_divergence import row_statistics_triton
+    from verl_cppo.kernels.topk_statistics import row_statistics_triton
 
     logits, sampled, topk_ids = case[:3]
     ids = torch.cat([topk_ids, sampled[:, None]], dim=1)

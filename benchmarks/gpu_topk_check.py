@@ -38,9 +38,9 @@ if HAS_VERL:  # the hook as verl's engine calls it
     from tests.support.verl_inputs import actor_config
     from verl_cppo.topk.engine_hook import TOPK_DIV_KEY, ppo_loss_with_topk
 
-GPU_IMPORTS = ("verl_cppo.kernels.topk_divergence",)
-"""Modules the CUDA run imports inside functions (``kernels.topk_divergence`` loads the Triton kernel on its
-first CUDA call); benchmarks.check_imports imports them."""
+GPU_IMPORTS = ("verl_cppo.kernels.topk_statistics",)
+"""Modules the CUDA run imports inside functions (``kernels.topk_divergence()`` imports its Triton kernel's module
+on its first CUDA call); benchmarks.check_imports imports them."""
 
 N_SEQ = 4
 MAX_ABS_ERR = 1e-3

@@ -18,7 +18,7 @@ import torch
 from tests.support.topk_reference import random_topk_case, reference_topk_divergence
 from verl_cppo.core.topk_divergence import torch_row_statistics
 from verl_cppo.kernels import topk_divergence
-from verl_cppo.kernels.topk_divergence import row_statistics_triton
+from verl_cppo.kernels.topk_statistics import row_statistics_triton
 
 
 def _log_softmax_and_other(stats, held):
