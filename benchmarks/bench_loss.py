@@ -42,13 +42,7 @@ import torch
 from torch.profiler import profile
 from torch.profiler._memory_profiler import Action
 
-from tests.support.reference import (
-    RefParams,
-    near_threshold_row,
-    random_case,
-    reference_cppo,
-    reference_loss_and_grad,
-)
+from tests.support.reference import RefParams, near_threshold_row, random_case, reference_cppo, reference_loss_and_grad
 from verl_cppo.core.mask import response_lengths, shuffled_positions
 from verl_cppo.core.token_loss import cppo_token_losses, torch_stats
 from verl_cppo.kernels import triton_installed
@@ -60,8 +54,6 @@ if HAS_VERL:  # verl's own losses, and cppo through verl's registry (as verl's p
     import verl_cppo  # noqa: F401  (registers loss_mode=cppo)
     from tests.support.verl_inputs import actor_config
 
-GPU_IMPORTS = ("verl_cppo.kernels.fused_loss",)
-"""Modules the CUDA run imports inside functions (Triton's kernels); benchmarks.check_imports imports them."""
 
 SELECT_ALL = {"delta_b": 1e-6, "delta_b_max_mult": 1e9}  # every row's quantile lies inside the clamp
 DEFAULT = "cppo torch calibrated"  # the default cppo settings: the base of the non-default settings' ratios

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import check_imports, device_image_env
+from benchmarks import check_imports, device_image_env, gpu_topk_check
 from benchmarks.bench_loss import TokenParams
 from tests.support import REPO_ROOT
 from verl_cppo.config import CPPOConfig
@@ -55,6 +55,29 @@ def test_each_step_imports_and_parses_its_arguments(name, limit, module, args):
     assert os.path.isfile(os.path.join(REPO_ROOT, *module.split(".")) + ".py"), module
     summary = check_imports.check(module, args)
     assert summary.startswith(f"{module}: imports ok"), summary
+
+
+def _topk_check(monkeypatch, capsys) -> tuple[int, str]:
+    argv = ["gpu_topk_check", "--device", "cpu", "--tokens", "256", "--vocab", "512", "--k", "8"]
+    monkeypatch.setattr(sys, "argv", argv)
+    rc = gpu_topk_check.main()
+    return rc, capsys.readouterr().out
+
+
+def test_engine_hook_check_agrees_with_the_hook_on_cpu(monkeypatch, capsys):
+    """The check's own layout of mu's inputs, its float64 reference, the hook (verl is installed here) and the
+    kernel on the layout agree at a small shape, for tv and kl."""
+    rc, out = _topk_check(monkeypatch, capsys)
+    assert rc == 0, out
+    assert out.count("RESULT path=hook") == 2 and out.count("RESULT path=kernel") == 2, out
+
+
+def test_engine_hook_check_fails_on_a_misplaced_row(monkeypatch, capsys):
+    """A divergence one row off the layout (what a hook that misaligned prompt and response would give) fails."""
+    aligned = gpu_topk_check.kernel_divergence
+    monkeypatch.setattr(gpu_topk_check, "kernel_divergence", lambda *a: torch.roll(aligned(*a), 1))
+    rc, out = _topk_check(monkeypatch, capsys)
+    assert rc == 1, out
 
 
 def test_function_imports_are_read_from_the_source():
