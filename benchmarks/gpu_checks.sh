@@ -11,29 +11,32 @@
 #   --budget   seconds for all steps together (default 360); a step gets the lesser of its own limit and what
 #              is left, and one that cannot start is recorded as not run
 #
-# Steps, at the shapes of users' runs on one GPU (answers of 8k-16k tokens, V = 151,936, K = 20):
-#   loss_check       fused CPPO loss kernel vs the float64 loop reference and the torch path (bench_loss --check-only)
-#   loss_bench       the loss, forward + backward, 64 x 8192 and 32 x 16384 fp32 (bench_loss)
-#   topk_kernel      Top-K divergence kernel vs float64, time / extra memory, N = 8192, V = 151,936, K = 20
-#   topk_kernel_16k  the same at N = 16,384 (16k-token micro-batches)
-#   engine_hook_4k   Top-K divergence on the engine hook's packed layout, 4,096 tokens, vs float64 (tv, kl); the
-#                    hook itself as verl's engine calls it where verl is installed (gpu_topk_check)
-#   engine_hook_16k  the same at 16,384 tokens
-#   vllm_topk        rollout cost of mu's Top-K (bench_vllm_topk, K = 0 / 4 / 20, 1,024 tokens, V = 8,192 and
-#                    151,936), only where a CUDA build of vLLM is installed
+# Steps, correctness first, at the shapes of users' runs on one GPU (answers of 8k-16k tokens, V = 151,936, K = 20):
+#   loss_check         fused CPPO loss kernel vs the float64 loop reference and the torch path (bench_loss --check-only)
+#   topk_kernel_edges  Top-K statistics kernel vs float64 on vocab shards, strided and -inf rows, tile edges, fp32 /
+#                      bf16 / fp16, and at V = 151,936 (tests/support/topk_kernel_check)
+#   engine_hook_16k    Top-K divergence on the engine hook's packed layout, 16,384 tokens, vs float64 (tv, kl); the
+#                      hook itself as verl's engine calls it where verl is installed (gpu_topk_check)
+#   engine_hook_4k     the same at 4,096 tokens
+#   topk_kernel_16k    Top-K divergence kernel vs float64, time / extra memory, N = 16,384, V = 151,936, K = 20
+#   topk_kernel        the same at N = 8,192
+#   loss_bench         the loss, forward + backward, 64 x 8192 and 32 x 16384 fp32 (bench_loss)
+#   vllm_topk          rollout cost of mu's Top-K (bench_vllm_topk, K = 0 / 4 / 20, 1,024 tokens, V = 8,192 and
+#                      151,936), only where a CUDA build of vLLM is installed
 # Exit status: 0 all passed; 1 a step failed or did not run (the JSON says which); 2 bad arguments; 3 no CUDA
 # device (nothing run; the JSON says so).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 
 STEP_TABLE="
-loss_check       120 benchmarks.bench_loss --device cuda --check-only
-loss_bench       120 benchmarks.bench_loss --device cuda --no-check --sizes 64x8192,32x16384
-topk_kernel       60 benchmarks.bench_topk_divergence --device cuda --n 8192 --v 151936 --k 20
-topk_kernel_16k   75 benchmarks.bench_topk_divergence --device cuda --n 16384 --v 151936 --k 20 --repeats 5
-engine_hook_4k    45 benchmarks.gpu_topk_check --tokens 4096 --vocab 151936 --k 20
-engine_hook_16k   60 benchmarks.gpu_topk_check --tokens 16384 --vocab 151936 --k 20
-vllm_topk        240 benchmarks.bench_vllm_topk --vocab 8192,151936 --tokens 1024 --prompts 64
+loss_check         120 benchmarks.bench_loss --device cuda --check-only
+topk_kernel_edges   90 tests.support.topk_kernel_check --device cuda
+engine_hook_16k     60 benchmarks.gpu_topk_check --tokens 16384 --vocab 151936 --k 20
+engine_hook_4k      45 benchmarks.gpu_topk_check --tokens 4096 --vocab 151936 --k 20
+topk_kernel_16k     75 benchmarks.bench_topk_divergence --device cuda --n 16384 --v 151936 --k 20 --repeats 5
+topk_kernel         60 benchmarks.bench_topk_divergence --device cuda --n 8192 --v 151936 --k 20
+loss_bench         120 benchmarks.bench_loss --device cuda --no-check --sizes 64x8192,32x16384
+vllm_topk          240 benchmarks.bench_vllm_topk --vocab 8192,151936 --tokens 1024 --prompts 64
 "
 
 OUT=gpu_checks.json

@@ -35,14 +35,8 @@ def test_help_lists_every_step():
     run = _run("--help")
     assert run.returncode == 0, run.stderr
     names = [name for name, *_ in _steps()]
-    assert names[:6] == [
-        "loss_check",
-        "loss_bench",
-        "topk_kernel",
-        "topk_kernel_16k",
-        "engine_hook_4k",
-        "engine_hook_16k",
-    ]
+    assert names[:2] == ["loss_check", "topk_kernel_edges"], "correctness first"
+    assert {"engine_hook_16k", "topk_kernel_16k", "loss_bench", "vllm_topk"} <= set(names)
     for name in names:
         assert name in run.stdout
 
