@@ -1,6 +1,7 @@
 """A CPU stand-in for the lent GPU machine's Python, to rehearse benchmarks/gpu_checks.sh before a device call.
 
-    .venv/bin/python -m benchmarks.device_image_env                 # builds .device-env/ (ignored), seconds
+    .venv/bin/python -m benchmarks.device_image_env --rehearse      # build .device-env/ (ignored), then rehearse
+    .venv/bin/python -m benchmarks.device_image_env                 # only build it (about 10 s)
     benchmarks/gpu_checks.sh --check-imports --python .device-env/bin/python
 
 The GPU machine's python3 holds the distributions listed in benchmarks/device_image_packages.txt (torch 2.11.0,
@@ -14,6 +15,11 @@ root on PYTHONPATH, as on the device.
 
 Left different: Python 3.11 here against 3.12 there, and the versions of the smaller packages (the .venv's).
 No wheels need to travel for the steps that run there (see benchmarks/README.md), so none are installed.
+
+``--rehearse`` then runs, in that environment: ``gpu_checks.sh --check-imports`` (every step's imports and
+arguments), and the steps' verl-free paths on CPU at small shapes (``REHEARSAL``): the loss checks against the
+float64 loop reference, the engine-hook check, the Top-K benchmark, and the Top-K kernel's edge cases in
+Triton's interpreter. About 2 minutes; exits 1 if any fails.
 """
 
 from __future__ import annotations
@@ -106,15 +112,44 @@ def build(target: Path) -> Path:
     return python
 
 
+REHEARSAL = [  # (extra environment, command after the interpreter): the steps' verl-free paths, small, on CPU
+    ({}, ["-m", "benchmarks.bench_loss", "--check-only"]),
+    ({}, ["-m", "benchmarks.gpu_topk_check", "--device", "cpu", "--tokens", "512", "--vocab", "4096"]),
+    ({}, ["-m", "benchmarks.bench_topk_divergence", "--device", "cpu", "--n", "256", "--v", "4096", "--repeats", "2"]),
+    ({"TRITON_INTERPRET": "1"}, ["-m", "tests.support.topk_kernel_check", "--device", "cpu"]),
+]
+
+
+def rehearse(python: Path) -> bool:
+    """gpu_checks.sh --check-imports and REHEARSAL in the environment; True when all passed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TRITON_INTERPRET": "0", "PYTHONUNBUFFERED": "1"}
+    commands = [
+        ({}, ["bash", str(REPO_ROOT / "benchmarks" / "gpu_checks.sh"), "--check-imports", "--python", str(python)])
+    ]
+    commands += [(extra, [str(python), *args]) for extra, args in REHEARSAL]
+    failed = []
+    for extra, command in commands:
+        print(f"== {' '.join(f'{k}={v}' for k, v in extra.items())} {' '.join(command)}".replace("==  ", "== "))
+        run = subprocess.run(command, cwd=REPO_ROOT, env={**env, **extra}, capture_output=True, text=True)
+        print("\n".join((run.stdout + run.stderr).strip().splitlines()[-4:]))
+        if run.returncode != 0:
+            failed.append(command)
+    print(f"rehearsal: {'passed' if not failed else f'{len(failed)} FAILED'} in {python}")
+    return not failed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=REPO_ROOT / ".device-env", help="where to build it")
+    parser.add_argument("--rehearse", action="store_true", help="then rehearse gpu_checks.sh in it (about 2 min)")
     args = parser.parse_args()
     if sys.prefix == sys.base_prefix:
         sys.exit("device_image_env: run it with the project's .venv python (it links that environment's packages)")
     python = build(args.dir.resolve())
     probe = "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__)"
     print(subprocess.check_output([python, "-c", probe], text=True, env={**os.environ, "PYTHONPATH": ""}).strip())
+    if args.rehearse and not rehearse(python):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
