@@ -49,6 +49,7 @@ __all__ = [
     "compute_score",
     "extract_answer",
     "is_equivalent",
+    "math_verify_verdict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,8 +145,9 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+|\\[,!; ]|\\left|\\right", "", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
 
 
-def _verify(answer: str, ground_truth: str) -> bool:
-    """math-verify's verdict, run inside a sandbox child (its main thread: math-verify's own timeouts apply)."""
+def math_verify_verdict(answer: str, ground_truth: str) -> bool:
+    """math-verify's verdict, unbounded: ``is_equivalent`` runs it inside a sandbox child (its main thread, where
+    math-verify's own timeouts apply); calling it directly is the in-process baseline of the sandbox's cost."""
     mv = _load_math_verify()
     latex_only = [mv.LatexExtractionConfig()]
     latex_or_expr = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
@@ -158,7 +160,7 @@ def _verify(answer: str, ground_truth: str) -> bool:
 
 def _warmup() -> None:
     """Load math-verify and sympy in a child before its memory limit is set."""
-    _verify("\\frac{1}{2}", "0.5")
+    math_verify_verdict("\\frac{1}{2}", "0.5")
 
 
 _SANDBOX = None
@@ -171,7 +173,7 @@ def _sandbox():
         if _SANDBOX is None:
             from verl_cppo.sandbox import Sandbox
 
-            _SANDBOX = Sandbox(_verify, TIMEOUT_SECONDS, MEMORY_MB, MAX_WORKERS, warmup=_warmup)
+            _SANDBOX = Sandbox(math_verify_verdict, TIMEOUT_SECONDS, MEMORY_MB, MAX_WORKERS, warmup=_warmup)
         return _SANDBOX
 
 

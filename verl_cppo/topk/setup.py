@@ -33,10 +33,12 @@ __all__ = [
     "ENV_TOPK",
     "TOPK_DIFFS",
     "TOPK_ROLLOUTS",
+    "VLLM_ARRAYS_HOOK",
     "configured_topk",
     "export_to_ray_job",
     "install_topk_runtime",
     "propagate_topk",
+    "vllm_arrays_wrapper",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,7 +93,9 @@ VLLM_ARRAYS_HOOK = "topk_vllm_arrays"
 """Hook name of the ``LogprobsProcessor.from_new_request`` wrapper (``verl_cppo.topk.vllm_arrays``)."""
 
 
-def _vllm_arrays_wrapper(original):
+def vllm_arrays_wrapper(original):
+    """The ``hooks.wrap`` wrapper of vLLM's ``LogprobsProcessor.from_new_request`` that keeps mu's top-K as arrays
+    (``verl_cppo.topk.vllm_arrays``, imported only when vLLM's frontend is)."""
     from verl_cppo.topk.vllm_arrays import wrap_from_new_request
 
     return wrap_from_new_request(original)
@@ -105,6 +109,6 @@ def install_topk_runtime() -> list[str]:
     if not rollout_topk():
         return []
     hooks.wrap(
-        "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", _vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
+        "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
     )
     return hooks.apply_diffs(TOPK_DIFFS)
