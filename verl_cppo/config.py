@@ -8,7 +8,7 @@ Two Hydra nodes, one override per setting (command line and YAML alike):
     algorithm.adv_estimator=cppo_grpo                          # alone: CPPOGRPOConfig's defaults
     +algorithm.cppo_grpo.norm_adv_by_std=true                  # any CPPOGRPOConfig field
 
-The plugin's driver check (``verl_cppo.driver``) points a node that holds ``cppo`` / ``cppo_grpo`` at the
+The plugin's driver check (``verl_cppo.launch.driver``) points a node that holds ``cppo`` / ``cppo_grpo`` at the
 classes below (``_target_``) when it still names verl's stock class; writing the ``_target_`` yourself
 (``actor_rollout_ref.actor.policy_loss._target_=verl_cppo.config.CPPOPolicyLossConfig``,
 ``algorithm._target_=verl_cppo.config.CPPOAlgoConfig``) works as well. Every value is checked here

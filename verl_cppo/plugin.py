@@ -9,10 +9,10 @@ excludes it; ``actor_rollout_ref.model.external_lib=verl_cppo`` and the ``_targe
   arranges for the Top-K diffs to be applied to verl's modules;
 * it imports ``verl_cppo.loss`` (which registers the policy loss ``cppo``) and
   ``verl_cppo.advantage.estimator`` (the advantage estimator ``cppo_grpo``);
-* it installs the driver-side checks (``verl_cppo.driver``), the hook that keeps ``loss_mode=cppo`` in the
-  legacy trainer's bypass mode (``verl_cppo.bypass_anchor``), and the hooks that carry ``cppo_grpo``'s excluded
+* it installs the driver-side checks (``verl_cppo.launch.driver``), the hook that keeps ``loss_mode=cppo`` in the
+  legacy trainer's bypass mode (``verl_cppo.trainer.bypass_anchor``), and the hooks that carry ``cppo_grpo``'s excluded
   groups to the loss normalisers (``verl_cppo.advantage.exclusion``) and the averaged AIME validation metric
-  (``verl_cppo.val_metrics``); every change to verl goes through ``verl_cppo.hooks``;
+  (``verl_cppo.trainer.val_metrics``); every change to verl goes through ``verl_cppo.hooks``;
 * if that fails, verl would log the exception at DEBUG and later stop with "Unsupported loss mode: cppo".
   Instead the error is logged at ERROR with its traceback, a stand-in ``cppo`` loss (and ``cppo_grpo``
   estimator) is registered that raises a RuntimeError naming the original exception, and verl's
@@ -47,8 +47,9 @@ def register() -> None:
         install_topk_runtime()  # Top-K divergences: patches verl's modules on import, only if VERL_CPPO_TOPK is set
         import verl_cppo.advantage.estimator  # registers the advantage estimator "cppo_grpo"
         import verl_cppo.loss  # noqa: F401  (registers "cppo")
-        from verl_cppo import bypass_anchor, driver, val_metrics
         from verl_cppo.advantage import exclusion
+        from verl_cppo.launch import driver
+        from verl_cppo.trainer import bypass_anchor, val_metrics
 
         driver.install()
         bypass_anchor.install()  # the legacy trainer's bypass mode keeps loss_mode=cppo

@@ -3,7 +3,7 @@
 The user selects ``actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv`` (or ``topk_kl``) and may set
 ``cppo.topk`` (K, default 20). Everything else follows from that node:
 
-1. driver (``verl.utils.config.validate_config``, wrapped by ``verl_cppo.driver``): the driver's
+1. driver (``verl.utils.config.validate_config``, wrapped by ``verl_cppo.launch.driver``): the driver's
    ``check_topk_config`` refuses configurations the Top-K path cannot serve, then ``propagate_topk`` exports
    VERL_CPPO_TOPK=K to the driver's environment and to ``ray_kwargs.ray_init.runtime_env.env_vars``, the Ray
    job's runtime environment that verl's ``run_ppo`` passes to ``ray.init``, so every process of the job

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint the paper's way: n samples per AIME problem, math-verify reward, Avg@n per year and averaged.
 
-    python -m verl_cppo.evaluate --model /ckpts/run/global_step_200/hf \\
+    python -m verl_cppo.math_task.evaluate --model /ckpts/run/global_step_200/hf \\
         --data ~/verl/data/aime-2024.parquet,~/verl/data/aime-2025.parquet,~/verl/data/aime-2026.parquet \\
         --n 16 --max-tokens 8192 --tp 1 --output eval.json
 
@@ -16,12 +16,12 @@ Design:
   installed stops with a message. Defaults are the example scripts' validation settings: temperature 1.0,
   top-p 1.0, no top-k. Both engines return token ids, decoded here with ``skip_special_tokens=True``, as
   verl's reward loop decodes responses.
-* Scoring: ``verl_cppo.math_reward.compute_score`` (the training reward) on each decoded completion, with
+* Scoring: ``verl_cppo.math_task.reward.compute_score`` (the training reward) on each decoded completion, with
   the same bounds as in training (math-verify in child processes, a deadline and a memory limit per answer).
 * Report: per data source, Avg@n = mean over problems of the fraction of the n samples scored 1 (= verl's
   ``val-core/<source>/acc/mean@n``), and Pass@n = share of problems with at least one correct sample; the
   average over data sources is unweighted, as the paper averages its AIME columns (and as
-  ``verl_cppo.val_metrics`` logs ``val-core/aime_avg/acc/mean@n`` during training). A JSON report
+  ``verl_cppo.trainer.val_metrics`` logs ``val-core/aime_avg/acc/mean@n`` during training). A JSON report
   (``--output``), a printed table (percent) and, with ``--save-generations``, one JSONL line per problem
   with its completions and scores.
 
@@ -97,8 +97,8 @@ def load_problems(paths: list[str], limit: int | None = None) -> list[Problem]:
 
 
 def score_completions(problems: list[Problem], completions: list[list[str]]) -> list[list[float]]:
-    """``verl_cppo.math_reward`` scores (1.0 / 0.0) of each problem's completions."""
-    from verl_cppo.math_reward import compute_score
+    """``verl_cppo.math_task.reward`` scores (1.0 / 0.0) of each problem's completions."""
+    from verl_cppo.math_task.reward import compute_score
 
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
@@ -255,7 +255,7 @@ ENGINES = {"vllm": generate_vllm, "hf": generate_hf}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m verl_cppo.evaluate",
+        prog="python -m verl_cppo.math_task.evaluate",
         description=__doc__.split("\n\n")[0],
         epilog="Data: examples/data/prepare_data.py writes aime-2024/2025/2026.parquet. Output: a table (percent) "
         "on stdout, --output JSON (fractions), --save-generations JSONL.",
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> SystemExit:
-    return SystemExit(f"python -m verl_cppo.evaluate: error: {message}")
+    return SystemExit(f"python -m verl_cppo.math_task.evaluate: error: {message}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except SystemExit as exc:
-        if isinstance(exc.code, str) and not exc.code.startswith("python -m verl_cppo.evaluate"):
+        if isinstance(exc.code, str) and not exc.code.startswith("python -m verl_cppo.math_task.evaluate"):
             raise _fail(exc.code) from None
         raise
 

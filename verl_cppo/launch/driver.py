@@ -1,10 +1,10 @@
 """Every driver-side check of verl-cppo, run on the composed trainer config before Ray starts.
 
-One protocol: every check takes the composed config and returns its ``Problem``s (``verl_cppo.launch_checks``:
+One protocol: every check takes the composed config and returns its ``Problem``s (``verl_cppo.launch.verl_checks``:
 an error, a warning or a note); ``problems`` runs them all, and ``validate`` logs the warnings and raises ONE
 ``ValueError`` listing every error. Two entry points run exactly this list: ``main_ppo`` (``install`` wraps
 ``verl.utils.config.validate_config`` through ``verl_cppo.hooks``, documented in patches/README.md, so
-``validate`` runs first) and ``python -m verl_cppo.dry_run``. The checks:
+``validate`` runs first) and ``python -m verl_cppo.launch.dry_run``. The checks:
 
 * ``select_cppo_classes``: a ``policy_loss`` node holding ``cppo`` (an ``algorithm`` node holding
   ``cppo_grpo``) whose ``_target_`` is still verl's stock class is pointed at ``CPPOPolicyLossConfig``
@@ -13,17 +13,17 @@ an error, a warning or a note); ``problems`` runs them all, and ``validate`` log
   at vanilla, or mistyped ``CPPO``) or whose ``_target_`` is a foreign class would have every setting dropped:
   refused, naming the selector and the keys set. Nodes are read through ``verl_cppo.config.config_node``;
 * ``_anchoring`` and ``_legacy_trainer_topk``: ``loss_mode=cppo`` must see the rollout policy, see below;
-* ``verl_cppo.unread_settings``: verl settings that CPPO does not read, set away
+* ``verl_cppo.launch.unread_settings``: verl settings that CPPO does not read, set away
   from verl's defaults, are refused naming the key (a silent no-op otherwise);
 * ``check_topk_config``: a Top-K divergence the launch can serve;
 * ``_cppo_grpo``: the estimator's node is valid and a group holds more than one response;
-* ``verl_cppo.launch_checks``: the workers' configs, the names verl looks up late, the GPU layout.
+* ``verl_cppo.launch.verl_checks``: the workers' configs, the names verl looks up late, the GPU layout.
 
 Then ``verl_cppo.topk.setup.propagate_topk`` exports K to every Ray process when a Top-K divergence is set.
 
 Anchoring (``_anchoring``; README's *Anchoring* table). CPPO measures divergence from the rollout policy mu;
 verl 0.9.1 hands the loss mu as ``old_log_prob`` under ``algorithm.rollout_correction.bypass_mode=True``, under
-either trainer (``verl_cppo.bypass_anchor`` keeps ``loss_mode=cppo`` on the legacy one). Bypass off makes
+either trainer (``verl_cppo.trainer.bypass_anchor`` keeps ``loss_mode=cppo`` on the legacy one). Bypass off makes
 ``old_log_prob`` the actor's recomputed pi_old (a known collapse mode, DPPO paper section 5.2): a prominent
 warning, so that ``loss_mode=cppo`` alone still runs, and an error with a Top-K divergence or
 ``VERL_CPPO_STRICT_ANCHOR=1``. Errors: a Top-K divergence with ``trainer.use_v1=False`` (its data travels only
@@ -44,10 +44,10 @@ from omegaconf.errors import MissingMandatoryValue
 
 from verl_cppo import hooks
 from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET, config_node, config_value
-from verl_cppo.launch_checks import Problem, involves_the_plugin, launch_layout, registered_names, worker_configs
+from verl_cppo.launch.unread_settings import ignored_clip_settings, ignored_rollout_correction
+from verl_cppo.launch.verl_checks import Problem, involves_the_plugin, launch_layout, registered_names, worker_configs
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS
 from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, configured_topk, propagate_topk
-from verl_cppo.unread_settings import ignored_clip_settings, ignored_rollout_correction
 
 __all__ = [
     "STRICT_ANCHOR_ENV",
@@ -175,7 +175,7 @@ def _anchoring(config: Any) -> list[Problem]:
 
 def _legacy_trainer_topk(config: Any) -> list[Problem]:
     """A Top-K divergence under verl's legacy trainer (``trainer.use_v1=False``). Its bypass mode anchors CPPO
-    on mu (``verl_cppo.bypass_anchor``) and ``cppo_grpo`` excludes groups there too; mu's top-K travels only the
+    on mu (``verl_cppo.trainer.bypass_anchor``) and ``cppo_grpo`` excludes groups there too; mu's top-K travels only the
     v1 path (the TransferQueue agent loop stores it, the v1 actor update asks the engine for pi's logits)."""
     if config_value(config, "trainer.use_v1", True) or configured_topk(config) == 0:
         return []

@@ -1,4 +1,4 @@
-"""verl_cppo.math_reward on hand-written responses, through verl's own custom-reward loader, and on the thread
+"""verl_cppo.math_task.reward on hand-written responses, through verl's own custom-reward loader, and on the thread
 pool verl's reward loop calls it from (where math-verify's signal-based timeouts cannot run)."""
 
 import logging
@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from omegaconf import OmegaConf
 
-from verl_cppo.math_reward import TAIL_CHARS, compute_score, extract_answer
+from verl_cppo.math_task.reward import TAIL_CHARS, compute_score, extract_answer
 
 # (response, ground truth, expected score), written by hand
 CASES = [
@@ -57,7 +57,7 @@ def test_loaded_by_verls_custom_reward_loader():
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
     config = OmegaConf.create(
-        {"reward": {"custom_reward_function": {"path": "pkg://verl_cppo.math_reward", "name": "compute_score"}}}
+        {"reward": {"custom_reward_function": {"path": "pkg://verl_cppo.math_task.reward", "name": "compute_score"}}}
     )
     fn = get_custom_reward_fn(config)
     result = fn(data_source="math_dapo", solution_str="Answer: 12", ground_truth="12", extra_info={"index": 0})
@@ -65,7 +65,7 @@ def test_loaded_by_verls_custom_reward_loader():
 
 
 def test_missing_math_verify_is_a_clear_error(monkeypatch):
-    from verl_cppo import math_reward
+    from verl_cppo.math_task import reward as math_reward
 
     monkeypatch.setitem(sys.modules, "math_verify", None)  # as if not installed
     monkeypatch.setattr(math_reward, "_math_verify", None)
@@ -77,7 +77,7 @@ def test_missing_math_verify_is_a_clear_error(monkeypatch):
 @pytest.fixture
 def short_bounds(monkeypatch):
     """math_reward's sandbox rebuilt with a 2 s deadline (restored afterwards)."""
-    from verl_cppo import math_reward
+    from verl_cppo.math_task import reward as math_reward
 
     monkeypatch.setattr(math_reward, "TIMEOUT_SECONDS", 2)
     monkeypatch.setattr(math_reward, "_SANDBOX", None)
@@ -92,7 +92,7 @@ HOSTILE = [("Answer: 9^{9^{9^{9}}}", "3"), ("Answer: 2^{2^{30}}", "4"), ("Answer
 
 def test_hostile_answers_score_0_within_the_bound_on_a_worker_thread(short_bounds, caplog):
     """Off the main thread (where verl calls it) each check ends within its deadline and scores 0, logged."""
-    caplog.set_level(logging.WARNING, logger="verl_cppo.math_reward")
+    caplog.set_level(logging.WARNING, logger="verl_cppo.math_task.reward")
     with ThreadPoolExecutor(max_workers=2) as pool:
         compute_score("x", "Answer: 1", "1/2")  # start a child outside the timed calls
         for response, truth in HOSTILE:

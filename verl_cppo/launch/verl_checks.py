@@ -3,8 +3,8 @@ after Ray started (a worker's config, a name looked up at the first step, the GP
 
 They used to be the dry run's alone, so ``main_ppo`` accepted what the dry run refused (``loss_mode=CPPO``,
 an unimportable ``external_lib``, a reward whose dependency is missing). They are now part of the one list of
-checks that ``verl_cppo.driver.problems`` runs for both entry points (``main_ppo``'s ``validate_config`` and
-``python -m verl_cppo.dry_run``). Each check takes the composed config and returns its ``Problem``s:
+checks that ``verl_cppo.launch.driver.problems`` runs for both entry points (``main_ppo``'s ``validate_config`` and
+``python -m verl_cppo.launch.dry_run``). Each check takes the composed config and returns its ``Problem``s:
 
 * ``worker_configs``: the dataclass configs the workers build (rollout, algorithm, ref / critic when used,
   the model config when ``model.path`` is a local directory), built now (the actor's is built by verl's own
@@ -139,7 +139,7 @@ def _external_libs(config: Any) -> list[Problem]:
     return problems
 
 
-REWARD_NEEDS = {"verl_cppo.math_reward": ("math_verify", "pip install 'math-verify>=0.8' (verl's `math` extra)")}
+REWARD_NEEDS = {"verl_cppo.math_task.reward": ("math_verify", "pip install 'math-verify>=0.8' (verl's `math` extra)")}
 """Modules a shipped reward function imports only on its first call: checked before Ray starts."""
 
 
