@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 __all__ = ["register"]
 
@@ -89,32 +87,11 @@ def _register_broken(exc: BaseException) -> None:
     _stop_launches_that_need_the_plugin(exc)
 
 
-def _uses_the_plugin(config: Any) -> str | None:
-    """What in a composed trainer config needs verl-cppo (read with plain mapping access: the plugin's own
-    config reader may be what failed to import), or None."""
-
-    def node(*keys: str) -> Any:
-        value = config
-        for key in keys:
-            value = value.get(key, None) if isinstance(value, Mapping) else None
-        return value
-
-    policy_loss, algorithm = node("actor_rollout_ref", "actor", "policy_loss"), node("algorithm")
-    if node("actor_rollout_ref", "actor", "policy_loss", "loss_mode") == "cppo":
-        return "actor_rollout_ref.actor.policy_loss.loss_mode=cppo"
-    if node("algorithm", "adv_estimator") == "cppo_grpo":
-        return "algorithm.adv_estimator=cppo_grpo"
-    for where, value in (("actor_rollout_ref.actor.policy_loss", policy_loss), ("algorithm", algorithm)):
-        target = value.get("_target_", "") if isinstance(value, Mapping) else ""
-        if isinstance(target, str) and target.startswith("verl_cppo."):
-            return f"{where}._target_={target}"
-    return None
-
-
 def _stop_launches_that_need_the_plugin(exc: BaseException) -> None:
     """Wrap verl's ``validate_config`` so that a launch needing verl-cppo stops there, naming ``exc``."""
     try:
         from verl_cppo import hooks  # stdlib only
+        from verl_cppo.launch.config_paths import uses_the_plugin  # stdlib only
     except Exception:  # the hook mechanism itself is broken: the stand-ins above still name the failure
         logger.error("verl-cppo: cannot stop launches that select cppo early; they fail at the first actor update")
         return
@@ -122,7 +99,7 @@ def _stop_launches_that_need_the_plugin(exc: BaseException) -> None:
     def make_wrapper(original):
         @functools.wraps(original)
         def validate_config(config, *args, **kwargs):
-            needed = _uses_the_plugin(config)
+            needed = uses_the_plugin(config)
             if needed is not None:
                 raise RuntimeError(
                     f"{needed} needs verl-cppo, which is installed but failed to import "

@@ -11,7 +11,7 @@ an error, a warning or a note); ``problems`` runs them all, and ``validate`` log
   (``CPPOAlgoConfig``), so that one ``+...cppo.<key>=<value>`` override per setting is enough;
 * ``_settings_nodes``: a ``cppo`` / ``cppo_grpo`` node whose selector picks another method (``loss_mode`` left
   at vanilla, or mistyped ``CPPO``) or whose ``_target_`` is a foreign class would have every setting dropped:
-  refused, naming the selector and the keys set. Nodes are read through ``verl_cppo.config.config_node``;
+  refused, naming the selector and the keys set. Nodes are read through ``verl_cppo.launch.config_paths``;
 * ``_anchoring`` and ``_legacy_trainer_topk``: ``loss_mode=cppo`` must see the rollout policy, see below;
 * ``verl_cppo.launch.unread_settings``: verl settings that CPPO does not read, set away
   from verl's defaults, are refused naming the key (a silent no-op otherwise);
@@ -43,18 +43,26 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from verl_cppo import hooks
-from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET, config_node, config_value
+from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET
+from verl_cppo.launch.config_paths import (
+    ALGORITHM,
+    CPPO_NODE,
+    POLICY_LOSS,
+    config_node,
+    config_value,
+    configured_topk,
+    uses_the_plugin,
+)
 from verl_cppo.launch.unread_settings import ignored_clip_settings, ignored_rollout_correction
-from verl_cppo.launch.verl_checks import Problem, involves_the_plugin, launch_layout, registered_names, worker_configs
+from verl_cppo.launch.verl_checks import Problem, launch_layout, registered_names, worker_configs
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS
-from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, configured_topk, propagate_topk
+from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, propagate_topk
 
 __all__ = [
     "STRICT_ANCHOR_ENV",
     "Problem",
     "check_topk_config",
     "install",
-    "involves_the_plugin",
     "problems",
     "validate",
 ]
@@ -62,12 +70,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STRICT_ANCHOR_ENV = "VERL_CPPO_STRICT_ANCHOR"
-POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
 
 _SETTINGS_NODES = (
     # (node, its settings key, the selector key, the value that selects it, verl's stock class, ours)
     (POLICY_LOSS, "cppo", "loss_mode", "cppo", "verl.workers.config.PolicyLossConfig", CPPO_POLICY_LOSS_TARGET),
-    ("algorithm", "cppo_grpo", "adv_estimator", "cppo_grpo", "verl.trainer.config.AlgoConfig", CPPO_ALGO_TARGET),
+    (ALGORITHM, "cppo_grpo", "adv_estimator", "cppo_grpo", "verl.trainer.config.AlgoConfig", CPPO_ALGO_TARGET),
 )
 
 
@@ -195,7 +202,7 @@ def check_topk_config(config: Any) -> list[Problem]:
     k = configured_topk(config)
     if k == 0:
         return []
-    where = f"cppo.divergence={config_value(config, 'actor_rollout_ref.actor.policy_loss.cppo.divergence')}"
+    where = f"cppo.divergence={config_value(config, f'{CPPO_NODE}.divergence')}"
     errors = []  # bypass mode and the rollout log-probs: _anchoring (one key, one message)
     strategy = config_value(config, "actor_rollout_ref.actor.strategy")
     if strategy not in ("fsdp", "fsdp2", "megatron"):
@@ -277,7 +284,7 @@ def problems(config: Any, working_dir: str | None = None, built: dict | None = N
 
     A check that fails on an unexpected config shape becomes a warning naming it (the launch is not refused
     for a bug of the plugin's); a ``ValueError`` of the config reader (a scalar where a node belongs) is an
-    error. A launch that does not involve verl-cppo (``involves_the_plugin``) gets warnings, never errors."""
+    error. A launch that does not involve verl-cppo (``uses_the_plugin``) gets warnings, never errors."""
     found = select_cppo_classes(config)
     checks = [functools.partial(worker_configs, built=built) if c is worker_configs else c for c in CHECKS]
     malformed = False
@@ -295,7 +302,7 @@ def problems(config: Any, working_dir: str | None = None, built: dict | None = N
         except Exception as exc:
             found.append(Problem(f"verl-cppo check {name} could not run: {type(exc).__name__}: {exc}", "warning"))
     unique = list(dict.fromkeys(found))
-    if involves_the_plugin(config) is None:
+    if uses_the_plugin(config) is None:
         # The entry point loads the plugin into every verl process: a plain verl launch keeps verl's own
         # behaviour, so what the plugin would refuse is only a warning there.
         unique = [

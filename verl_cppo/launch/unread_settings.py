@@ -11,12 +11,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from verl_cppo.config import config_node, config_value
+from verl_cppo.launch.config_paths import POLICY_LOSS, config_node, config_value
 from verl_cppo.launch.verl_checks import Problem
 
 __all__ = ["ignored_clip_settings", "ignored_rollout_correction"]
-
-POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
 
 _CLIP_KEYS = {
     "clip_ratio": "cppo.delta (the token threshold at t = 1)",

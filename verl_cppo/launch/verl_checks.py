@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf, open_dict
 
-__all__ = ["LAYOUT_SIZES", "Problem", "involves_the_plugin", "launch_layout", "registered_names", "worker_configs"]
+from verl_cppo.launch.config_paths import POLICY_LOSS
 
-_POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
+__all__ = ["LAYOUT_SIZES", "Problem", "launch_layout", "registered_names", "worker_configs"]
 
 
 @dataclass(frozen=True)
@@ -41,29 +41,6 @@ class Problem:
 
     message: str
     level: Literal["error", "warning", "note"] = "error"
-
-
-def involves_the_plugin(config: Any) -> str | None:
-    """What in a composed config asks for verl-cppo (a CPPO loss or estimator, also mistyped in another case;
-    a ``cppo`` / ``cppo_grpo`` settings node; a ``verl_cppo`` target, ``external_lib`` or reward), or None."""
-    for where in (f"{_POLICY_LOSS}.loss_mode", "algorithm.adv_estimator"):
-        value = OmegaConf.select(config, where, default=None, throw_on_missing=False)
-        if isinstance(value, str) and value.lower() in ("cppo", "cppo_grpo"):
-            return f"{where}={value}"
-    for where in (f"{_POLICY_LOSS}.cppo", "algorithm.cppo_grpo"):
-        if OmegaConf.select(config, where, default=None, throw_on_missing=False) is not None:
-            return where
-    for where in (
-        f"{_POLICY_LOSS}._target_",
-        "algorithm._target_",
-        "actor_rollout_ref.model.external_lib",
-        "reward.custom_reward_function.path",
-        "custom_reward_function.path",
-    ):
-        value = OmegaConf.select(config, where, default=None, throw_on_missing=False)
-        if isinstance(value, str) and "verl_cppo" in value:
-            return f"{where}={value}"
-    return None
 
 
 def _error(message: str) -> Problem:
@@ -184,7 +161,7 @@ def registered_names(config: Any, working_dir: str | None = None) -> list[Proble
     problems = []
     loss_mode = config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla")
     if loss_mode not in POLICY_LOSS_REGISTRY:
-        problems.append(_unregistered("actor_rollout_ref.actor.policy_loss.loss_mode", loss_mode, POLICY_LOSS_REGISTRY))
+        problems.append(_unregistered(f"{POLICY_LOSS}.loss_mode", loss_mode, POLICY_LOSS_REGISTRY))
     estimator = config.algorithm.adv_estimator
     if estimator not in ADV_ESTIMATOR_REGISTRY:
         problems.append(_unregistered("algorithm.adv_estimator", estimator, ADV_ESTIMATOR_REGISTRY))
