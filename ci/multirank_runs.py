@@ -132,29 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     for layout in args.layouts.split(","):
         results[layout] = {}
         for arm in args.arms.split(","):
-            masked = launcher.MASKED_KEY.get(arm, "actor/pg_clipfrac")
-            overrides = [
-                *launcher.tiny_task_overrides(task, seed=args.seed, steps=args.steps),
-                *launcher.ARM_OVERRIDES[arm],
-                *PACKED,
-                *LAYOUT_OVERRIDES[layout],
-            ]
-            run = launcher.run_main_ppo(
+            run = launcher.run_arm(
                 os.path.join(outdir, layout, arm),
-                overrides,
+                arm,
+                launcher.tiny_task_overrides(task, seed=args.seed, steps=args.steps),
+                after=[*PACKED, *LAYOUT_OVERRIDES[layout]],
                 steps=args.steps,
                 label=f"{layout}/{arm}",
                 timeout_s=args.arm_timeout,
-                masked_key=masked,
             )
-            results[layout][arm] = [
-                {
-                    **row,
-                    "reward": row.get("critic/score/mean", float("nan")),
-                    "masked_frac": row.get(launcher.MASKED_KEY.get(arm, "actor/pg_clipfrac"), float("nan")),
-                }
-                for row in run.rows
-            ]
+            results[layout][arm] = run.rows
             codes[f"{layout}/{arm}"] = {
                 "exit_code": run.exit_code,
                 "wall_s": round(run.wall_s, 1),
