@@ -8,6 +8,7 @@ repository root and from the document's own folder; globs and placeholders (``*`
 skipped, and so is ``.ci/`` (written by the CI runner, not committed).
 """
 
+import ast
 import glob
 import importlib
 import importlib.util
@@ -126,3 +127,54 @@ def test_install_lines_are_verls_own_pins(doc):
         assert words[1:] == ["./verl-cppo"] or words[1:] == ["/workspace/verl-cppo"], line
     pins = set(requires("verl"))
     assert {'torch==2.11.0; extra == "vllm"', 'vllm==0.24.0; extra == "vllm"', 'math-verify; extra == "math"'} <= pins
+
+
+def _hook_names(source: str) -> set[str]:
+    """The ``name=`` of every ``hooks.wrap`` call of a module: a string, or a module-level string constant."""
+    tree = ast.parse(source)
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "wrap":
+            for keyword in node.keywords:
+                if keyword.arg == "name" and isinstance(keyword.value, ast.Constant):
+                    names.add(keyword.value.value)
+                elif keyword.arg == "name" and isinstance(keyword.value, ast.Name):
+                    names.add(constants[keyword.value.id])
+    return names
+
+
+HOOKS = sorted(
+    name
+    for path in CODE
+    if path.startswith("verl_cppo/") and path.endswith(".py")
+    for name in _hook_names(open(os.path.join(REPO_ROOT, path), encoding="utf-8").read())
+)
+SECTION_NUMBER = re.compile(r"patches/README\.md`?,?\s+sections?\s+\d")
+
+
+def test_every_hook_is_listed_in_patches_readme_by_its_name():
+    """patches/README.md names each hook by the ``name`` it is wrapped under (the name the code cites)."""
+    text = open(os.path.join(REPO_ROOT, "patches", "README.md"), encoding="utf-8").read()
+    assert len(HOOKS) >= 10
+    assert [name for name in HOOKS if f"`{name}`" not in text] == []
+    assert re.findall(r"^## \d|[Ss]ections? \d", text, re.MULTILINE) == []  # nothing left to cite by number
+
+
+@pytest.mark.parametrize("path", [*DOCS, *CODE])
+def test_hooks_are_cited_by_name_not_by_section_number(path):
+    """Section numbers of patches/README.md were renumbered twice: a hook is cited by its name instead."""
+    text = open(os.path.join(REPO_ROOT, path), encoding="utf-8").read()
+    assert SECTION_NUMBER.findall(text) == []
+
+
+def test_the_section_number_rule_finds_what_it_is_for():
+    assert SECTION_NUMBER.search("the hook (patches/README.md, section 9) that")
+    assert SECTION_NUMBER.search("see `patches/README.md` sections 5, 6")
+    assert not SECTION_NUMBER.search("hook `cppo_val_history` in patches/README.md; DPPO paper section 5.2")

@@ -14,8 +14,8 @@ each save) that prunes ``default_local_dir/global_step_<N>`` itself:
 
 Validation scores are read as the trainer logs them: the callback listens to the trainer's tracker
 (``trainer.logger``, a ``verl.utils.tracking.Tracking``) through a ``verl_cppo.hooks`` wrapper of
-``Tracking.log`` (patches/README.md, section 9) that hands each logged dict to the listeners registered for
-that tracker, and records ``best_metric`` of every validation dict, computing the AIME average itself
+``Tracking.log`` (hook ``cppo_val_history`` in patches/README.md) that hands each logged dict to the listeners
+registered for that tracker, and records ``best_metric`` of every validation dict, computing the AIME average itself
 (``verl_cppo.trainer.val_metrics``) when the trainer's metrics do not already carry it. The scores are persisted in
 ``default_local_dir/cppo_val_history.json``, so a resumed run still knows which old checkpoint was best; a
 history file that cannot be read is an error naming it (pruning without it could delete the best checkpoint).
