@@ -218,13 +218,13 @@ async def run_setting(
 ) -> dict:
     from verl_cppo import hooks
     from verl_cppo.topk.rollout import ENV_TOPK
-    from verl_cppo.topk.setup import VLLM_ARRAYS_HOOK, _vllm_arrays_wrapper
+    from verl_cppo.topk.setup import VLLM_ARRAYS_HOOK, vllm_arrays_wrapper
 
     if before:  # the frontend without the array processor: vLLM's own dicts, parsed position by position
         hooks.unwrap("vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request")
     else:
         hooks.wrap(
-            "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", _vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
+            "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
         )
 
     if k:

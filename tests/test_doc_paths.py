@@ -84,11 +84,12 @@ DIFF_PATH = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[a-z0-9]+_[\w-]*\.diff)\b")  
 @pytest.mark.parametrize("path", CODE)
 def test_every_module_path_and_diff_the_code_names_exists(path):
     """Docstrings and comments: ``verl_cppo.*`` dotted paths, and ``*.diff`` files (a bare name is looked up
-    in patches/ and verl_cppo/hooks/patches/)."""
+    in patches/ and verl_cppo/hooks/import_time_diffs/)."""
     text = open(os.path.join(REPO_ROOT, path), encoding="utf-8").read()
     bad = [m for m in sorted(set(DOTTED.findall(text))) if not module_path_exists(m)]
     for diff in sorted(set(DIFF_PATH.findall(text))):
-        bases = ("", "patches", "verl_cppo/hooks/patches", os.path.dirname(path)) if "/" not in diff else ("",)
+        packaged = "verl_cppo/hooks/import_time_diffs"
+        bases = ("", "patches", packaged, os.path.dirname(path)) if "/" not in diff else ("",)
         if "*" not in diff and not any(os.path.exists(os.path.join(REPO_ROOT, b, diff)) for b in bases):
             bad.append(diff)
     assert bad == []
@@ -101,7 +102,7 @@ def test_the_check_finds_the_stale_paths_it_is_for():
     assert module_path_exists("verl_cppo.testing.register") and module_path_exists("verl_cppo.CPPOConfig")
     assert module_path_exists("verl_cppo.core.divergence.binary_tv")
     assert not file_path_exists("patches/topk_trainer.diff", "README.md")
-    assert file_path_exists("verl_cppo/hooks/patches/topk_agent_loop.diff", "patches/README.md")
+    assert file_path_exists("verl_cppo/hooks/import_time_diffs/topk_agent_loop.diff", "patches/README.md")
     assert file_path_exists("data/prepare_data.py", "examples/README.md")
 
 

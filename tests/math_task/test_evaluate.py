@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from tests.support import REPO_ROOT
-from verl_cppo.math_task.evaluate import Problem, format_table, score_completions, summarize
+from verl_cppo.math_task.evaluate import Question, format_table, score_completions, summarize
 from verl_cppo.math_task.reward import compute_score
 from verl_cppo.testing.launcher import TEST_ENV
 
@@ -19,7 +19,7 @@ ROOT = Path(REPO_ROOT)
 
 
 def _problem(source, truth):
-    return Problem(source, [{"role": "user", "content": "q"}], truth)
+    return Question(source, [{"role": "user", "content": "q"}], truth)
 
 
 # Fixed completions and, written out by hand, what math-verify must score them (the DAPO "Answer:" line,

@@ -17,7 +17,7 @@ from verl_cppo import hooks
 from verl_cppo.testing import tiny_task
 from verl_cppo.topk import rollout as rt
 from verl_cppo.topk import servers as sv
-from verl_cppo.topk.setup import VLLM_ARRAYS_HOOK, _vllm_arrays_wrapper
+from verl_cppo.topk.setup import VLLM_ARRAYS_HOOK, vllm_arrays_wrapper
 from verl_cppo.topk.vllm_arrays import TopKArrays
 
 PROMPT = "user a"
@@ -27,7 +27,7 @@ WORDS = ["user", "assistant", "a", "b", "c", "d", "\n"]
 @pytest.fixture
 def arrays_hook():
     hooks.wrap(
-        "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", _vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
+        "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
     )
     yield
     hooks.unwrap("vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request")

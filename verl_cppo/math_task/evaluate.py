@@ -40,11 +40,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["Problem", "load_problems", "main", "score_completions", "summarize"]
+__all__ = ["Question", "load_questions", "main", "score_completions", "summarize"]
 
 
 @dataclass
-class Problem:
+class Question:
+    """One evaluation item (an AIME problem): its data source (the AIME year), prompt and ground truth."""
+
     data_source: str
     messages: list[dict]
     ground_truth: str
@@ -57,8 +59,8 @@ def _as_list(value) -> list:
     return list(value)
 
 
-def load_problems(paths: list[str], limit: int | None = None) -> list[Problem]:
-    """Problems of verl RL parquet files (``limit``: at most that many per file, for smoke tests).
+def load_questions(paths: list[str], limit: int | None = None) -> list[Question]:
+    """The questions of verl RL parquet files (``limit``: at most that many per file, for smoke tests).
 
     ValueError naming the file for one that is not parquet or lacks verl's RL columns."""
     import pandas as pd
@@ -86,7 +88,7 @@ def load_problems(paths: list[str], limit: int | None = None) -> list[Problem]:
                 raise ValueError(f"{path!r} row {index}: reward_model.ground_truth is missing")
             extra = row.get("extra_info")
             problems.append(
-                Problem(
+                Question(
                     data_source=str(source),
                     messages=messages,
                     ground_truth=str(ground_truth),
@@ -96,7 +98,7 @@ def load_problems(paths: list[str], limit: int | None = None) -> list[Problem]:
     return problems
 
 
-def score_completions(problems: list[Problem], completions: list[list[str]]) -> list[list[float]]:
+def score_completions(problems: list[Question], completions: list[list[str]]) -> list[list[float]]:
     """``verl_cppo.math_task.reward`` scores (1.0 / 0.0) of each problem's completions."""
     from verl_cppo.math_task.reward import compute_score
 
@@ -108,7 +110,7 @@ def score_completions(problems: list[Problem], completions: list[list[str]]) -> 
     ]
 
 
-def summarize(problems: list[Problem], scores: list[list[float]]) -> dict:
+def summarize(problems: list[Question], scores: list[list[float]]) -> dict:
     """Avg@n and Pass@n per data source (in order of first appearance) and their unweighted average."""
     per_source: dict[str, list[list[float]]] = {}
     for problem, problem_scores in zip(problems, scores, strict=True):
@@ -169,7 +171,7 @@ def _check_model_dir(path: str, argument: str = "--model") -> None:
     raise SystemExit(f"{argument} {path!r} has no config.json: not a Hugging Face model directory")
 
 
-def _prompt_ids(tokenizer, problems: list[Problem], chat_template_kwargs: dict) -> list[list[int]]:
+def _prompt_ids(tokenizer, problems: list[Question], chat_template_kwargs: dict) -> list[list[int]]:
     ids = []
     for p in problems:
         text = tokenizer.apply_chat_template(
@@ -343,7 +345,7 @@ def _main(args) -> int:
             ) from exc
     start = time.time()
     try:
-        problems = load_problems(paths, args.limit)
+        problems = load_questions(paths, args.limit)
     except ValueError as exc:
         raise SystemExit(f"--data: {exc}") from None
     tokenizer = _load_tokenizer(args)

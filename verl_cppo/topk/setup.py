@@ -10,7 +10,7 @@ The user selects ``actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv``
    ``run_ppo`` passes to ``ray.init``, so every process of the job (TaskRunner, agent-loop workers, rollout
    servers, actor workers) starts with it;
 2. each process (``verl_cppo.plugin``, during ``import verl``): ``install_topk_runtime`` applies the Top-K diffs
-   of ``verl_cppo/hooks/patches`` to the verl modules when they are imported, and wraps vLLM's
+   of ``verl_cppo/hooks/import_time_diffs`` to the verl modules when they are imported, and wraps vLLM's
    ``LogprobsProcessor.from_new_request`` (``verl_cppo.topk.vllm_arrays``), only when VERL_CPPO_TOPK is set.
 
 The rollouts that serve mu's top-K are ``verl_cppo.topk.rollout.TOPK_ROLLOUTS`` (verl's vllm and sglang
@@ -33,8 +33,10 @@ __all__ = [
     "ENV_TOPK",
     "TOPK_DIFFS",
     "TOPK_ROLLOUTS",
+    "VLLM_ARRAYS_HOOK",
     "install_topk_runtime",
     "propagate_topk",
+    "vllm_arrays_wrapper",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,7 +70,8 @@ VLLM_ARRAYS_HOOK = "topk_vllm_arrays"
 """Hook name of the ``LogprobsProcessor.from_new_request`` wrapper (``verl_cppo.topk.vllm_arrays``)."""
 
 
-def _vllm_arrays_wrapper(original):
+def vllm_arrays_wrapper(original):
+    """The ``make_wrapper`` of the ``VLLM_ARRAYS_HOOK`` wrap, for callers that install it in their own process."""
     from verl_cppo.topk.vllm_arrays import wrap_from_new_request
 
     return wrap_from_new_request(original)
@@ -82,6 +85,6 @@ def install_topk_runtime() -> list[str]:
     if not rollout_topk():
         return []
     hooks.wrap(
-        "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", _vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
+        "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
     )
     return hooks.apply_diffs(TOPK_DIFFS)
