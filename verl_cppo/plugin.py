@@ -91,7 +91,7 @@ def _stop_launches_that_need_the_plugin(exc: BaseException) -> None:
     """Wrap verl's ``validate_config`` so that a launch needing verl-cppo stops there, naming ``exc``."""
     try:
         from verl_cppo import hooks  # stdlib only
-        from verl_cppo.launch.config_paths import uses_the_plugin  # stdlib only
+        from verl_cppo.config_paths import uses_the_plugin  # stdlib only
     except Exception:  # the hook mechanism itself is broken: the stand-ins above still name the failure
         logger.error("verl-cppo: cannot stop launches that select cppo early; they fail at the first actor update")
         return

@@ -104,29 +104,6 @@ def test_verl_validate_config_runs_the_check_first(caplog):
     assert "verl-cppo WARNING" in caplog.text and "!!!!" in caplog.text
 
 
-@pytest.mark.parametrize(
-    ("key", "value", "replacement"),
-    [
-        ("clip_ratio", 0.25, "cppo.delta"),
-        ("clip_ratio_low", 0.15, "cppo.delta"),
-        ("clip_ratio_high", 0.28, "cppo.delta"),
-        ("clip_ratio_c", 20.0, "cppo.ratio_cap"),
-    ],
-)
-def test_ratio_clip_keys_that_cppo_ignores_are_refused_naming_the_cppo_key(key, value, replacement):
-    errors, _ = check_cppo_config(compose_trainer("dp", [CPPO, BYPASS, f"actor_rollout_ref.actor.{key}={value}"]))
-    assert len(errors) == 1, errors
-    assert f"actor_rollout_ref.actor.{key} (set to {value!r}" in errors[0]
-    assert f"policy_loss.{replacement}" in errors[0]
-
-
-def test_ratio_clip_keys_at_verls_defaults_or_under_other_losses_pass():
-    defaults = ["actor_rollout_ref.actor.clip_ratio=0.2", "actor_rollout_ref.actor.clip_ratio_c=3.0"]
-    assert check_cppo_config(compose_trainer("dp", [CPPO, BYPASS, *defaults]))[0] == []
-    vanilla = ["actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "actor_rollout_ref.actor.clip_ratio_high=0.28"]
-    assert check_cppo_config(compose_trainer("dp", vanilla))[0] == []
-
-
 CPPO_NODE = "+actor_rollout_ref.actor.policy_loss.cppo"
 
 

@@ -6,8 +6,8 @@ from verl.utils.config import omega_conf_to_dataclass
 
 from tests.support.verl_hydra import compose_trainer
 from verl_cppo.config import cppo_config_of
+from verl_cppo.config_paths import POLICY_LOSS, config_value
 from verl_cppo.core.token_loss import METRIC_KEYS
-from verl_cppo.launch.config_paths import POLICY_LOSS, config_value
 from verl_cppo.testing import launcher
 
 

@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.support.verl_hydra import CPPO_TARGET, ENGINES, compose_trainer
-from verl_cppo.launch.config_paths import configured_topk
+from verl_cppo.config_paths import configured_topk
 from verl_cppo.launch.driver import problems
 from verl_cppo.topk.rollout import ENV_TOPK
 from verl_cppo.topk.setup import propagate_topk

@@ -11,7 +11,7 @@ an error, a warning or a note); ``problems`` runs them all, and ``validate`` log
   (``CPPOAlgoConfig``), so that one ``+...cppo.<key>=<value>`` override per setting is enough;
 * ``_settings_nodes``: a ``cppo`` / ``cppo_grpo`` node whose selector picks another method (``loss_mode`` left
   at vanilla, or mistyped ``CPPO``) or whose ``_target_`` is a foreign class would have every setting dropped:
-  refused, naming the selector and the keys set. Nodes are read through ``verl_cppo.launch.config_paths``;
+  refused, naming the selector and the keys set. Nodes are read through ``verl_cppo.config_paths``;
 * ``_anchoring`` and ``_legacy_trainer_topk``: ``loss_mode=cppo`` must see the rollout policy, see below;
 * ``verl_cppo.launch.unread_settings``: verl settings that CPPO does not read, set away
   from verl's defaults, are refused naming the key (a silent no-op otherwise);
@@ -44,7 +44,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from verl_cppo import hooks
 from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET
-from verl_cppo.launch.config_paths import (
+from verl_cppo.config_paths import (
     ALGORITHM,
     CPPO_NODE,
     POLICY_LOSS,

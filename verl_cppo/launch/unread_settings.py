@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from verl_cppo.launch.config_paths import POLICY_LOSS, config_node, config_value
+from verl_cppo.config_paths import POLICY_LOSS, config_node, config_value
 from verl_cppo.launch.verl_checks import Problem
 
 __all__ = ["ignored_clip_settings", "ignored_rollout_correction"]

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf, open_dict
 
-from verl_cppo.launch.config_paths import POLICY_LOSS
+from verl_cppo.config_paths import POLICY_LOSS
 
 __all__ = ["LAYOUT_SIZES", "Problem", "launch_layout", "registered_names", "worker_configs"]
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from verl_cppo.config import CPPO_POLICY_LOSS_TARGET
-from verl_cppo.launch.config_paths import CPPO_NODE, POLICY_LOSS
+from verl_cppo.config_paths import CPPO_NODE, POLICY_LOSS
 from verl_cppo.testing import PLATFORM_NAME, REGISTER_MODULE, SWITCH_ENV
 from verl_cppo.testing.progress import duration, phases_in, progress_lines, read_steps
 from verl_cppo.testing.vllm_cpu import VLLM_CPU_ENV, VLLM_CPU_OVERRIDES

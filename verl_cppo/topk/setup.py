@@ -4,7 +4,7 @@ The user selects ``actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv``
 ``cppo.topk`` (K, default 20). Everything else follows from that node:
 
 1. driver (``verl.utils.config.validate_config``, wrapped by ``verl_cppo.launch.driver``): K is
-   ``verl_cppo.launch.config_paths.configured_topk``; the driver's ``check_topk_config`` refuses configurations
+   ``verl_cppo.config_paths.configured_topk``; the driver's ``check_topk_config`` refuses configurations
    the Top-K path cannot serve, then ``propagate_topk`` exports VERL_CPPO_TOPK=K to the driver's environment
    and to ``ray_kwargs.ray_init.runtime_env.env_vars``, the Ray job's runtime environment that verl's
    ``run_ppo`` passes to ``ray.init``, so every process of the job (TaskRunner, agent-loop workers, rollout
@@ -26,7 +26,7 @@ import os
 from typing import Any
 
 from verl_cppo import hooks
-from verl_cppo.launch.config_paths import configured_topk
+from verl_cppo.config_paths import configured_topk
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS, rollout_topk
 
 __all__ = [

@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from verl_cppo.config import INT32_MAX, CPPOConfig
-from verl_cppo.launch.config_paths import POLICY_LOSS, config_node, configured_topk, uses_the_plugin
+from verl_cppo.config_paths import POLICY_LOSS, config_node, configured_topk, uses_the_plugin
 
 
 def _config(**dotted):
