@@ -355,3 +355,16 @@ def test_the_mirror_rule_finds_untested_modules():
     assert _tested_in_its_folder("verl_cppo.launch.dry_run")  # imported by tests/launch/test_verl_checks.py
     assert not _tested_in_its_folder("verl_cppo.launch.no_such_module")
     assert not _tested_in_its_folder("verl_cppo.topk.config_paths")  # its name is tested, but not in tests/topk
+
+
+def test_the_core_tests_load_without_verl():
+    """tests/core, like verl_cppo/core, needs torch alone: its tests load with verl made unimportable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, glob, importlib\nsys.modules['verl'] = None\n"
+        "for f in sorted(glob.glob('tests/core/test_*.py')):\n    importlib.import_module(f[:-3].replace('/', '.'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
