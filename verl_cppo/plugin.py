@@ -17,8 +17,8 @@ excludes it; ``actor_rollout_ref.model.external_lib=verl_cppo`` and the ``_targe
   Instead the error is logged at ERROR with its traceback, a stand-in ``cppo`` loss (and ``cppo_grpo``
   estimator) is registered that raises a RuntimeError naming the original exception, and verl's
   ``validate_config`` is wrapped (through ``verl_cppo.hooks``, stdlib only, so it imports even when the rest
-  does not) so that a launch that selects ``loss_mode=cppo`` or ``adv_estimator=cppo_grpo``, or configures a
-  verl-cppo node, stops in the driver with that exception as its cause, before Ray starts, instead of at
+  does not) so that a launch that asks for verl-cppo (``verl_cppo.config_paths.uses_the_plugin``, also stdlib
+  only), stops in the driver with that exception as its cause, before Ray starts, instead of at
   the first actor update after the model loaded and the rollouts ran. Then the exception propagates.
 """
 
