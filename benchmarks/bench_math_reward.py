@@ -1,4 +1,4 @@
-"""Per-call cost of bounding verl_cppo.math_reward: math-verify in the sandbox children vs in-process.
+"""Per-call cost of bounding verl_cppo.math_task.reward: math-verify in the sandbox children vs in-process.
 
     .venv/bin/python -m benchmarks.bench_math_reward --calls 1000 --threads 4
 
@@ -15,7 +15,7 @@ import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from verl_cppo import math_reward
+from verl_cppo.math_task import reward as math_reward
 
 PAIRS = [("1/2", "0.5"), ("\\frac{3}{4}", "0.75"), ("2\\sqrt{2}", "\\sqrt{8}"), ("x = 5", "5"), ("41", "42")]
 

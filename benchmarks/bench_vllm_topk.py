@@ -138,7 +138,7 @@ def verl_server(model_dir: str, tokens: int, prompts: int, cuda: bool, extra_ove
     from verl.utils.profiler import build_rollout_dist_profiler
     from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
 
-    from verl_cppo.dry_run import compose_config
+    from verl_cppo.launch.dry_run import compose_config
     from verl_cppo.testing.vllm_cpu import VLLM_CPU_OVERRIDES
 
     overrides = [

@@ -6,8 +6,8 @@ verl's vLLM rollout on vLLM's CPU build):
   dp2   trainer.n_gpus_per_node=2                                   (FSDP2 DP = 2)
   sp2   trainer.n_gpus_per_node=2, ulysses_sequence_parallel_size=2 (DP = 1, Ulysses SP = 2)
 Every layout packs sequences (``use_remove_padding=True``, which Ulysses needs) and uses the CPU test platform's
-packed attention ``cpu_varlen`` (patches/README.md, section 10), so the three differ only in the layout. The
-rollout is one vLLM replica per trainer rank (``rollout.tensor_model_parallel_size=1``: verl builds
+packed attention ``cpu_varlen`` (hook ``cpu_varlen_attention`` in patches/README.md), so the three differ only
+in the layout. The rollout is one vLLM replica per trainer rank (``rollout.tensor_model_parallel_size=1``: verl builds
 n_gpus / TP replicas); a TP = 2 replica would need vLLM's CPU build to run its own two-process executor.
 Arms: ``cppo`` (binary TV) and ``cppo_topk_tv``, both with ``adv_estimator=cppo_grpo`` (the regression's
 default). On the tiny task a group's 8 answers all score the same only once the policy is near-deterministic
@@ -132,29 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     for layout in args.layouts.split(","):
         results[layout] = {}
         for arm in args.arms.split(","):
-            masked = launcher.MASKED_KEY.get(arm, "actor/pg_clipfrac")
-            overrides = [
-                *launcher.tiny_task_overrides(task, seed=args.seed, steps=args.steps),
-                *launcher.ARM_OVERRIDES[arm],
-                *PACKED,
-                *LAYOUT_OVERRIDES[layout],
-            ]
-            run = launcher.run_main_ppo(
+            run = launcher.run_arm(
                 os.path.join(outdir, layout, arm),
-                overrides,
+                arm,
+                launcher.tiny_task_overrides(task, seed=args.seed, steps=args.steps),
+                after=[*PACKED, *LAYOUT_OVERRIDES[layout]],
                 steps=args.steps,
                 label=f"{layout}/{arm}",
                 timeout_s=args.arm_timeout,
-                masked_key=masked,
             )
-            results[layout][arm] = [
-                {
-                    **row,
-                    "reward": row.get("critic/score/mean", float("nan")),
-                    "masked_frac": row.get(launcher.MASKED_KEY.get(arm, "actor/pg_clipfrac"), float("nan")),
-                }
-                for row in run.rows
-            ]
+            results[layout][arm] = run.rows
             codes[f"{layout}/{arm}"] = {
                 "exit_code": run.exit_code,
                 "wall_s": round(run.wall_s, 1),

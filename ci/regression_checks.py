@@ -4,7 +4,7 @@ Sanity (always, for any number of steps N >= 2; ``scaled_limits`` scales the two
 REFERENCE_STEPS-step run):
   * every arm ran all steps and main_ppo exited 0;
   * reward, masked fraction, pg_loss and grad_norm are finite at every step of every arm;
-  * the cppo arms report every ``actor/cppo_*`` metric at every step, all finite;
+  * the cppo arms report every ``actor/cppo_*`` metric of the loss (``CPPO_METRICS``) at every step, all finite;
   * cppo's reward over its last ``last_window(N)`` steps (5 of 20) exceeds its first-step reward by at least
     ``cppo_rise_min`` x (N - 1) / (REFERENCE_STEPS - 1) (all of it from REFERENCE_STEPS steps on): the rise is
     asked in proportion to the updates made, which asks less than the measured curves give, since the reward
@@ -31,18 +31,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-CPPO_METRICS = (
-    "actor/cppo_masked_frac",
-    "actor/cppo_masked_by_budget_share",
-    "actor/cppo_masked_by_token_share",
-    "actor/cppo_delta_b_mean",
-    "actor/cppo_div_mean",
-    "actor/cppo_rho_mean",
-    "actor/cppo_rho_max",
-    "actor/cppo_ratio_truncated_frac",
-    "actor/cppo_nonfinite_frac",
-    "actor/cppo_gate_weight_mean",
-)
+from verl_cppo.core.token_loss import METRIC_KEYS
+
+CPPO_METRICS = tuple(key for key in METRIC_KEYS if key.startswith("actor/cppo_"))
+"""The loss's own metrics (its METRIC_KEYS less the two it also reports under verl's names): a metric added to
+the loss is checked here without a second list."""
 FINITE_EVERY_STEP = ("reward", "masked_frac", "actor/pg_loss", "actor/grad_norm")
 DEFAULT_CHECKS = {"cppo_rise_min": 0.3, "cppo_masked_steps_min": 5, "rollout_actor_prob_gap_max": 1e-4}
 REFERENCE_STEPS = 20

@@ -43,28 +43,8 @@ from verl_cppo.testing import launcher, progress, tiny_task  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden", "tiny_regression.json")
 ARMS = ("cppo", "dppo_tv", "vanilla")
-"""The default arms (launcher.ARM_OVERRIDES defines more, run only when named in --arms, without golden values:
+"""The default arms (launcher.ARMS defines more, run only when named in --arms, without golden values:
 tests/testing/test_vllm_cpu.py runs cppo_topk_tv)."""
-
-
-def run_arm(arm: str, task: dict, args: argparse.Namespace, arms_after: int = 0) -> tuple[list[dict], float, int]:
-    """One arm through main_ppo, one progress line per phase and step. Returns (rows, wall s, exit code)."""
-    overrides = launcher.tiny_task_overrides(
-        task, seed=args.seed, lr=args.lr, steps=args.steps, adv_estimator=args.adv_estimator
-    )
-    run = launcher.run_main_ppo(
-        os.path.join(args.outdir, arm),
-        [*overrides, *launcher.ARM_OVERRIDES[arm], *args.override],
-        steps=args.steps,
-        label=arm,
-        timeout_s=args.arm_timeout,
-        arms_after=arms_after,
-        masked_key=launcher.MASKED_KEY[arm],
-    )
-    for row in run.rows:
-        row["reward"] = row.get("critic/score/mean", float("nan"))
-        row["masked_frac"] = row.get(launcher.MASKED_KEY[arm], float("nan"))
-    return run.rows, run.wall_s, run.exit_code
 
 
 PANELS = (
@@ -127,9 +107,9 @@ def main() -> int:
     args = parser.parse_args()
     args.outdir = os.path.abspath(args.outdir)
     arms = [a for a in args.arms.split(",") if a]
-    unknown = sorted(set(arms) - set(launcher.ARM_OVERRIDES))
+    unknown = sorted(set(arms) - set(launcher.ARMS))
     if unknown:
-        parser.error(f"unknown arms {unknown}; choose from {tuple(launcher.ARM_OVERRIDES)}")
+        parser.error(f"unknown arms {unknown}; choose from {tuple(launcher.ARMS)}")
     try:
         scaled_limits({"cppo_rise_min": 0.0, "cppo_masked_steps_min": 0}, args.steps)
     except ValueError as error:
@@ -141,10 +121,22 @@ def main() -> int:
     print(f"tiny regression: model and task in {args.outdir}/task  elapsed {progress.duration(time.time() - START)}")
     metrics: dict[str, list[dict]] = {}
     runs: dict[str, dict] = {}
+    overrides = launcher.tiny_task_overrides(
+        task, seed=args.seed, lr=args.lr, steps=args.steps, adv_estimator=args.adv_estimator
+    )
     for index, arm in enumerate(arms):
-        rows, wall, code = run_arm(arm, task, args, arms_after=len(arms) - index - 1)
-        metrics[arm] = rows
-        runs[arm] = {"wall_s": round(wall, 1), "exit_code": code, "steps": len(rows)}
+        run = launcher.run_arm(
+            os.path.join(args.outdir, arm),
+            arm,
+            overrides,
+            after=args.override,
+            steps=args.steps,
+            label=arm,
+            timeout_s=args.arm_timeout,
+            arms_after=len(arms) - index - 1,
+        )
+        metrics[arm] = run.rows
+        runs[arm] = {"wall_s": round(run.wall_s, 1), "exit_code": run.exit_code, "steps": len(run.rows)}
     with open(os.path.join(args.outdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1, allow_nan=True)
     plot(metrics, os.path.join(args.outdir, "reward.png"))

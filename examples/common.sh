@@ -62,7 +62,7 @@ TOTAL_EPOCHS=${TOTAL_EPOCHS:-10}
 TEST_FREQ=${TEST_FREQ:-10}
 # A checkpoint at every validation (the paper reports the best validated checkpoint). Disk stays bounded:
 # KEEP_CKPTS latest checkpoints for resume, plus (KEEP_BEST_CKPT=1) the best one by BEST_METRIC, pruned by
-# verl_cppo.checkpoints.KeepLatestAndBest; KEEP_BEST_CKPT=0 leaves it to verl's max_actor_ckpt_to_keep.
+# verl_cppo.trainer.checkpoints.KeepLatestAndBest; KEEP_BEST_CKPT=0 leaves it to verl's max_actor_ckpt_to_keep.
 SAVE_FREQ=${SAVE_FREQ:-${TEST_FREQ}}
 KEEP_CKPTS=${KEEP_CKPTS:-2}
 KEEP_BEST_CKPT=${KEEP_BEST_CKPT:-1}
@@ -198,8 +198,8 @@ cppo_common_overrides() {
         actor_rollout_ref.rollout.val_kwargs.do_sample=True
         actor_rollout_ref.rollout.val_kwargs.temperature=1.0
         actor_rollout_ref.rollout.val_kwargs.top_p=1.0
-        # reward: math-verify on the response's final answer (verl_cppo/math_reward.py)
-        reward.custom_reward_function.path=pkg://verl_cppo.math_reward
+        # reward: math-verify on the response's final answer (verl_cppo/math_task/reward.py)
+        reward.custom_reward_function.path=pkg://verl_cppo.math_task.reward
         reward.custom_reward_function.name=compute_score
         # trainer
         "trainer.logger=${LOGGER}"
@@ -219,7 +219,7 @@ cppo_common_overrides() {
     if [ "${KEEP_BEST_CKPT}" = 1 ]; then
         COMMON_ARGS+=(
             trainer.max_actor_ckpt_to_keep=null # pruned by the callback, which keeps the best one too
-            trainer.checkpoint_callback_class=verl_cppo.checkpoints.KeepLatestAndBest
+            trainer.checkpoint_callback_class=verl_cppo.trainer.checkpoints.KeepLatestAndBest
             "+trainer.cppo_checkpoints.keep_latest=${KEEP_CKPTS}"
             "+trainer.cppo_checkpoints.best_metric=${BEST_METRIC}"
         )

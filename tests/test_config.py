@@ -340,3 +340,20 @@ def test_each_declared_range_is_the_check(cls):
                 cls(**{f.name: int(hi) + 1})
         if text.startswith("null or "):
             assert getattr(cls(**{f.name: None}), f.name) is None
+
+
+def test_kernel_field_is_validated():
+    for value in ("auto", "torch", "triton"):
+        assert CPPOConfig(kernel=value).kernel == value
+    with pytest.raises(ValueError, match=r"cppo\.kernel must be one of \('auto', 'torch', 'triton'\), got 'cuda'"):
+        CPPOConfig(kernel="cuda")
+
+
+def test_the_core_tests_plain_parameters_have_the_config_defaults():
+    """tests/core builds the core's parameters without verl (``LossParams``): the same defaults as CPPOConfig."""
+    from dataclasses import asdict
+
+    from tests.support.reference import LossParams
+
+    config = CPPOConfig()
+    assert {key: getattr(config, key) for key in asdict(LossParams())} == asdict(LossParams())

@@ -8,6 +8,7 @@ repository root and from the document's own folder; globs and placeholders (``*`
 skipped, and so is ``.ci/`` (written by the CI runner, not committed).
 """
 
+import ast
 import glob
 import importlib
 import importlib.util
@@ -83,11 +84,12 @@ DIFF_PATH = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[a-z0-9]+_[\w-]*\.diff)\b")  
 @pytest.mark.parametrize("path", CODE)
 def test_every_module_path_and_diff_the_code_names_exists(path):
     """Docstrings and comments: ``verl_cppo.*`` dotted paths, and ``*.diff`` files (a bare name is looked up
-    in patches/ and verl_cppo/hooks/patches/)."""
+    in patches/ and verl_cppo/hooks/import_time_diffs/)."""
     text = open(os.path.join(REPO_ROOT, path), encoding="utf-8").read()
     bad = [m for m in sorted(set(DOTTED.findall(text))) if not module_path_exists(m)]
     for diff in sorted(set(DIFF_PATH.findall(text))):
-        bases = ("", "patches", "verl_cppo/hooks/patches", os.path.dirname(path)) if "/" not in diff else ("",)
+        packaged = "verl_cppo/hooks/import_time_diffs"
+        bases = ("", "patches", packaged, os.path.dirname(path)) if "/" not in diff else ("",)
         if "*" not in diff and not any(os.path.exists(os.path.join(REPO_ROOT, b, diff)) for b in bases):
             bad.append(diff)
     assert bad == []
@@ -100,7 +102,7 @@ def test_the_check_finds_the_stale_paths_it_is_for():
     assert module_path_exists("verl_cppo.testing.register") and module_path_exists("verl_cppo.CPPOConfig")
     assert module_path_exists("verl_cppo.core.divergence.binary_tv")
     assert not file_path_exists("patches/topk_trainer.diff", "README.md")
-    assert file_path_exists("verl_cppo/hooks/patches/topk_agent_loop.diff", "patches/README.md")
+    assert file_path_exists("verl_cppo/hooks/import_time_diffs/topk_agent_loop.diff", "patches/README.md")
     assert file_path_exists("data/prepare_data.py", "examples/README.md")
 
 
@@ -126,3 +128,54 @@ def test_install_lines_are_verls_own_pins(doc):
         assert words[1:] == ["./verl-cppo"] or words[1:] == ["/workspace/verl-cppo"], line
     pins = set(requires("verl"))
     assert {'torch==2.11.0; extra == "vllm"', 'vllm==0.24.0; extra == "vllm"', 'math-verify; extra == "math"'} <= pins
+
+
+def _hook_names(source: str) -> set[str]:
+    """The ``name=`` of every ``hooks.wrap`` call of a module: a string, or a module-level string constant."""
+    tree = ast.parse(source)
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "wrap":
+            for keyword in node.keywords:
+                if keyword.arg == "name" and isinstance(keyword.value, ast.Constant):
+                    names.add(keyword.value.value)
+                elif keyword.arg == "name" and isinstance(keyword.value, ast.Name):
+                    names.add(constants[keyword.value.id])
+    return names
+
+
+HOOKS = sorted(
+    name
+    for path in CODE
+    if path.startswith("verl_cppo/") and path.endswith(".py")
+    for name in _hook_names(open(os.path.join(REPO_ROOT, path), encoding="utf-8").read())
+)
+SECTION_NUMBER = re.compile(r"patches/README\.md`?,?\s+sections?\s+\d")
+
+
+def test_every_hook_is_listed_in_patches_readme_by_its_name():
+    """patches/README.md names each hook by the ``name`` it is wrapped under (the name the code cites)."""
+    text = open(os.path.join(REPO_ROOT, "patches", "README.md"), encoding="utf-8").read()
+    assert len(HOOKS) >= 10
+    assert [name for name in HOOKS if f"`{name}`" not in text] == []
+    assert re.findall(r"^## \d|[Ss]ections? \d", text, re.MULTILINE) == []  # nothing left to cite by number
+
+
+@pytest.mark.parametrize("path", [*DOCS, *CODE])
+def test_hooks_are_cited_by_name_not_by_section_number(path):
+    """Section numbers of patches/README.md were renumbered twice: a hook is cited by its name instead."""
+    text = open(os.path.join(REPO_ROOT, path), encoding="utf-8").read()
+    assert SECTION_NUMBER.findall(text) == []
+
+
+def test_the_section_number_rule_finds_what_it_is_for():
+    assert SECTION_NUMBER.search("the hook (patches/README.md, section 9) that")
+    assert SECTION_NUMBER.search("see `patches/README.md` sections 5, 6")
+    assert not SECTION_NUMBER.search("hook `cppo_val_history` in patches/README.md; DPPO paper section 5.2")

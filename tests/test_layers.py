@@ -8,6 +8,7 @@ functions (a lazy import is still a dependency). ``from verl_cppo import hooks``
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,18 @@ def _in(name: str, layer: str) -> bool:
 
 
 def test_the_layers_are_folders():
-    for layer in ("core", "kernels", "sharding", "topk", "advantage", "hooks", "testing"):
+    for layer in (
+        "core",
+        "kernels",
+        "sharding",
+        "topk",
+        "advantage",
+        "hooks",
+        "launch",
+        "math_task",
+        "trainer",
+        "testing",
+    ):
         assert (PACKAGE / layer / "__init__.py").is_file(), layer
 
 
@@ -94,6 +106,41 @@ def test_no_import_cycles():
     for name in MODULES:
         if name not in state:
             visit(name)
+
+
+def _room(name: str) -> str:
+    """The folder (``verl_cppo.launch``) or root module (``verl_cppo.loss``) a module belongs to."""
+    return ".".join(name.split(".")[:2])
+
+
+def test_the_rooms_import_each_other_without_cycles():
+    """Between folders and root modules too: a room that imports another is never imported back by it."""
+    edges = {room: set() for room in map(_room, MODULES)}
+    for name in MODULES:
+        edges[_room(name)] |= {_room(dep) for dep in _internal(name)} - {_room(name)}
+    done: set[str] = set()
+
+    def visit(room: str, path: tuple[str, ...]) -> None:
+        for dep in sorted(edges[room]):
+            assert dep not in path, "rooms import each other: " + " -> ".join([*path, dep])
+            if dep not in done:
+                visit(dep, (*path, dep))
+        done.add(room)
+
+    for room in sorted(edges):
+        visit(room, (room,))
+
+
+def test_config_paths_imports_only_the_standard_library_when_loaded():
+    """The plugin's broken-install guard asks ``uses_the_plugin`` when the rest of the package failed to import."""
+    tree = ast.parse(MODULES["verl_cppo.config_paths"].read_text(encoding="utf-8"))
+    top = {
+        alias.name if isinstance(node, ast.Import) else node.module
+        for node in tree.body
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert top <= {"__future__", "collections.abc", "typing"}, top
 
 
 def _verl_names(tree: ast.Module) -> set[str]:
@@ -238,10 +285,11 @@ def test_testing_progress_reads_files_only():
 def test_the_launcher_is_reached_by_import_not_by_path_edits():
     """tests/, ci/, benchmarks/ and examples/ import each other as packages from the repository root; only
     examples/dry_run.py (a user's entry point run as a file by examples/common.sh) puts the repository on
-    sys.path, so that a job's working directory, not a stale install, provides the plugin; verl_cppo/sandbox.py's
-    child process loads the scoring module by file, since importing the package would import verl (~5 s a child)."""
+    sys.path, so that a job's working directory, not a stale install, provides the plugin;
+    verl_cppo/math_task/sandbox.py's child process loads the scoring module by file, since importing the package
+    would import verl (~5 s a child)."""
     root = PACKAGE.parent
-    allowed = {"examples/dry_run.py", "verl_cppo/sandbox.py"}
+    allowed = {"examples/dry_run.py", "verl_cppo/math_task/sandbox.py"}
     offenders = []
     for folder in ("tests", "ci", "benchmarks", "examples", "verl_cppo"):
         for path in sorted((root / folder).rglob("*.py")):
@@ -257,3 +305,66 @@ def test_the_launcher_is_reached_by_import_not_by_path_edits():
     assert offenders == []
     for package in ("ci", "benchmarks", "benchmarks/stability", "examples", "examples/data"):
         assert (root / package / "__init__.py").is_file(), package
+
+
+TESTS = Path(REPO_ROOT) / "tests"
+TESTED_THROUGH_MAIN_PPO = {
+    # modules that only a main_ppo run exercises (the CPU switch's platform and registration, the replay buffer
+    # the launcher selects): the runs of tests/e2e and ci/ test them
+    "verl_cppo.testing.cpu_platform",
+    "verl_cppo.testing.register",
+    "verl_cppo.testing.replay_buffer",
+}
+TESTED_BESIDE_ITS_TWIN = {
+    # the Triton Top-K statistics are checked with the torch ones against the same float64 reference
+    "verl_cppo.kernels.topk_statistics": "tests/core/test_topk_divergence.py",
+}
+
+
+def _tests_of(name: str) -> tuple[Path, str]:
+    """The test folder mirroring ``name``'s folder and the module's own test file name."""
+    parts = name.split(".")[1:]
+    return TESTS.joinpath(*parts[:-1]), f"test_{parts[-1]}.py"
+
+
+def _tested_in_its_folder(name: str) -> bool:
+    """``name`` has its own test file in the mirrored folder, or a test of that folder imports it."""
+    folder, own = _tests_of(name)
+    if (folder / own).is_file():
+        return True
+    package, _, module = name.rpartition(".")
+    imported = re.compile(rf"\b{re.escape(name)}\b|from {re.escape(package)} import [^\n]*\b{module}\b")
+    return any(imported.search(test.read_text(encoding="utf-8")) for test in folder.glob("test_*.py"))
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if MODULES[m].name != "__init__.py"])
+def test_the_tests_mirror_the_package(name):
+    """tests/<folder>/ mirrors verl_cppo/<folder>/ (tests/ the package root); a module is tested there, in
+    test_<module>.py or, when it is tested through the module that drives it, in a test of that folder that
+    imports it (verl_cppo/README.md, *Layout*)."""
+    folder, _ = _tests_of(name)
+    assert (folder / "__init__.py").is_file(), folder
+    if name in TESTED_BESIDE_ITS_TWIN:
+        assert name in (Path(REPO_ROOT) / TESTED_BESIDE_ITS_TWIN[name]).read_text(encoding="utf-8")
+    else:
+        assert name in TESTED_THROUGH_MAIN_PPO or _tested_in_its_folder(name), name
+
+
+def test_the_mirror_rule_finds_untested_modules():
+    assert _tested_in_its_folder("verl_cppo.launch.driver")  # tests/launch/test_driver.py
+    assert _tested_in_its_folder("verl_cppo.launch.dry_run")  # imported by tests/launch/test_verl_checks.py
+    assert not _tested_in_its_folder("verl_cppo.launch.no_such_module")
+    assert not _tested_in_its_folder("verl_cppo.topk.config_paths")  # its name is tested, but not in tests/topk
+
+
+def test_the_core_tests_load_without_verl():
+    """tests/core, like verl_cppo/core, needs torch alone: its tests load with verl made unimportable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, glob, importlib\nsys.modules['verl'] = None\n"
+        "for f in sorted(glob.glob('tests/core/test_*.py')):\n    importlib.import_module(f[:-3].replace('/', '.'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -8,6 +8,7 @@ from verl.workers.utils.losses import ppo_loss
 from tests.support.loss_call import call_loss
 from tests.support.reference import RefParams, random_case, reference_loss_and_grad
 from tests.support.verl_inputs import AGG_MODES, actor_config, engine_micro_batch
+from verl_cppo.core.divergence import BINARY_DIVERGENCES
 from verl_cppo.loss import METRIC_KEYS
 
 SETTINGS = [
@@ -129,3 +130,21 @@ def test_plain_policy_loss_config_uses_paper_defaults(gen):
     ref_loss, ref_grad, _ = reference_loss_and_grad(old, new, adv, mask, RefParams(), "token-mean")
     assert plain[0].item() == explicit[0].item() == pytest.approx(ref_loss, rel=1e-12)
     torch.testing.assert_close(plain[1], ref_grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("divergence", BINARY_DIVERGENCES)
+@pytest.mark.parametrize("value", [0.5, 88.8, 1e30])
+def test_no_metric_of_the_loss_is_non_finite(divergence, value):
+    """The registered loss, called as verl calls it, on log-probs above 0: every metric is finite."""
+    gen = torch.Generator().manual_seed(1)
+    old = -torch.rand(3, 6, generator=gen, dtype=torch.float64)
+    new = old + 0.01 * torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    old[0, 1], new[1, 2], old[2, 0], new[2, 0] = value, value, value, value
+    adv = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    config = actor_config(cppo={"divergence": divergence})
+    out = call_loss(old, new, adv, mask, "token-mean", config)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.grad).all()
+    for key, metric in out.metrics.items():
+        values = torch.as_tensor(metric, dtype=torch.float64)
+        assert torch.isfinite(values).all(), (key, metric)

@@ -8,7 +8,7 @@ Two Hydra nodes, one override per setting (command line and YAML alike):
     algorithm.adv_estimator=cppo_grpo                          # alone: CPPOGRPOConfig's defaults
     +algorithm.cppo_grpo.norm_adv_by_std=true                  # any CPPOGRPOConfig field
 
-The plugin's driver check (``verl_cppo.driver``) points a node that holds ``cppo`` / ``cppo_grpo`` at the
+The plugin's driver check (``verl_cppo.launch.driver``) points a node that holds ``cppo`` / ``cppo_grpo`` at the
 classes below (``_target_``) when it still names verl's stock class; writing the ``_target_`` yourself
 (``actor_rollout_ref.actor.policy_loss._target_=verl_cppo.config.CPPOPolicyLossConfig``,
 ``algorithm._target_=verl_cppo.config.CPPOAlgoConfig``) works as well. Every value is checked here
@@ -47,10 +47,10 @@ __all__ = [
     "CPPOPolicyLossConfig",
     "Gate",
     "allowed",
-    "config_node",
-    "config_value",
+    "checked_setting",
     "cppo_config_of",
     "cppo_grpo_config_of",
+    "default_of",
 ]
 
 CPPO_POLICY_LOSS_TARGET = "verl_cppo.config.CPPOPolicyLossConfig"
@@ -116,6 +116,17 @@ def allowed(cls: type, name: str) -> str:
     if get_origin(kind) is Literal:
         return ", ".join(get_args(kind))
     raise TypeError(f"{cls.__name__}.{name} declares no allowed values")
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field ``name`` of ``cls`` (what an absent key means)."""
+    return next(f for f in fields(cls) if f.name == name).default
+
+
+def checked_setting(cls: type, name: str, value: Any, prefix: str) -> Any:
+    """``value`` of the numeric field ``name`` of ``cls`` checked against its allowed values, as the config class
+    checks it: the value to use, or a ValueError naming ``prefix.name``, the allowed values and ``value``."""
+    return _check_number(prefix, name, value, _Range.parse(allowed(cls, name)))
 
 
 def _fail(prefix: str, name: str, value: Any, allowed_text: str) -> None:
@@ -316,34 +327,6 @@ class CPPOAlgoConfig(AlgoConfig):
         if parent_post_init is not None:
             parent_post_init()
         object.__setattr__(self, "cppo_grpo", _validated_node(self.cppo_grpo, CPPOGRPOConfig, "algorithm.cppo_grpo"))
-
-
-def config_value(config: Any, dotted: str, default: Any = None) -> Any:
-    """``config[a][b]...`` for ``dotted`` = "a.b...." over nested mappings (DictConfig or dict), else default."""
-    node = config
-    for key in dotted.split("."):
-        if not isinstance(node, Mapping) or key not in node:
-            return default
-        node = node[key]
-    return node
-
-
-def config_node(config: Any, dotted: str) -> Mapping:
-    """The config node (mapping) at ``dotted`` of a raw composed config; {} where it is absent or null.
-
-    The one reader of the nodes the driver-side checks look into (``policy_loss``, ``policy_loss.cppo``,
-    ``algorithm``, ``algorithm.cppo_grpo``, ...): a node set to a scalar or a list (``+...policy_loss.cppo=0.2``)
-    is refused here, naming the key and the value, instead of failing later on a ``.get`` of a float."""
-    node, path = config, []
-    for key in dotted.split("."):
-        path.append(key)
-        node = node.get(key, None) if isinstance(node, Mapping) else None
-        if node is None:
-            return {}
-        if not isinstance(node, Mapping):
-            where = ".".join(path)
-            raise ValueError(f"{where} must be a config node (a mapping, e.g. +{where}.<key>=<value>), got {node!r}")
-    return node
 
 
 _DEFAULTS: dict[type, Any] = {}

@@ -201,7 +201,8 @@ def compute_policy_loss_cppo(
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
     shard: LossRows | None = None,
-    **unused: Any,
+    topk_divergence: torch.Tensor | None = None,
+    **verl_extras: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CPPO policy loss (arXiv 2606.10968) with verl's registered signature.
 
@@ -216,8 +217,9 @@ def compute_policy_loss_cppo(
         shard: None for gathered rows (every verl engine in 0.9.1). A ``verl_cppo.sharding.context.ShardContext``
             when the tensors are this rank's shard-local tokens: the returned loss then has the gathered
             loss's value and, w.r.t. this rank's log-probs, its gradient; metrics are the gathered ones.
-        **unused: ``topk_divergence`` [B, T], D of ``divergence=topk_*`` (else taken from the engine hook's
-            channel, ``verl_cppo.topk.channel``); other keywords are ignored.
+        topk_divergence: [B, T] or None, D of ``divergence=topk_*`` when the caller has it (else taken from the
+            engine hook's channel, ``verl_cppo.topk.channel``); ignored for the binary divergences.
+        **verl_extras: keywords verl passes to every registered loss that CPPO does not read; ignored.
 
     Returns:
         (loss: 0-dim float tensor, metrics: dict with the keys of METRIC_KEYS on every call)
@@ -227,7 +229,7 @@ def compute_policy_loss_cppo(
     response_mask = response_mask.bool()
     topk_div = None
     if cfg.divergence in TOPK_DIVERGENCES:  # D comes from the engine, not from the sampled token's log-probs
-        topk_div = topk_divergence_input(unused.get("topk_divergence"), log_prob, cfg.divergence)
+        topk_div = topk_divergence_input(topk_divergence, log_prob, cfg.divergence)
     if rows.fusable and cfg.divergence in BINARY_DIVERGENCES and use_triton(cfg.kernel, log_prob):
         from verl_cppo.kernels.fused_loss import fused_cppo_token_losses
 

@@ -11,16 +11,16 @@ excludes it; ``actor_rollout_ref.model.external_lib=verl_cppo`` and the ``_targe
   ``verl_cppo.advantage.estimator`` (the advantage estimator ``cppo_grpo``); a ``cppo`` / ``cppo_grpo``
   registered from elsewhere first keeps its name (``verl_cppo.hooks.assumptions``: the driver then refuses a
   CPPO launch, naming the other registrant, unless VERL_CPPO_REPLACE_REGISTERED=1 lets ours replace it);
-* it installs the driver-side checks (``verl_cppo.driver``), the hook that keeps ``loss_mode=cppo`` in the
-  legacy trainer's bypass mode (``verl_cppo.bypass_anchor``), and the hooks that carry ``cppo_grpo``'s excluded
+* it installs the driver-side checks (``verl_cppo.launch.driver``), the hook that keeps ``loss_mode=cppo`` in the
+  legacy trainer's bypass mode (``verl_cppo.trainer.bypass_anchor``), and the hooks that carry ``cppo_grpo``'s excluded
   groups to the loss normalisers (``verl_cppo.advantage.exclusion``) and the averaged AIME validation metric
-  (``verl_cppo.val_metrics``); every change to verl goes through ``verl_cppo.hooks``;
+  (``verl_cppo.trainer.val_metrics``); every change to verl goes through ``verl_cppo.hooks``;
 * if that fails, verl would log the exception at DEBUG and later stop with "Unsupported loss mode: cppo".
   Instead the error is logged at ERROR with its traceback, a stand-in ``cppo`` loss (and ``cppo_grpo``
   estimator) is registered that raises a RuntimeError naming the original exception, and verl's
   ``validate_config`` is wrapped (through ``verl_cppo.hooks``, stdlib only, so it imports even when the rest
-  does not) so that a launch that selects ``loss_mode=cppo`` or ``adv_estimator=cppo_grpo``, or configures a
-  verl-cppo node, stops in the driver with that exception as its cause, before Ray starts, instead of at
+  does not) so that a launch that asks for verl-cppo (``verl_cppo.config_paths.uses_the_plugin``, also stdlib
+  only), stops in the driver with that exception as its cause, before Ray starts, instead of at
   the first actor update after the model loaded and the rollouts ran. Then the exception propagates.
 """
 
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 __all__ = ["register"]
 
@@ -52,8 +50,9 @@ def register() -> None:
         with registering_ours():  # a registrant from elsewhere keeps its name unless opted out (the driver says so)
             import verl_cppo.advantage.estimator  # registers the advantage estimator "cppo_grpo"
             import verl_cppo.loss  # noqa: F401  (registers "cppo")
-        from verl_cppo import bypass_anchor, driver, val_metrics
         from verl_cppo.advantage import exclusion
+        from verl_cppo.launch import driver
+        from verl_cppo.trainer import bypass_anchor, val_metrics
 
         driver.install()
         bypass_anchor.install()  # the legacy trainer's bypass mode keeps loss_mode=cppo
@@ -93,32 +92,11 @@ def _register_broken(exc: BaseException) -> None:
     _stop_launches_that_need_the_plugin(exc)
 
 
-def _uses_the_plugin(config: Any) -> str | None:
-    """What in a composed trainer config needs verl-cppo (read with plain mapping access: the plugin's own
-    config reader may be what failed to import), or None."""
-
-    def node(*keys: str) -> Any:
-        value = config
-        for key in keys:
-            value = value.get(key, None) if isinstance(value, Mapping) else None
-        return value
-
-    policy_loss, algorithm = node("actor_rollout_ref", "actor", "policy_loss"), node("algorithm")
-    if node("actor_rollout_ref", "actor", "policy_loss", "loss_mode") == "cppo":
-        return "actor_rollout_ref.actor.policy_loss.loss_mode=cppo"
-    if node("algorithm", "adv_estimator") == "cppo_grpo":
-        return "algorithm.adv_estimator=cppo_grpo"
-    for where, value in (("actor_rollout_ref.actor.policy_loss", policy_loss), ("algorithm", algorithm)):
-        target = value.get("_target_", "") if isinstance(value, Mapping) else ""
-        if isinstance(target, str) and target.startswith("verl_cppo."):
-            return f"{where}._target_={target}"
-    return None
-
-
 def _stop_launches_that_need_the_plugin(exc: BaseException) -> None:
     """Wrap verl's ``validate_config`` so that a launch needing verl-cppo stops there, naming ``exc``."""
     try:
         from verl_cppo import hooks  # stdlib only
+        from verl_cppo.config_paths import uses_the_plugin  # stdlib only
     except Exception:  # the hook mechanism itself is broken: the stand-ins above still name the failure
         logger.error("verl-cppo: cannot stop launches that select cppo early; they fail at the first actor update")
         return
@@ -126,7 +104,7 @@ def _stop_launches_that_need_the_plugin(exc: BaseException) -> None:
     def make_wrapper(original):
         @functools.wraps(original)
         def validate_config(config, *args, **kwargs):
-            needed = _uses_the_plugin(config)
+            needed = uses_the_plugin(config)
             if needed is not None:
                 raise RuntimeError(
                     f"{needed} needs verl-cppo, which is installed but failed to import "

@@ -54,23 +54,6 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 RESPONSE_LENGTH = prefix_reward.ANSWER_LENGTH
 MAX_PROMPT = 16  # the tiny task's data.max_prompt_length
 SAMPLES_PER_PROMPT = 8  # the regression's rollout.n
-CPPO_CONFIG_TARGET = "actor_rollout_ref.actor.policy_loss._target_=verl_cppo.config.CPPOPolicyLossConfig"
-ARM_OVERRIDES = {
-    "cppo": launcher.ARM_OVERRIDES["cppo"],
-    "dppo_tv": launcher.ARM_OVERRIDES["dppo_tv"],
-    "vanilla": launcher.ARM_OVERRIDES["vanilla"],
-    "cppo_no_position_weight": [
-        *launcher.ARM_OVERRIDES["cppo"],
-        CPPO_CONFIG_TARGET,
-        "+actor_rollout_ref.actor.policy_loss.cppo.position_weight=false",
-    ],
-    "cppo_no_prefix_budget": [
-        *launcher.ARM_OVERRIDES["cppo"],
-        CPPO_CONFIG_TARGET,
-        "+actor_rollout_ref.actor.policy_loss.cppo.prefix_budget=false",
-    ],
-}
-ARM_OVERRIDES["cppo_topk_tv"] = launcher.ARM_OVERRIDES["cppo_topk_tv"]
 MATCHED_DELTA = 0.0625
 """dppo_tv_matched's delta (clip_ratio_low = clip_ratio_high), calibrated on seed 0 (README: "Calibrating")."""
 ARMS = (
@@ -87,32 +70,30 @@ SEEDS = {"cppo": range(10), "dppo_tv": range(10), "dppo_tv_matched": range(10)}
 DEFAULT_SEEDS = range(5)
 DEFAULT_ARMS = ARMS[:-1]
 """The second round's arms (vanilla was measured in the first round only)."""
-MASKED_KEY = {arm: "actor/cppo_masked_frac" if arm.startswith("cppo") else "actor/pg_clipfrac" for arm in ARMS}
-"""The fraction of valid tokens each loss drops from the gradient (masked or clipped)."""
 
 PER_STEP_FIELDS = {
-    "rewards": "critic/score/mean",
+    "rewards": "reward",  # launcher.REWARD_KEY
+    "masked_frac": "masked_frac",  # the arm's masked_key
     "grad_norm": "actor/grad_norm",
     "rollout_train_kl": "actor/ppo_kl",  # k1 estimate of KL(mu || pi) over the step's updates, anchored on mu
     "pg_loss": "actor/pg_loss",
     "response_length": "response_length/mean",
     "step_time_s": "timing_s/step",
 }
-"""results.json field -> verl metric, per step (masked_frac comes from MASKED_KEY)."""
+"""results.json field -> key of launcher.run_arm's rows (a verl metric, or the reward / masked fraction the
+launcher adds), per step."""
 
 
-def arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
-    """The arm's loss overrides; dppo_tv_matched is dppo_tv with its delta set to ``args.matched_delta``."""
-    if arm != "dppo_tv_matched":
-        return ARM_OVERRIDES[arm]
+def arm_of(name: str, args: argparse.Namespace) -> launcher.Arm:
+    """The arm ``launcher.ARMS`` names; dppo_tv_matched is dppo_tv with its delta set to ``args.matched_delta``."""
+    if name != "dppo_tv_matched":
+        return launcher.ARMS[name]
     delta = args.matched_delta
     if not 0.0 < delta <= 1.0:
         raise ValueError(f"--matched-delta must be in (0, 1], got {delta}")
-    return [
-        *ARM_OVERRIDES["dppo_tv"],
-        f"actor_rollout_ref.actor.clip_ratio_low={delta}",
-        f"actor_rollout_ref.actor.clip_ratio_high={delta}",
-    ]
+    dppo_tv = launcher.ARMS["dppo_tv"]
+    matched = (f"actor_rollout_ref.actor.clip_ratio_low={delta}", f"actor_rollout_ref.actor.clip_ratio_high={delta}")
+    return launcher.Arm((*dppo_tv.overrides, *matched), dppo_tv.masked_key)
 
 
 def regime_overrides(args: argparse.Namespace) -> list[str]:
@@ -151,16 +132,17 @@ def run_one(arm: str, seed: int, task: dict, args: argparse.Namespace) -> dict:
     overrides = launcher.tiny_task_overrides(
         task, seed=seed, lr=args.lr, steps=args.steps, adv_estimator=args.adv_estimator
     )
-    run = launcher.run_main_ppo(
+    run = launcher.run_arm(
         run_dir,
-        [*overrides, *regime_overrides(args), *arm_overrides(arm, args), *args.override],
+        arm_of(arm, args),
+        [*overrides, *regime_overrides(args)],
+        after=args.override,
         steps=args.steps,
         label=f"{arm}_seed{seed}",
         timeout_s=args.run_timeout,
-        masked_key=MASKED_KEY[arm],
     )
     rows, wall = run.rows, run.wall_s
-    entry = {"seed": seed, "masked_frac": [row.get(MASKED_KEY[arm], math.nan) for row in rows]}
+    entry = {"seed": seed}
     for field, key in PER_STEP_FIELDS.items():
         entry[field] = [row.get(key, math.nan) for row in rows]
     if arm.startswith("cppo"):

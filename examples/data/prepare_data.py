@@ -18,7 +18,7 @@ Each output row is what verl 0.9.1's ``RLHFDataset`` and reward loop read::
 
 The public DAPO-Math-17k parquet repeats each of its 17,917 problems 100 times; rows are deduplicated on
 ``extra_info.index`` (``--keep-duplicates`` keeps them). AIME problems get the same instruction as the training
-prompts, so the reward function (``verl_cppo.math_reward``) reads the answer the same way in both.
+prompts, so the reward function (``verl_cppo.math_task.reward``) reads the answer the same way in both.
 """
 
 from __future__ import annotations

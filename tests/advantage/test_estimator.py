@@ -20,7 +20,7 @@ from verl_cppo import CPPOAlgoConfig, CPPOGRPOConfig
 from verl_cppo.advantage.estimator import compute_cppo_grpo_advantage
 from verl_cppo.advantage.exclusion import KEEP_FIELD, capture_exclusions
 from verl_cppo.config import CPPO_ALGO_TARGET, cppo_grpo_config_of
-from verl_cppo.driver import validate as validate_cppo_grpo_config
+from verl_cppo.launch.driver import validate as validate_cppo_grpo_config
 
 ALGO_TARGET = f"algorithm._target_={CPPO_ALGO_TARGET}"
 CPPO_GRPO = ["algorithm.adv_estimator=cppo_grpo", "actor_rollout_ref.rollout.n=8"]

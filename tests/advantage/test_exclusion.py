@@ -187,7 +187,7 @@ def test_when_imported_runs_after_import_and_at_once_if_imported(tmp_path, monke
     monkeypatch.delitem(sys.modules, "cppo_probe_module")
 
 
-HOOKED = [  # cppo_grpo's three hooks, and the legacy trainer's bypass anchor (verl_cppo.bypass_anchor)
+HOOKED = [  # cppo_grpo's three hooks, and the legacy trainer's bypass anchor (verl_cppo.trainer.bypass_anchor)
     "verl.trainer.ppo.ray_trainer",
     "verl.trainer.ppo.rollout_corr_helper",
     "verl.trainer.ppo.v1.trainer_base",

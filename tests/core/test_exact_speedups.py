@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from verl_cppo.config import CPPOConfig
+from tests.support.reference import LossParams
 from verl_cppo.core.divergence import KL_MAX, LOG_HALF, _log1mexp_into, binary_kl, log1mexp
 from verl_cppo.core.mask import _shuffled_by_sort, exclusive_cumsum, position_weights, prefix_gate, shuffled_positions
 from verl_cppo.core.token_loss import _finite, _FiniteOrZero, _zero_off
@@ -155,7 +155,7 @@ def _old_prefix_gate(z, s_excl, w_excl, delta_b, toward_mu, valid, params):
 @pytest.mark.parametrize("setting", [{"gate": "soft"}, {"gate": "soft", "prefix_budget": False}, {"gate": "hard"}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_prefix_gate_bit_for_bit_as_the_where_formula(setting, dtype, gen):
-    cfg = CPPOConfig(**setting)
+    cfg = LossParams(**setting)
     div = torch.rand(8, 60, generator=gen, dtype=dtype) * 0.4
     div[0, :5] = 0.0
     div[1, :5] = cfg.delta  # exactly on the token threshold

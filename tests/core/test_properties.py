@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verl_cppo.config import CPPOConfig
+from tests.support.reference import LossParams
 from verl_cppo.core.token_loss import cppo_token_losses
 
 TOKEN = st.tuples(
@@ -37,7 +37,7 @@ PARAMS = st.fixed_dictionaries(
 
 
 def _masked(batch, **params):
-    return cppo_token_losses(*batch, CPPOConfig(**params)).gate.masked
+    return cppo_token_losses(*batch, LossParams(**params)).gate.masked
 
 
 @settings(max_examples=150, deadline=None)
@@ -57,7 +57,7 @@ def test_raising_delta_b_never_masks_more(batch, params, delta_b, factor):
 @settings(max_examples=150, deadline=None)
 @given(batches(), PARAMS, st.sampled_from(["hard", "soft"]))
 def test_tokens_moving_toward_mu_are_never_masked(batch, params, gate):
-    terms = cppo_token_losses(*batch, CPPOConfig(gate=gate, **params))
+    terms = cppo_token_losses(*batch, LossParams(gate=gate, **params))
     old, new, adv, mask = batch
     toward = adv * (new - old) <= 0
     assert not (terms.gate.masked & toward).any()
@@ -68,7 +68,7 @@ def test_tokens_moving_toward_mu_are_never_masked(batch, params, gate):
 @given(batches(), PARAMS, st.floats(0.01, 0.5))
 def test_first_token_threshold_is_delta(batch, params, delta):
     old, new, adv, mask = batch
-    terms = cppo_token_losses(old, new, adv, mask, CPPOConfig(delta=delta, **params))
+    terms = cppo_token_losses(old, new, adv, mask, LossParams(delta=delta, **params))
     away = adv * (terms.rho - 1) > 0
     first = mask[:, 0]
     assert (terms.gate.masked[first, 0] == (away & (terms.div > delta))[first, 0]).all()
@@ -77,8 +77,8 @@ def test_first_token_threshold_is_delta(batch, params, delta):
 @settings(max_examples=150, deadline=None)
 @given(batches(), PARAMS)
 def test_soft_gate_weights_in_unit_interval_and_one_where_hard_keeps(batch, params):
-    hard = cppo_token_losses(*batch, CPPOConfig(gate="hard", **params)).gate
-    soft = cppo_token_losses(*batch, CPPOConfig(gate="soft", **params)).gate
+    hard = cppo_token_losses(*batch, LossParams(gate="hard", **params)).gate
+    soft = cppo_token_losses(*batch, LossParams(gate="soft", **params)).gate
     assert ((soft.weight >= 0) & (soft.weight <= 1)).all()
     assert (soft.weight[hard.weight == 1] == 1).all()
     assert (soft.masked == hard.masked).all()

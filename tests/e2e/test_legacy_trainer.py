@@ -32,7 +32,7 @@ def _legacy_run(out, arms: tuple[str, ...]) -> dict[str, list[dict]]:
     task = tiny_task.build(str(out / "task"), seed=0, head_dim=32)
     metrics = {}
     for arm in arms:
-        overrides = [*launcher.tiny_task_overrides(task, steps=STEPS), *launcher.ARM_OVERRIDES[arm]]
+        overrides = [*launcher.tiny_task_overrides(task, steps=STEPS), *launcher.ARMS[arm].overrides]
         run = launcher.run_main_ppo(
             str(out / arm), [*overrides, *LEGACY_OVERRIDES], steps=STEPS, env=PROBE, label=arm, timeout_s=540
         )

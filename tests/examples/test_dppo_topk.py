@@ -18,7 +18,7 @@ import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
 from tests.support import REPO_ROOT
-from verl_cppo.dry_run import dry_run
+from verl_cppo.launch.dry_run import dry_run
 
 ROOT = Path(REPO_ROOT)
 SCRIPT = ROOT / "examples" / "run_qwen3_1.7b_fsdp.sh"

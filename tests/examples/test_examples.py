@@ -359,7 +359,7 @@ def test_runtime_env_makes_the_plugin_importable_on_a_bare_worker(tmp_path):
     package = tmp_path / "pkg.zip"
     create_package(str(ROOT), package, include_gitignore=True, excludes=runtime_env["excludes"])
     names = zipfile.ZipFile(package).namelist()
-    assert "verl_cppo/__init__.py" in names and "verl_cppo/math_reward.py" in names
+    assert "verl_cppo/__init__.py" in names and "verl_cppo/math_task/reward.py" in names
     assert not any(n.startswith((".venv/", ".git/")) for n in names)
     unpacked = tmp_path / "node"
     zipfile.ZipFile(package).extractall(unpacked)
@@ -371,7 +371,7 @@ def test_runtime_env_makes_the_plugin_importable_on_a_bare_worker(tmp_path):
         "import verl, verl_cppo\n"
         "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY\n"
         "from verl.utils.import_utils import load_extern_object\n"
-        "load_extern_object('pkg://verl_cppo.math_reward', 'compute_score')\n"
+        "load_extern_object('pkg://verl_cppo.math_task.reward', 'compute_score')\n"
         "print('cppo' in POLICY_LOSS_REGISTRY, verl_cppo.__file__)\n"
     )
     out = subprocess.run(
@@ -435,7 +435,7 @@ def test_checkpoint_defaults_save_at_every_validation_and_bound_disk():
     config = dry_run.compose_config(_overrides(FSDP_SCRIPT))
     trainer = config.trainer
     assert trainer.save_freq == trainer.test_freq == 10
-    assert trainer.checkpoint_callback_class == "verl_cppo.checkpoints.KeepLatestAndBest"
+    assert trainer.checkpoint_callback_class == "verl_cppo.trainer.checkpoints.KeepLatestAndBest"
     assert trainer.max_actor_ckpt_to_keep is None  # the callback prunes (keeping the best one too)
     assert dict(trainer.cppo_checkpoints) == {"keep_latest": 2, "best_metric": "val-core/aime_avg/acc/mean@16"}
     config = dry_run.compose_config(_overrides(FSDP_SCRIPT, KEEP_BEST_CKPT="0", KEEP_CKPTS="3", TEST_FREQ="5"))
@@ -513,11 +513,12 @@ def test_ray_job_gets_the_wandb_key_through_a_private_runtime_env_file(tmp_path)
 
 
 def test_dry_run_module_is_reachable_from_the_installed_package(tmp_path):
-    """`python -m verl_cppo.dry_run` (no repository needed) has --help and checks a main_ppo command line."""
+    """`python -m verl_cppo.launch.dry_run` (no repository needed) has --help and checks a main_ppo command line."""
     env = {**_env(), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = {"capture_output": True, "text": True, "timeout": 300, "cwd": tmp_path, "env": env}
-    out = subprocess.run([sys.executable, "-m", "verl_cppo.dry_run", "--help"], **run)
-    assert out.returncode == 0 and "usage: python -m verl_cppo.dry_run" in out.stdout and "--working-dir" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "verl_cppo.dry_run", "--quiet", *_overrides(FSDP_SCRIPT)], **run)
+    out = subprocess.run([sys.executable, "-m", "verl_cppo.launch.dry_run", "--help"], **run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "usage: python -m verl_cppo.launch.dry_run" in out.stdout and "--working-dir" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "verl_cppo.launch.dry_run", "--quiet", *_overrides(FSDP_SCRIPT)], **run)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[dry-run] OK:" in out.stdout

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from examples.data import prepare_data
 from tests.support import REPO_ROOT
-from verl_cppo.math_reward import compute_score
+from verl_cppo.math_task.reward import compute_score
 
 ROOT = REPO_ROOT
 SCRIPT = os.path.join(ROOT, "examples", "data", "prepare_data.py")

@@ -11,8 +11,9 @@ import pytest
 from verl.trainer.ppo import core_algos
 
 from tests.support.verl_hydra import MICRO_BATCHES
-from verl_cppo import dry_run, hooks
+from verl_cppo import hooks
 from verl_cppo.hooks import assumptions
+from verl_cppo.launch import dry_run
 
 CPPO_LAUNCH = [
     *MICRO_BATCHES,
@@ -36,10 +37,11 @@ def test_every_assumption_holds_on_verl_0_9_1():
 
 def test_the_signature_table_covers_every_function_the_package_wraps(monkeypatch):
     """Every (module, attribute) the package's installers hand to ``hooks.wrap`` (recorded, not installed)."""
-    from verl_cppo import bypass_anchor, checkpoints, driver, val_metrics
     from verl_cppo.advantage import exclusion
+    from verl_cppo.launch import driver
     from verl_cppo.sharding import megatron
     from verl_cppo.topk import setup
+    from verl_cppo.trainer import bypass_anchor, checkpoints, val_metrics
 
     wrapped = set()
     monkeypatch.setattr(hooks, "wrap", lambda module, attribute, *a, **k: wrapped.add((module, attribute)))

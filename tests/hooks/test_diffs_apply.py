@@ -1,5 +1,5 @@
 """Every diff against verl still applies to the pinned verl 0.9.1 (checked with `patch --dry-run`): the readers'
-diffs of patches/ and the diffs that run, which live only in verl_cppo/hooks/patches/; patches/README.md names
+diffs of patches/ and the diffs that run, which live only in verl_cppo/hooks/import_time_diffs/; patches/README.md names
 every one of them, and no diff exists twice."""
 
 import glob
@@ -24,8 +24,8 @@ DIFFS = READERS + PACKAGED
 
 def unlisted(readme: str, packaged: list[str], readers: list[str]) -> list[str]:
     """The diffs patches/README.md does not name: packaged ones by their repository path
-    (``verl_cppo/hooks/patches/<name>``), readers' ones by their file name."""
-    missing = [p for p in packaged if f"verl_cppo/hooks/patches/{os.path.basename(p)}" not in readme]
+    (``verl_cppo/hooks/import_time_diffs/<name>``), readers' ones by their file name."""
+    missing = [p for p in packaged if f"verl_cppo/hooks/import_time_diffs/{os.path.basename(p)}" not in readme]
     return missing + [p for p in readers if os.path.basename(p) not in readme]
 
 
@@ -36,7 +36,7 @@ def test_every_diff_is_named_in_patches_readme():
     # and the check fails when a diff is missing from the list
     for name in PACKAGED:
         base = os.path.basename(name)
-        assert unlisted(readme.replace(f"verl_cppo/hooks/patches/{base}", base), PACKAGED, READERS) == [name]
+        assert unlisted(readme.replace(f"verl_cppo/hooks/import_time_diffs/{base}", base), PACKAGED, READERS) == [name]
 
 
 def test_every_diff_named_in_patches_readme_exists_once():

@@ -30,6 +30,16 @@ class RefParams:
 
 
 @dataclass
+class LossParams(RefParams):
+    """Plain values of every field the core reads (``verl_cppo.core.token_loss.TokenLossParams``, which extends
+    ``verl_cppo.core.mask.MaskParams``): what core tests hand the code under test instead of the verl-bound
+    ``CPPOConfig`` (tests/test_config.py checks that the defaults are CPPOConfig's). ``shuffle_positions`` is
+    read by the code only: the reference takes the positions it is given."""
+
+    shuffle_positions: bool = False
+
+
+@dataclass
 class RefResult:
     weight: list[list[float]] = field(default_factory=list)  # gate weight per token (0 off the valid tokens)
     masked: list[list[bool]] = field(default_factory=list)  # away-moving valid tokens rejected by the rule

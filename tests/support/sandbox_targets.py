@@ -1,4 +1,5 @@
-"""Functions a verl_cppo.sandbox child runs in tests/test_sandbox.py (loaded there by path: stdlib only)."""
+"""Functions a verl_cppo.math_task.sandbox child runs in tests/math_task/test_sandbox.py (loaded there by path:
+stdlib only)."""
 
 import os
 import time

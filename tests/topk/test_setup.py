@@ -7,9 +7,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.support.verl_hydra import CPPO_TARGET, ENGINES, compose_trainer
-from verl_cppo.driver import problems
+from verl_cppo.config_paths import configured_topk
+from verl_cppo.launch.driver import problems
 from verl_cppo.topk.rollout import ENV_TOPK
-from verl_cppo.topk.setup import configured_topk, propagate_topk
+from verl_cppo.topk.setup import propagate_topk
 
 CPPO = "actor_rollout_ref.actor.policy_loss.loss_mode=cppo"
 BYPASS = "algorithm.rollout_correction.bypass_mode=true"
@@ -66,7 +67,7 @@ def test_unservable_topk_launches_are_refused(overrides, engine, rollout, messag
 
 
 def test_invalid_k_is_refused_in_the_driver():
-    with pytest.raises(ValueError, match=r"cppo.topk must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"policy_loss\.cppo\.topk must be an int in \[1, 2147483647\], got 0"):
         configured_topk(_config("dp", "+actor_rollout_ref.actor.policy_loss.cppo.topk=0"))
 
 

@@ -99,7 +99,7 @@ def compute_cppo_grpo_advantage(
     response_mask: torch.Tensor,
     index: Any = None,
     config: Any = None,
-    **unused: Any,
+    **verl_extras: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cppo_grpo`` with verl's estimator signature (registered below; select ``algorithm.adv_estimator``).
 

@@ -7,7 +7,7 @@ Every change is one of two kinds, and both are applied only by this package:
   wrapper keeps verl's signature and attributes (``functools.wraps``), is marked with the hook's name so a
   second ``wrap`` is a no-op, and ``unwrap`` restores the original. ``aliases`` rebinds the same wrapper
   where verl's own modules imported the name before the hook ran.
-* ``apply_diffs(names)``: a reviewed unified diff against verl 0.9.1 (``hooks/patches/*.diff``) becomes the
+* ``apply_diffs(names)``: a reviewed unified diff against verl 0.9.1 (``hooks/import_time_diffs/*.diff``) becomes the
   source of the module it patches at import time (``diffs``), where a change sits inside a function body
   and no wrapper can reach it.
 
@@ -99,5 +99,5 @@ def unwrap(module: str, attribute: str, *, aliases: tuple[str, ...] = ()) -> boo
 
 
 def apply_diffs(names: list[str]) -> list[str]:
-    """Apply these diffs of ``hooks/patches`` to verl's modules when they are imported; their module names."""
+    """Apply these diffs of ``hooks/import_time_diffs`` to verl's modules when they are imported; their module names."""
     return install_patches(names)

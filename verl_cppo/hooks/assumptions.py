@@ -66,12 +66,12 @@ class Signature:
 
 
 SIGNATURES = (
-    Signature("verl.utils.config", "validate_config", ("config",), "the driver's checks (verl_cppo.driver)"),
+    Signature("verl.utils.config", "validate_config", ("config",), "the driver's checks (verl_cppo.launch.driver)"),
     Signature(
         "verl.trainer.ppo.rollout_corr_helper",
         "apply_bypass_mode",
         ("batch", "rollout_corr_config", "policy_loss_config"),
-        "the legacy trainer's bypass anchor (verl_cppo.bypass_anchor)",
+        "the legacy trainer's bypass anchor (verl_cppo.trainer.bypass_anchor)",
     ),
     Signature("verl.trainer.ppo.ray_trainer", "compute_advantage", ("data",), "cppo_grpo's exclusion (legacy)"),
     Signature(

@@ -1,10 +1,11 @@
 """Apply unified diffs against verl 0.9.1 to verl modules as they are imported (no file on disk changes).
 
-Where verl offers no extension point, verl-cppo keeps the change as a reviewed diff (``verl_cppo/hooks/patches/``,
-documented in ``patches/README.md``), and this module makes that diff the code that runs: a ``sys.meta_path``
-finder intercepts the import of each patched module, reads verl's installed source, applies the hunks (exact
-context, a line offset allowed as GNU patch does, no fuzz), and compiles the result under the original file name
-(tracebacks and ``inspect`` show the patched lines via ``linecache``).
+Where verl offers no extension point and the change sits inside a function body, verl-cppo keeps it as a
+reviewed diff (``verl_cppo/hooks/import_time_diffs/``, package data; documented in ``patches/README.md``, whose
+own ``*.diff`` files are the readers' equivalents of the runtime wrappers and never run), and this module makes
+that diff the code that runs: a ``sys.meta_path`` finder intercepts the import of each patched module, reads verl's
+installed source, applies the hunks (exact context, a line offset allowed as GNU patch does, no fuzz), and compiles the
+result under the original file name (tracebacks and ``inspect`` show the patched lines via ``linecache``).
 
 Where a hunk applies (``apply_diff``): exactly where its old lines match, once, within ``MAX_OFFSET`` lines of
 its header's line (shifted by the earlier hunks' line-count changes), never before the previous hunk's end.
@@ -33,7 +34,7 @@ from pathlib import Path
 
 __all__ = ["FilePatch", "PatchError", "apply_diff", "install_patches", "parse_diff", "patched_source"]
 
-PATCH_DIR = Path(__file__).with_name("patches")
+PATCH_DIR = Path(__file__).with_name("import_time_diffs")
 
 _HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 

@@ -21,12 +21,14 @@ What it registers, each through verl's own registry (no verl file is edited), or
 Used by name, not registered:
   tiny_task.py     a tiny Qwen3 and word-level tokenizer built from a config, the synthetic copy task as verl
                    parquet, and its verl custom reward function
-  launcher.py      ``main_ppo`` on CPU: the environment block, the tiny task's command line, the subprocess,
-                   verl's per-step metrics and progress lines (ci/tiny_regression.py, the stability study)
+  launcher.py      ``main_ppo`` on CPU: the environment block, the tiny task's command line, the loss arms, the
+                   subprocess, verl's per-step metrics and progress lines (``run_arm``: ci/tiny_regression.py,
+                   ci/multirank_runs.py, the stability study)
   replay_buffer.py verl's sync replay buffer with a shorter poll interval (``custom_sampler`` hook)
 
-Runtime hooks (patches/README.md, sections 5, 6, 8 and 10), e.g.: verl builds the process-group backend string
-``cpu:gloo,<device>:<backend>``, which torch rejects when the device is the CPU.
+Runtime hooks (patches/README.md: ``cpu_process_group_backend``, ``vllm_cpu``, ``loss_probe``,
+``cpu_varlen_attention``), e.g.: verl builds the process-group backend string ``cpu:gloo,<device>:<backend>``,
+which torch rejects when the device is the CPU.
 """
 
 SWITCH_ENV = "VERL_CPPO_CPU_TESTING"

@@ -8,7 +8,8 @@ RNG). Ray placement stays on "GPU" bundles: CPU runs start Ray with fake GPU slo
 (``+ray_kwargs.ray_init.num_gpus=N``), one per worker, exactly as verl's resource pools expect.
 
 ``install()`` also registers verl's FSDP engines for device "cpu" (FSDP2 only: FSDP1 refuses CPU
-parameters with sync_module_states) and installs the process-group hook (patches/README.md, section 5).
+parameters with sync_module_states) and installs the process-group hook (hook ``cpu_process_group_backend`` in
+patches/README.md).
 Call it through ``verl_cppo.testing.register`` only.
 """
 

@@ -24,7 +24,8 @@ does not implement (``RuntimeError: Backend gloo does not support alltoall``); g
   name up there at call time): the same split, exchange and concatenation through one ``all_to_all_single`` on
   the chunks stacked along a new first dim.
 
-Installed only by ``verl_cppo.testing.register`` (CPU test switch on); patches/README.md, section 10.
+Installed only by ``verl_cppo.testing.register`` (CPU test switch on); hook ``cpu_varlen_attention`` in
+patches/README.md.
 """
 
 from __future__ import annotations

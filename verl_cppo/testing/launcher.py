@@ -5,8 +5,9 @@ One home for what every CPU ``main_ppo`` run of this project shares: the environ
 verl's vLLM rollout on vLLM's CPU build, one fake GPU slot per rank for Ray), and the subprocess itself
 (``run_main_ppo``: its own session, its log, a timeout, verl's per-step metrics read back from verl's
 FileLogger JSONL, and one terminal line per start-up phase and per step with the elapsed time and an ETA,
-formatted by ``verl_cppo.testing.progress``).
-Callers add their own overrides on top (later Hydra overrides win):
+formatted by ``verl_cppo.testing.progress``), and the loss arms the runs compare (``ARMS``; ``run_arm`` runs one
+and returns rows that carry ``reward`` and ``masked_frac``). Callers add their own overrides on top (later
+Hydra overrides win):
 
     from verl_cppo.testing import launcher, tiny_task
     task = tiny_task.build(f"{out}/task", seed=0, head_dim=32)
@@ -18,8 +19,9 @@ Callers add their own overrides on top (later Hydra overrides win):
     )
     run.rows, run.exit_code, run.wall_s
 
-``ci/tiny_regression.py`` (the regression and README's main job) and ``benchmarks/stability/run_study.py``
-are thin callers; ``tests/conftest.py`` sets ``TEST_ENV`` for the test processes.
+``ci/tiny_regression.py`` (the regression and README's main job), ``ci/multirank_runs.py`` and
+``benchmarks/stability/run_study.py`` are thin callers of ``run_arm``; ``tests/conftest.py`` sets ``TEST_ENV``
+for the test processes.
 """
 
 from __future__ import annotations
@@ -32,11 +34,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from verl_cppo.config import CPPO_POLICY_LOSS_TARGET
+from verl_cppo.config_paths import CPPO_NODE, POLICY_LOSS
 from verl_cppo.testing import PLATFORM_NAME, REGISTER_MODULE, SWITCH_ENV
 from verl_cppo.testing.progress import duration, phases_in, progress_lines, read_steps
 from verl_cppo.testing.vllm_cpu import VLLM_CPU_ENV, VLLM_CPU_OVERRIDES
 
-__all__ = ["ARM_OVERRIDES", "CPU_ENV", "MASKED_KEY", "TEST_ENV", "Run", "run_main_ppo", "tiny_task_overrides"]
+__all__ = [
+    "ARMS",
+    "CPU_ENV",
+    "REWARD_KEY",
+    "TEST_ENV",
+    "Arm",
+    "Run",
+    "cppo_settings",
+    "run_arm",
+    "run_main_ppo",
+    "tiny_task_overrides",
+]
 
 TEST_ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 """Every process of a test or CI run: no W&B, no Hugging Face Hub, no tokenizer thread pools."""
@@ -50,41 +65,61 @@ CPU_ENV = {
 RESPONSE_LENGTH = 8
 """The tiny task's answer length (``data.max_response_length`` and the loss's constant horizon)."""
 
-ARM_OVERRIDES = {
-    "cppo": [
-        "actor_rollout_ref.actor.policy_loss.loss_mode=cppo",
-        "algorithm.rollout_correction.bypass_mode=True",
-    ],
-    "dppo_tv": [
-        "actor_rollout_ref.actor.policy_loss.loss_mode=dppo_tv",
-        "algorithm.rollout_correction.bypass_mode=True",
-        "actor_rollout_ref.actor.clip_ratio_low=0.15",
-        "actor_rollout_ref.actor.clip_ratio_high=0.15",
-        "actor_rollout_ref.actor.clip_ratio_c=20.0",
-    ],
-    "vanilla": [
-        "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
-        "algorithm.rollout_correction.bypass_mode=False",
-        "actor_rollout_ref.actor.clip_ratio_low=0.2",
-        "actor_rollout_ref.actor.clip_ratio_high=0.28",
-    ],
+REWARD_KEY = "critic/score/mean"
+"""verl's mean reward of a step's responses (``Run.rows``' ``reward``)."""
+
+
+def cppo_settings(**settings: object) -> list[str]:
+    """Overrides that set ``policy_loss.cppo.<key>`` (on ``CPPOPolicyLossConfig``, the class that holds them)."""
+    values = {key: str(value).lower() if isinstance(value, bool) else value for key, value in settings.items()}
+    return [
+        f"{POLICY_LOSS}._target_={CPPO_POLICY_LOSS_TARGET}",
+        *(f"+{CPPO_NODE}.{key}={value}" for key, value in values.items()),
+    ]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One loss configuration of the main_ppo runs (on top of ``tiny_task_overrides``)."""
+
+    overrides: tuple[str, ...]
+    masked_key: str
+    """The metric holding the fraction of valid tokens the arm's loss drops from the gradient (masked or
+    clipped): ``masked_frac`` of ``run_arm``'s rows."""
+
+
+_CPPO = (f"{POLICY_LOSS}.loss_mode=cppo", "algorithm.rollout_correction.bypass_mode=True")
+_CPPO_MASKED = "actor/cppo_masked_frac"
+_CLIPPED = "actor/pg_clipfrac"
+ARMS = {
+    "cppo": Arm(_CPPO, _CPPO_MASKED),
+    "dppo_tv": Arm(
+        (
+            f"{POLICY_LOSS}.loss_mode=dppo_tv",
+            "algorithm.rollout_correction.bypass_mode=True",
+            "actor_rollout_ref.actor.clip_ratio_low=0.15",
+            "actor_rollout_ref.actor.clip_ratio_high=0.15",
+            "actor_rollout_ref.actor.clip_ratio_c=20.0",
+        ),
+        _CLIPPED,
+    ),
+    "vanilla": Arm(
+        (
+            f"{POLICY_LOSS}.loss_mode=vanilla",
+            "algorithm.rollout_correction.bypass_mode=False",
+            "actor_rollout_ref.actor.clip_ratio_low=0.2",
+            "actor_rollout_ref.actor.clip_ratio_high=0.28",
+        ),
+        _CLIPPED,
+    ),
+    # of the tiny model's 10-token vocabulary
+    "cppo_topk_tv": Arm((*_CPPO, *cppo_settings(divergence="topk_tv", topk=4)), _CPPO_MASKED),
+    "cppo_no_position_weight": Arm((*_CPPO, *cppo_settings(position_weight=False)), _CPPO_MASKED),
+    "cppo_no_prefix_budget": Arm((*_CPPO, *cppo_settings(prefix_budget=False)), _CPPO_MASKED),
 }
-"""Each arm's loss on top of ``tiny_task_overrides`` (the regression's arms; ci/tiny_regression.py says what
-each is): cppo and dppo_tv anchored on the rollout log-probs (bypass mode), vanilla on the actor's recomputed
-old log-probs (verl's default)."""
-ARM_OVERRIDES["cppo_topk_tv"] = [
-    *ARM_OVERRIDES["cppo"],
-    "actor_rollout_ref.actor.policy_loss._target_=verl_cppo.config.CPPOPolicyLossConfig",
-    "+actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv",
-    "+actor_rollout_ref.actor.policy_loss.cppo.topk=4",  # of the tiny model's 10-token vocabulary
-]
-MASKED_KEY = {
-    "cppo": "actor/cppo_masked_frac",
-    "cppo_topk_tv": "actor/cppo_masked_frac",
-    "dppo_tv": "actor/pg_clipfrac",
-    "vanilla": "actor/pg_clipfrac",
-}
-"""The fraction of valid tokens each arm's loss drops from the gradient (masked or clipped)."""
+"""The loss arms (ci/tiny_regression.py says what the first three are; the ablations are
+benchmarks/stability/README.md's): cppo and dppo_tv anchored on the rollout log-probs (bypass mode), vanilla on
+the actor's recomputed old log-probs (verl's default)."""
 
 
 def tiny_task_overrides(
@@ -257,6 +292,38 @@ def run_main_ppo(
     wall = time.time() - start
     say(f"[{label}] main_ppo exited {proc.returncode} after {duration(wall)}")
     return Run(read_steps(metrics_path), proc.returncode, wall, log_path, watcher.phases)
+
+
+def run_arm(
+    run_dir: str,
+    arm: str | Arm,
+    overrides: Sequence[str],
+    *,
+    after: Sequence[str] = (),
+    steps: int,
+    label: str,
+    timeout_s: float = 900.0,
+    arms_after: int = 0,
+    env: dict[str, str] | None = None,
+) -> Run:
+    """One arm (a name of ``ARMS`` or an ``Arm``) through ``run_main_ppo``: ``overrides`` (the task's command
+    line), then the arm's, then ``after`` (later Hydra overrides win). Every row of the result also carries
+    ``reward`` (``REWARD_KEY``) and ``masked_frac`` (the arm's ``masked_key``), NaN where verl did not log them."""
+    arm = ARMS[arm] if isinstance(arm, str) else arm
+    run = run_main_ppo(
+        run_dir,
+        [*overrides, *arm.overrides, *after],
+        steps=steps,
+        env=env,
+        label=label,
+        timeout_s=timeout_s,
+        arms_after=arms_after,
+        masked_key=arm.masked_key,
+    )
+    for row in run.rows:
+        row["reward"] = row.get(REWARD_KEY, float("nan"))
+        row["masked_frac"] = row.get(arm.masked_key, float("nan"))
+    return run
 
 
 class _Watcher:

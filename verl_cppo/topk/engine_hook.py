@@ -8,7 +8,7 @@ per-token tensor it returns exactly like ``log_probs`` into ``model_output``:
     Megatron THD (TP, CP)                logits (1, nnz_pad/cp, V/tp)  zig-zag chunks of each padded sequence
     Megatron BSHD (TP, CP)               logits (B, S_pad/cp, V/tp)
 
-``verl_cppo/hooks/patches/topk_actor_update.diff`` sets that flag for the actor update and makes the worker's
+``verl_cppo/hooks/import_time_diffs/topk_actor_update.diff`` sets that flag for the actor update and makes the worker's
 loss function ``ppo_loss_with_topk``, which answers both calls:
 
 * ``student_logits=...`` (the hook): lays mu's per-response-token inputs out over the sequence positions whose

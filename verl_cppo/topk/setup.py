@@ -3,13 +3,14 @@
 The user selects ``actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv`` (or ``topk_kl``) and may set
 ``cppo.topk`` (K, default 20). Everything else follows from that node:
 
-1. driver (``verl.utils.config.validate_config``, wrapped by ``verl_cppo.driver``): the driver's
-   ``check_topk_config`` refuses configurations the Top-K path cannot serve, then ``propagate_topk`` exports
-   VERL_CPPO_TOPK=K to the driver's environment and to ``ray_kwargs.ray_init.runtime_env.env_vars``, the Ray
-   job's runtime environment that verl's ``run_ppo`` passes to ``ray.init``, so every process of the job
-   (TaskRunner, agent-loop workers, rollout servers, actor workers) starts with it;
+1. driver (``verl.utils.config.validate_config``, wrapped by ``verl_cppo.launch.driver``): K is
+   ``verl_cppo.config_paths.configured_topk``; the driver's ``check_topk_config`` refuses configurations
+   the Top-K path cannot serve, then ``propagate_topk`` exports VERL_CPPO_TOPK=K to the driver's environment
+   and to ``ray_kwargs.ray_init.runtime_env.env_vars``, the Ray job's runtime environment that verl's
+   ``run_ppo`` passes to ``ray.init``, so every process of the job (TaskRunner, agent-loop workers, rollout
+   servers, actor workers) starts with it;
 2. each process (``verl_cppo.plugin``, during ``import verl``): ``install_topk_runtime`` applies the Top-K diffs
-   of ``verl_cppo/hooks/patches`` to the verl modules when they are imported, and wraps vLLM's
+   of ``verl_cppo/hooks/import_time_diffs`` to the verl modules when they are imported, and wraps vLLM's
    ``LogprobsProcessor.from_new_request`` (``verl_cppo.topk.vllm_arrays``), only when VERL_CPPO_TOPK is set.
 
 The rollouts that serve mu's top-K are ``verl_cppo.topk.rollout.TOPK_ROLLOUTS`` (verl's vllm and sglang
@@ -25,8 +26,7 @@ import os
 from typing import Any
 
 from verl_cppo import hooks
-from verl_cppo.config import config_node
-from verl_cppo.core.divergence import TOPK_DIVERGENCES
+from verl_cppo.config_paths import configured_topk
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS, rollout_topk
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "TOPK_DIFFS",
     "TOPK_ROLLOUTS",
     "VLLM_ARRAYS_HOOK",
-    "configured_topk",
     "export_to_ray_job",
     "install_topk_runtime",
     "propagate_topk",
@@ -48,20 +47,6 @@ TOPK_DIFFS = ["topk_rollout_servers.diff", "topk_agent_loop.diff", "topk_actor_u
 
 VLLM_DEFAULT_MAX_LOGPROBS = 20
 """vLLM's ModelConfig.max_logprobs default: a request for more top log-probs is rejected."""
-
-
-def configured_topk(config: Any) -> int:
-    """K when the composed trainer config selects a Top-K divergence of the cppo loss, else 0."""
-    policy_loss = config_node(config, "actor_rollout_ref.actor.policy_loss")
-    if policy_loss.get("loss_mode") != "cppo":
-        return 0
-    cppo = config_node(config, "actor_rollout_ref.actor.policy_loss.cppo")
-    if cppo.get("divergence", "binary_tv") not in TOPK_DIVERGENCES:
-        return 0
-    k = cppo.get("topk", 20)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"cppo.topk must be an int >= 1, got {k!r}")
-    return k
 
 
 def export_to_ray_job(config: Any, name: str, value: str) -> None:

@@ -1,4 +1,4 @@
-"""verl_cppo.math_reward on hand-written responses, through verl's own custom-reward loader, and on the thread
+"""verl_cppo.math_task.reward on hand-written responses, through verl's own custom-reward loader, and on the thread
 pool verl's reward loop calls it from (where math-verify's signal-based timeouts cannot run)."""
 
 import logging
@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from omegaconf import OmegaConf
 
-from verl_cppo import math_reward
-from verl_cppo.math_reward import TAIL_CHARS, compute_score, extract_answer
+from verl_cppo.math_task import reward as math_reward
+from verl_cppo.math_task.reward import TAIL_CHARS, compute_score, extract_answer
 
 # (response, ground truth, expected score), written by hand
 CASES = [
@@ -71,7 +71,7 @@ def test_scores_the_same_however_verls_custom_reward_loader_loads_it(how, tmp_pa
     math-verify cases included, with the packaged bounds."""
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
-    path = {"pkg": "pkg://verl_cppo.math_reward", "packaged_file": math_reward.__file__}.get(how)
+    path = {"pkg": "pkg://verl_cppo.math_task.reward", "packaged_file": math_reward.__file__}.get(how)
     path = path or _copied_elsewhere(tmp_path)
     config = OmegaConf.create({"reward": {"custom_reward_function": {"path": path, "name": "compute_score"}}})
     fn = get_custom_reward_fn(config)
@@ -113,7 +113,7 @@ HOSTILE = [("Answer: 9^{9^{9^{9}}}", "3"), ("Answer: 2^{2^{30}}", "4"), ("Answer
 
 def test_hostile_answers_score_0_within_the_bound_on_a_worker_thread(short_bounds, caplog):
     """Off the main thread (where verl calls it) each check ends within its deadline and scores 0, logged."""
-    caplog.set_level(logging.WARNING, logger="verl_cppo.math_reward")
+    caplog.set_level(logging.WARNING, logger="verl_cppo.math_task.reward")
     with ThreadPoolExecutor(max_workers=2) as pool:
         compute_score("x", "Answer: 1", "1/2")  # start a child outside the timed calls
         for response, truth in HOSTILE:

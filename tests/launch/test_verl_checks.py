@@ -12,9 +12,9 @@ from verl.utils.config import omega_conf_to_dataclass
 
 from tests.support import REPO_ROOT
 from tests.support.verl_hydra import MICRO_BATCHES, VERL_CONFIG_DIR
-from verl_cppo import dry_run
 from verl_cppo.config import CPPO_POLICY_LOSS_TARGET
-from verl_cppo.driver import STRICT_ANCHOR_ENV
+from verl_cppo.launch import dry_run
+from verl_cppo.launch.driver import STRICT_ANCHOR_ENV
 
 LOSS = "actor_rollout_ref.actor.policy_loss"
 CPPO = f"{LOSS}.loss_mode=cppo"
@@ -100,12 +100,12 @@ def test_the_math_reward_without_math_verify_is_refused_by_both(monkeypatch):
     """math_reward imports math-verify on its first call, in a reward worker after Ray started."""
     overrides = [
         *BASE,
-        "reward.custom_reward_function.path=pkg://verl_cppo.math_reward",
+        "reward.custom_reward_function.path=pkg://verl_cppo.math_task.reward",
         "reward.custom_reward_function.name=compute_score",
     ]
     assert dry_run.dry_run(overrides).errors == []
     monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify now raises ImportError
-    message = "reward.custom_reward_function.path=pkg://verl_cppo.math_reward needs math_verify"
+    message = "reward.custom_reward_function.path=pkg://verl_cppo.math_task.reward needs math_verify"
     assert message in _main_ppo_refusal(overrides)
     assert any(message in error for error in dry_run.dry_run(overrides).errors)
 
@@ -187,7 +187,7 @@ def test_the_dry_run_checks_a_yaml_config(tmp_path, capsys):
 
 def test_the_dry_run_with_no_arguments_prints_one_line():
     out = subprocess.run(
-        [sys.executable, "-m", "verl_cppo.dry_run"], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT
+        [sys.executable, "-m", "verl_cppo.launch.dry_run"], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT
     )
     lines = [line for line in out.stderr.splitlines() if line.startswith("[dry-run]") or "Traceback" in line]
     assert out.returncode == 2 and lines == [
@@ -202,14 +202,14 @@ def test_verl_config_dir_is_the_dry_runs_default():
     assert textwrap.dedent(dry_run.__doc__).count("--config-path") >= 1
 
 
-@pytest.mark.parametrize("path", ["pkg://verl_cppo.math_reward", "packaged_file"])
+@pytest.mark.parametrize("path", ["pkg://verl_cppo.math_task.reward", "packaged_file"])
 def test_rows_without_the_rewards_ground_truth_are_refused_by_both_before_ray(path, tmp_path):
     """The math reward declares what it reads from every row (``DATA_FIELDS``); both entry points check the
     training and validation files for it, naming the file, the rows and the key."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from verl_cppo import math_reward
+    from verl_cppo.math_task import reward as math_reward
 
     rows = [{"prompt": "q", "reward_model": {"style": "rule", "ground_truth": str(i)}} for i in range(6)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")

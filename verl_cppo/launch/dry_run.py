@@ -4,18 +4,19 @@ The ``run_*.sh`` scripts build their override list once and hand it either to ``
 verl.trainer.main_ppo`` or, with ``CPPO_DRY_RUN=1``, to this module (through the thin ``examples/dry_run.py``,
 which checks the repository's copy of the plugin, the one ``ray job submit`` ships)::
 
-    python -m verl_cppo.dry_run [--quiet] [--working-dir DIR] [--config-path DIR --config-name NAME] <overrides...>
+    python -m verl_cppo.launch.dry_run [--quiet] [--working-dir DIR] [--config-path DIR --config-name NAME] \
+        <overrides...>
 
 It is part of the installed package, so a user who installed the wheel without the repository checks their
 own ``main_ppo`` command line by replacing ``python -m verl.trainer.main_ppo`` with ``python -m
-verl_cppo.dry_run`` (a YAML config that extends verl's ``ppo_trainer`` included: ``--config-path`` /
+verl_cppo.launch.dry_run`` (a YAML config that extends verl's ``ppo_trainer`` included: ``--config-path`` /
 ``--config-name`` as for ``main_ppo``; a relative ``--config-path`` is taken from the current directory).
 
 It does what ``main_ppo.main`` does before Ray starts, and nothing else decides the outcome:
 
 1. compose the config from the overrides with Hydra, as ``@hydra.main`` does (a misspelled key, a missing
    ``+`` or a bad value type fails here);
-2. run every driver-side check of ``verl_cppo.driver.problems`` (the same list ``main_ppo``'s
+2. run every driver-side check of ``verl_cppo.launch.driver.problems`` (the same list ``main_ppo``'s
    ``validate_config`` runs, see there: CPPO's anchoring and settings, the workers' configs, the names verl
    resolves late, the launch layout), then verl's own ``validate_config``, as ``main_ppo.main`` calls it.
    A warning (e.g. CPPO anchored on the recomputed pi_old) is printed and, as in ``main_ppo``, does not fail
@@ -36,7 +37,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import verl_cppo  # noqa: F401  (explicit: also registers when the entry point is disabled)
-from verl_cppo import driver
+from verl_cppo.launch import driver
 from verl_cppo.topk.setup import propagate_topk
 
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
@@ -140,9 +141,9 @@ def dry_run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m verl_cppo.dry_run",
+        prog="python -m verl_cppo.launch.dry_run",
         description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m verl_cppo.dry_run actor_rollout_ref.actor.policy_loss.loss_mode=cppo "
+        epilog="Example: python -m verl_cppo.launch.dry_run actor_rollout_ref.actor.policy_loss.loss_mode=cppo "
         "algorithm.rollout_correction.bypass_mode=True actor_rollout_ref.model.path=Qwen/Qwen3-1.7B ... "
         "(the overrides of your main_ppo command). Exit status 0: the launch gets past configuration.",
     )

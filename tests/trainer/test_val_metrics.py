@@ -4,7 +4,8 @@ on verl 0.9.1's real trainer methods (v1 and v0) fed per-sample scores whose Avg
 import numpy as np
 import pytest
 
-from verl_cppo import hooks, val_metrics
+from verl_cppo import hooks
+from verl_cppo.trainer import val_metrics
 
 
 def test_average_over_aime_sources_by_hand():

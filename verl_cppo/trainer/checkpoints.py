@@ -14,9 +14,9 @@ each save) that prunes ``default_local_dir/global_step_<N>`` itself:
 
 Validation scores are read as the trainer logs them: the callback listens to the trainer's tracker
 (``trainer.logger``, a ``verl.utils.tracking.Tracking``) through a ``verl_cppo.hooks`` wrapper of
-``Tracking.log`` (patches/README.md, section 9) that hands each logged dict to the listeners registered for
-that tracker, and records ``best_metric`` of every validation dict, computing the AIME average itself
-(``verl_cppo.val_metrics``) when the trainer's metrics do not already carry it. The scores are persisted in
+``Tracking.log`` (hook ``cppo_val_history`` in patches/README.md) that hands each logged dict to the listeners
+registered for that tracker, and records ``best_metric`` of every validation dict, computing the AIME average itself
+(``verl_cppo.trainer.val_metrics``) when the trainer's metrics do not already carry it. The scores are persisted in
 ``default_local_dir/cppo_val_history.json``, so a resumed run still knows which old checkpoint was best; a
 history file that cannot be read is an error naming it (pruning without it could delete the best checkpoint).
 In verl's loop a step saves before it validates, so the newest checkpoint's score arrives after its save; it
@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Mapping
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
 from verl_cppo import hooks
-from verl_cppo.val_metrics import average_metrics
+from verl_cppo.trainer.val_metrics import average_metrics
 
 __all__ = ["HISTORY_FILE", "KeepLatestAndBest", "best_step", "checkpoints_to_delete", "listen_to_tracker"]
 
@@ -164,7 +164,7 @@ class KeepLatestAndBest(CheckpointCallback):
 
     def score_of(self, metrics: Mapping[str, float]) -> float | None:
         """``best_metric`` of one logged dict, or None if absent or not a finite number (computing a
-        ``verl_cppo.val_metrics`` average when the dict does not carry it)."""
+        ``verl_cppo.trainer.val_metrics`` average when the dict does not carry it)."""
         value = (
             metrics[self.best_metric] if self.best_metric in metrics else average_metrics(metrics).get(self.best_metric)
         )

@@ -12,7 +12,8 @@ import torch
 from verl import DataProto
 
 from tests.support.verl_hydra import compose_trainer
-from verl_cppo import bypass_anchor, hooks
+from verl_cppo import hooks
+from verl_cppo.trainer import bypass_anchor
 
 BYPASS = "algorithm.rollout_correction.bypass_mode=true"
 

@@ -1,4 +1,4 @@
-"""verl_cppo.sandbox: a call is bounded in time and memory from any thread, a killed child is replaced, and
+"""verl_cppo.math_task.sandbox: a call is bounded in time and memory from any thread, a killed child is replaced, and
 the pool never runs more children than it may. Each failure mode is provoked for real in a child process."""
 
 import threading
@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.support import sandbox_targets as t
-from verl_cppo.sandbox import Outcome, Sandbox
+from verl_cppo.math_task.sandbox import Outcome, Sandbox
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""``python -m verl_cppo.evaluate``: Avg@n / Pass@n against hand computations on fixed completions, and the
+"""``python -m verl_cppo.math_task.evaluate``: Avg@n / Pass@n against hand computations on fixed completions, and the
 whole entry point end to end on CPU (``--engine hf``) on a tiny Qwen3 model built here from a config."""
 
 import json
@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 
 from tests.support import REPO_ROOT
-from verl_cppo.evaluate import Problem, format_table, score_completions, summarize
-from verl_cppo.math_reward import compute_score
+from verl_cppo.math_task.evaluate import Question, format_table, score_completions, summarize
+from verl_cppo.math_task.reward import compute_score
 from verl_cppo.testing.launcher import TEST_ENV
 
 ROOT = Path(REPO_ROOT)
 
 
 def _problem(source, truth):
-    return Problem(source, [{"role": "user", "content": "q"}], truth)
+    return Question(source, [{"role": "user", "content": "q"}], truth)
 
 
 # Fixed completions and, written out by hand, what math-verify must score them (the DAPO "Answer:" line,
@@ -120,7 +120,7 @@ def _run(*args, timeout=300, path_first=None):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     env.update({**TEST_ENV, "OMP_NUM_THREADS": "1"})
     return subprocess.run(
-        [sys.executable, "-m", "verl_cppo.evaluate", *args],
+        [sys.executable, "-m", "verl_cppo.math_task.evaluate", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -242,13 +242,13 @@ def _bad_arguments(tmp_path, good_data):
 
 def test_every_bad_argument_is_one_line_naming_it(tmp_path, good_data):
     (tmp_path / "config.json").write_text("{}")  # a Hugging Face directory as far as the checks go
-    from verl_cppo.evaluate import main
+    from verl_cppo.math_task.evaluate import main
 
     for argv, named in _bad_arguments(tmp_path, good_data):
         with pytest.raises(SystemExit) as info:
             main([*argv, "--engine", "hf"])
         message = str(info.value.code)
-        assert message.startswith("python -m verl_cppo.evaluate: error: ") and "\n" not in message, message
+        assert message.startswith("python -m verl_cppo.math_task.evaluate: error: ") and "\n" not in message, message
         assert named in message, (named, message)
 
 

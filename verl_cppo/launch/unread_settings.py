@@ -1,5 +1,5 @@
 """verl settings that ``loss_mode=cppo`` does not read, set away from verl's defaults: refused by the driver
-(``verl_cppo.driver``), naming the key and the ``cppo.*`` key to use instead, because a silently ignored setting
+(``verl_cppo.launch.driver``), naming the key and the ``cppo.*`` key to use instead, because a silently ignored setting
 trains at CPPO's defaults while the user believes otherwise. A refusal rather than a warning: the fix is one key,
 and a warning scrolls past in a multi-node log."""
 
@@ -11,12 +11,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from verl_cppo.config import config_node, config_value
-from verl_cppo.launch_checks import Problem
+from verl_cppo.config_paths import POLICY_LOSS, config_node, config_value
+from verl_cppo.launch.verl_checks import Problem
 
 __all__ = ["ignored_clip_settings", "ignored_rollout_correction"]
-
-POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
 
 _CLIP_KEYS = {
     "clip_ratio": "cppo.delta (the token threshold at t = 1)",

@@ -63,14 +63,16 @@ class _Child:
         self.process.stdout.close()
         if not self.receive.poll(start_timeout_s):
             self.kill()
-            raise RuntimeError(f"verl_cppo.sandbox: the worker for {target} did not start within {start_timeout_s} s")
+            raise RuntimeError(
+                f"verl_cppo.math_task.sandbox: the worker for {target} did not start within {start_timeout_s} s"
+            )
         try:
             ready = self.receive.recv()
         except EOFError:
             ready = f"exited (exit code {self.process.wait(timeout=10)})"
         if ready != "ready":
             self.kill()
-            raise RuntimeError(f"verl_cppo.sandbox: the worker for {target} failed to start: {ready}")
+            raise RuntimeError(f"verl_cppo.math_task.sandbox: the worker for {target} failed to start: {ready}")
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -1,23 +1,23 @@
 """Every driver-side check of verl-cppo, run on the composed trainer config before Ray starts.
 
-One protocol: every check takes the composed config and returns its ``Problem``s (``verl_cppo.launch_checks``:
+One protocol: every check takes the composed config and returns its ``Problem``s (``verl_cppo.launch.verl_checks``:
 an error, a warning or a note); ``problems`` runs them all, and ``validate`` logs the warnings and raises ONE
 ``ValueError`` listing every error. Two entry points run exactly this list: ``main_ppo`` (``install`` wraps
 ``verl.utils.config.validate_config`` through ``verl_cppo.hooks``, documented in patches/README.md, so
-``validate`` runs first) and ``python -m verl_cppo.dry_run``. The checks:
+``validate`` runs first) and ``python -m verl_cppo.launch.dry_run``. The checks:
 
 * ``select_cppo_classes``: a ``policy_loss`` node holding ``cppo`` (an ``algorithm`` node holding
   ``cppo_grpo``) whose ``_target_`` is still verl's stock class is pointed at ``CPPOPolicyLossConfig``
   (``CPPOAlgoConfig``), so that one ``+...cppo.<key>=<value>`` override per setting is enough;
 * ``_settings_nodes``: a ``cppo`` / ``cppo_grpo`` node whose selector picks another method (``loss_mode`` left
   at vanilla, or mistyped ``CPPO``) or whose ``_target_`` is a foreign class would have every setting dropped:
-  refused, naming the selector and the keys set. Nodes are read through ``verl_cppo.config.config_node``;
+  refused, naming the selector and the keys set. Nodes are read through ``verl_cppo.config_paths``;
 * ``_anchoring`` and ``_legacy_trainer_topk``: ``loss_mode=cppo`` must see the rollout policy, see below;
-* ``verl_cppo.unread_settings``: verl settings that CPPO does not read, set away
+* ``verl_cppo.launch.unread_settings``: verl settings that CPPO does not read, set away
   from verl's defaults, are refused naming the key (a silent no-op otherwise);
 * ``check_topk_config``: a Top-K divergence the launch can serve;
 * ``_cppo_grpo``: the estimator's node is valid and a group holds more than one response;
-* ``verl_cppo.launch_checks``: the workers' configs, the names verl looks up late, the GPU layout;
+* ``verl_cppo.launch.verl_checks``: the workers' configs, the names verl looks up late, the GPU layout;
 * ``_verl_assumptions`` (first): every assumption the plugin makes about verl's internals holds
   (``verl_cppo.hooks.assumptions``: its registrations are its own, verl's config classes lack its nodes, the
   batch carries its columns, each hooked function has the parameters it relies on).
@@ -26,7 +26,7 @@ Then ``verl_cppo.topk.setup.propagate_topk`` exports K to every Ray process when
 
 Anchoring (``_anchoring``; README's *Anchoring* table). CPPO measures divergence from the rollout policy mu;
 verl 0.9.1 hands the loss mu as ``old_log_prob`` under ``algorithm.rollout_correction.bypass_mode=True``, under
-either trainer (``verl_cppo.bypass_anchor`` keeps ``loss_mode=cppo`` on the legacy one). Bypass off makes
+either trainer (``verl_cppo.trainer.bypass_anchor`` keeps ``loss_mode=cppo`` on the legacy one). Bypass off makes
 ``old_log_prob`` the actor's recomputed pi_old (a known collapse mode, DPPO paper section 5.2): a prominent
 warning, so that ``loss_mode=cppo`` alone still runs, and an error with a Top-K divergence or
 ``VERL_CPPO_STRICT_ANCHOR=1``. Errors: a Top-K divergence with ``trainer.use_v1=False`` (its data travels only
@@ -46,19 +46,27 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from verl_cppo import hooks
-from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET, config_node, config_value
+from verl_cppo.config import CPPO_ALGO_TARGET, CPPO_POLICY_LOSS_TARGET
+from verl_cppo.config_paths import (
+    ALGORITHM,
+    CPPO_NODE,
+    POLICY_LOSS,
+    config_node,
+    config_value,
+    configured_topk,
+    uses_the_plugin,
+)
 from verl_cppo.hooks import assumptions
-from verl_cppo.launch_checks import Problem, involves_the_plugin, launch_layout, registered_names, worker_configs
+from verl_cppo.launch.unread_settings import ignored_clip_settings, ignored_rollout_correction
+from verl_cppo.launch.verl_checks import Problem, launch_layout, registered_names, worker_configs
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS
-from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, configured_topk, export_to_ray_job, propagate_topk
-from verl_cppo.unread_settings import ignored_clip_settings, ignored_rollout_correction
+from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, export_to_ray_job, propagate_topk
 
 __all__ = [
     "STRICT_ANCHOR_ENV",
     "Problem",
     "check_topk_config",
     "install",
-    "involves_the_plugin",
     "problems",
     "validate",
 ]
@@ -66,12 +74,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STRICT_ANCHOR_ENV = "VERL_CPPO_STRICT_ANCHOR"
-POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
 
 _SETTINGS_NODES = (
     # (node, its settings key, the selector key, the value that selects it, verl's stock class, ours)
     (POLICY_LOSS, "cppo", "loss_mode", "cppo", "verl.workers.config.PolicyLossConfig", CPPO_POLICY_LOSS_TARGET),
-    ("algorithm", "cppo_grpo", "adv_estimator", "cppo_grpo", "verl.trainer.config.AlgoConfig", CPPO_ALGO_TARGET),
+    (ALGORITHM, "cppo_grpo", "adv_estimator", "cppo_grpo", "verl.trainer.config.AlgoConfig", CPPO_ALGO_TARGET),
 )
 
 
@@ -179,7 +186,7 @@ def _anchoring(config: Any) -> list[Problem]:
 
 def _legacy_trainer_topk(config: Any) -> list[Problem]:
     """A Top-K divergence under verl's legacy trainer (``trainer.use_v1=False``). Its bypass mode anchors CPPO
-    on mu (``verl_cppo.bypass_anchor``) and ``cppo_grpo`` excludes groups there too; mu's top-K travels only the
+    on mu (``verl_cppo.trainer.bypass_anchor``) and ``cppo_grpo`` excludes groups there too; mu's top-K travels only the
     v1 path (the TransferQueue agent loop stores it, the v1 actor update asks the engine for pi's logits)."""
     if config_value(config, "trainer.use_v1", True) or configured_topk(config) == 0:
         return []
@@ -199,7 +206,7 @@ def check_topk_config(config: Any) -> list[Problem]:
     k = configured_topk(config)
     if k == 0:
         return []
-    where = f"cppo.divergence={config_value(config, 'actor_rollout_ref.actor.policy_loss.cppo.divergence')}"
+    where = f"cppo.divergence={config_value(config, f'{CPPO_NODE}.divergence')}"
     errors = []  # bypass mode and the rollout log-probs: _anchoring (one key, one message)
     strategy = config_value(config, "actor_rollout_ref.actor.strategy")
     if strategy not in ("fsdp", "fsdp2", "megatron"):
@@ -292,7 +299,7 @@ def problems(config: Any, working_dir: str | None = None, built: dict | None = N
 
     A check that fails on an unexpected config shape becomes a warning naming it (the launch is not refused
     for a bug of the plugin's); a ``ValueError`` of the config reader (a scalar where a node belongs) is an
-    error. A launch that does not involve verl-cppo (``involves_the_plugin``) gets warnings, never errors."""
+    error. A launch that does not involve verl-cppo (``uses_the_plugin``) gets warnings, never errors."""
     found = select_cppo_classes(config)
     checks = [functools.partial(worker_configs, built=built) if c is worker_configs else c for c in CHECKS]
     malformed = False
@@ -310,7 +317,7 @@ def problems(config: Any, working_dir: str | None = None, built: dict | None = N
         except Exception as exc:
             found.append(Problem(f"verl-cppo check {name} could not run: {type(exc).__name__}: {exc}", "warning"))
     unique = list(dict.fromkeys(found))
-    if involves_the_plugin(config) is None:
+    if uses_the_plugin(config) is None:
         # The entry point loads the plugin into every verl process: a plain verl launch keeps verl's own
         # behaviour, so what the plugin would refuse is only a warning there.
         unique = [

@@ -1,4 +1,4 @@
-"""verl_cppo.data_check on hand-built parquet and JSON-lines files: every kind of missing field is found with
+"""verl_cppo.launch.data_check on hand-built parquet and JSON-lines files: every kind of missing field is found with
 its file, rows and key; complete files and files that are not on this machine are not errors."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from verl_cppo.data_check import SHOWN_ROWS, missing_fields
+from verl_cppo.launch.data_check import SHOWN_ROWS, missing_fields
 
 FIELDS = {"reward_model.ground_truth": "string"}
 

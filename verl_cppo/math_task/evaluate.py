@@ -1,6 +1,6 @@
 """Evaluate a checkpoint the paper's way: n samples per AIME problem, math-verify reward, Avg@n per year and averaged.
 
-    python -m verl_cppo.evaluate --model /ckpts/run/global_step_200/hf \\
+    python -m verl_cppo.math_task.evaluate --model /ckpts/run/global_step_200/hf \\
         --data ~/verl/data/aime-2024.parquet,~/verl/data/aime-2025.parquet,~/verl/data/aime-2026.parquet \\
         --n 16 --max-tokens 8192 --tp 1 --output eval.json
 
@@ -16,12 +16,12 @@ Design:
   installed stops with a message. Defaults are the example scripts' validation settings: temperature 1.0,
   top-p 1.0, no top-k. Both engines return token ids, decoded here with ``skip_special_tokens=True``, as
   verl's reward loop decodes responses.
-* Scoring: ``verl_cppo.math_reward.compute_score`` (the training reward) on each decoded completion, with
+* Scoring: ``verl_cppo.math_task.reward.compute_score`` (the training reward) on each decoded completion, with
   the same bounds as in training (math-verify in child processes, a deadline and a memory limit per answer).
 * Report: per data source, Avg@n = mean over problems of the fraction of the n samples scored 1 (= verl's
   ``val-core/<source>/acc/mean@n``), and Pass@n = share of problems with at least one correct sample; the
   average over data sources is unweighted, as the paper averages its AIME columns (and as
-  ``verl_cppo.val_metrics`` logs ``val-core/aime_avg/acc/mean@n`` during training). A JSON report
+  ``verl_cppo.trainer.val_metrics`` logs ``val-core/aime_avg/acc/mean@n`` during training). A JSON report
   (``--output``), a printed table (percent) and, with ``--save-generations``, one JSONL line per problem
   with its completions and scores.
 
@@ -40,11 +40,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["Problem", "load_problems", "main", "score_completions", "summarize"]
+__all__ = ["Question", "load_questions", "main", "score_completions", "summarize"]
 
 
 @dataclass
-class Problem:
+class Question:
+    """One evaluation item (an AIME problem): its data source (the AIME year), prompt and ground truth."""
+
     data_source: str
     messages: list[dict]
     ground_truth: str
@@ -57,8 +59,8 @@ def _as_list(value) -> list:
     return list(value)
 
 
-def load_problems(paths: list[str], limit: int | None = None) -> list[Problem]:
-    """Problems of verl RL parquet files (``limit``: at most that many per file, for smoke tests).
+def load_questions(paths: list[str], limit: int | None = None) -> list[Question]:
+    """The questions of verl RL parquet files (``limit``: at most that many per file, for smoke tests).
 
     ValueError naming the file for one that is not parquet or lacks verl's RL columns."""
     import pandas as pd
@@ -86,7 +88,7 @@ def load_problems(paths: list[str], limit: int | None = None) -> list[Problem]:
                 raise ValueError(f"{path!r} row {index}: reward_model.ground_truth is missing")
             extra = row.get("extra_info")
             problems.append(
-                Problem(
+                Question(
                     data_source=str(source),
                     messages=messages,
                     ground_truth=str(ground_truth),
@@ -96,9 +98,9 @@ def load_problems(paths: list[str], limit: int | None = None) -> list[Problem]:
     return problems
 
 
-def score_completions(problems: list[Problem], completions: list[list[str]]) -> list[list[float]]:
-    """``verl_cppo.math_reward`` scores (1.0 / 0.0) of each problem's completions."""
-    from verl_cppo.math_reward import compute_score
+def score_completions(problems: list[Question], completions: list[list[str]]) -> list[list[float]]:
+    """``verl_cppo.math_task.reward`` scores (1.0 / 0.0) of each problem's completions."""
+    from verl_cppo.math_task.reward import compute_score
 
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
@@ -108,7 +110,7 @@ def score_completions(problems: list[Problem], completions: list[list[str]]) -> 
     ]
 
 
-def summarize(problems: list[Problem], scores: list[list[float]]) -> dict:
+def summarize(problems: list[Question], scores: list[list[float]]) -> dict:
     """Avg@n and Pass@n per data source (in order of first appearance) and their unweighted average."""
     per_source: dict[str, list[list[float]]] = {}
     for problem, problem_scores in zip(problems, scores, strict=True):
@@ -169,7 +171,7 @@ def _check_model_dir(path: str, argument: str = "--model") -> None:
     raise SystemExit(f"{argument} {path!r} has no config.json: not a Hugging Face model directory")
 
 
-def _prompt_ids(tokenizer, problems: list[Problem], chat_template_kwargs: dict) -> list[list[int]]:
+def _prompt_ids(tokenizer, problems: list[Question], chat_template_kwargs: dict) -> list[list[int]]:
     ids = []
     for p in problems:
         text = tokenizer.apply_chat_template(
@@ -255,7 +257,7 @@ ENGINES = {"vllm": generate_vllm, "hf": generate_hf}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m verl_cppo.evaluate",
+        prog="python -m verl_cppo.math_task.evaluate",
         description=__doc__.split("\n\n")[0],
         epilog="Data: examples/data/prepare_data.py writes aime-2024/2025/2026.parquet. Output: a table (percent) "
         "on stdout, --output JSON (fractions), --save-generations JSONL.",
@@ -286,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> SystemExit:
-    return SystemExit(f"python -m verl_cppo.evaluate: error: {message}")
+    return SystemExit(f"python -m verl_cppo.math_task.evaluate: error: {message}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except SystemExit as exc:
-        if isinstance(exc.code, str) and not exc.code.startswith("python -m verl_cppo.evaluate"):
+        if isinstance(exc.code, str) and not exc.code.startswith("python -m verl_cppo.math_task.evaluate"):
             raise _fail(exc.code) from None
         raise
 
@@ -343,7 +345,7 @@ def _main(args) -> int:
             ) from exc
     start = time.time()
     try:
-        problems = load_problems(paths, args.limit)
+        problems = load_questions(paths, args.limit)
     except ValueError as exc:
         raise SystemExit(f"--data: {exc}") from None
     tokenizer = _load_tokenizer(args)

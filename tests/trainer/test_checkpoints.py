@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from verl.trainer.ppo.checkpoint_callback import build_checkpoint_callback
 from verl.utils.tracking import Tracking
 
-from verl_cppo.checkpoints import HISTORY_FILE, KeepLatestAndBest, best_step, checkpoints_to_delete
+from verl_cppo.trainer.checkpoints import HISTORY_FILE, KeepLatestAndBest, best_step, checkpoints_to_delete
 
 
 def test_pruning_rule_by_hand():
@@ -27,7 +27,7 @@ def _config(root, **options):
         {
             "trainer": {
                 "default_local_dir": str(root),
-                "checkpoint_callback_class": "verl_cppo.checkpoints.KeepLatestAndBest",
+                "checkpoint_callback_class": "verl_cppo.trainer.checkpoints.KeepLatestAndBest",
                 "max_actor_ckpt_to_keep": None,
                 "cppo_checkpoints": {"keep_latest": 2, "best_metric": "val-core/aime_avg/acc/mean@16", **options},
             }

@@ -3,8 +3,8 @@ after Ray started (a worker's config, a name looked up at the first step, the GP
 
 They used to be the dry run's alone, so ``main_ppo`` accepted what the dry run refused (``loss_mode=CPPO``,
 an unimportable ``external_lib``, a reward whose dependency is missing). They are now part of the one list of
-checks that ``verl_cppo.driver.problems`` runs for both entry points (``main_ppo``'s ``validate_config`` and
-``python -m verl_cppo.dry_run``). Each check takes the composed config and returns its ``Problem``s:
+checks that ``verl_cppo.launch.driver.problems`` runs for both entry points (``main_ppo``'s ``validate_config`` and
+``python -m verl_cppo.launch.dry_run``). Each check takes the composed config and returns its ``Problem``s:
 
 * ``worker_configs``: the dataclass configs the workers build (rollout, algorithm, ref / critic when used,
   the model config when ``model.path`` is a local directory), built now (the actor's is built by verl's own
@@ -30,11 +30,10 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf, open_dict
 
-from verl_cppo.data_check import missing_fields
+from verl_cppo.config_paths import POLICY_LOSS
+from verl_cppo.launch.data_check import missing_fields
 
-__all__ = ["LAYOUT_SIZES", "Problem", "involves_the_plugin", "launch_layout", "registered_names", "worker_configs"]
-
-_POLICY_LOSS = "actor_rollout_ref.actor.policy_loss"
+__all__ = ["LAYOUT_SIZES", "Problem", "launch_layout", "registered_names", "worker_configs"]
 
 
 @dataclass(frozen=True)
@@ -44,29 +43,6 @@ class Problem:
 
     message: str
     level: Literal["error", "warning", "note"] = "error"
-
-
-def involves_the_plugin(config: Any) -> str | None:
-    """What in a composed config asks for verl-cppo (a CPPO loss or estimator, also mistyped in another case;
-    a ``cppo`` / ``cppo_grpo`` settings node; a ``verl_cppo`` target, ``external_lib`` or reward), or None."""
-    for where in (f"{_POLICY_LOSS}.loss_mode", "algorithm.adv_estimator"):
-        value = OmegaConf.select(config, where, default=None, throw_on_missing=False)
-        if isinstance(value, str) and value.lower() in ("cppo", "cppo_grpo"):
-            return f"{where}={value}"
-    for where in (f"{_POLICY_LOSS}.cppo", "algorithm.cppo_grpo"):
-        if OmegaConf.select(config, where, default=None, throw_on_missing=False) is not None:
-            return where
-    for where in (
-        f"{_POLICY_LOSS}._target_",
-        "algorithm._target_",
-        "actor_rollout_ref.model.external_lib",
-        "reward.custom_reward_function.path",
-        "custom_reward_function.path",
-    ):
-        value = OmegaConf.select(config, where, default=None, throw_on_missing=False)
-        if isinstance(value, str) and "verl_cppo" in value:
-            return f"{where}={value}"
-    return None
 
 
 def _error(message: str) -> Problem:
@@ -142,7 +118,7 @@ def _external_libs(config: Any) -> list[Problem]:
     return problems
 
 
-REWARD_NEEDS = {"verl_cppo.math_reward": ("math_verify", "pip install 'math-verify>=0.8' (verl's `math` extra)")}
+REWARD_NEEDS = {"verl_cppo.math_task.reward": ("math_verify", "pip install 'math-verify>=0.8' (verl's `math` extra)")}
 """Modules a shipped reward function imports only on its first call: checked before Ray starts."""
 
 
@@ -180,7 +156,7 @@ def _reward_function(config: Any, working_dir: str | None) -> list[Problem]:
 
 def _reward_data(config: Any, fn: Any, key: str) -> list[Problem]:
     """The data files hold what the loaded reward declares it reads from every row (its module's
-    ``DATA_FIELDS``; ``verl_cppo.data_check``)."""
+    ``DATA_FIELDS``; ``verl_cppo.launch.data_check``)."""
     # verl 0.9.1's get_custom_reward_fn returns partial(_call_with_kwargs, <the loaded function>, kwargs)
     raw = fn.args[0] if isinstance(fn, functools.partial) and fn.args and callable(fn.args[0]) else None
     if raw is None:
@@ -208,7 +184,7 @@ def registered_names(config: Any, working_dir: str | None = None) -> list[Proble
     problems = []
     loss_mode = config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla")
     if loss_mode not in POLICY_LOSS_REGISTRY:
-        problems.append(_unregistered("actor_rollout_ref.actor.policy_loss.loss_mode", loss_mode, POLICY_LOSS_REGISTRY))
+        problems.append(_unregistered(f"{POLICY_LOSS}.loss_mode", loss_mode, POLICY_LOSS_REGISTRY))
     estimator = config.algorithm.adv_estimator
     if estimator not in ADV_ESTIMATOR_REGISTRY:
         problems.append(_unregistered("algorithm.adv_estimator", estimator, ADV_ESTIMATOR_REGISTRY))

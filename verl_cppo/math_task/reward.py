@@ -2,7 +2,7 @@
 
 Select it in verl 0.9.1 with (``pkg://`` resolves wherever ``verl_cppo`` is importable, Ray workers included)::
 
-    reward.custom_reward_function.path=pkg://verl_cppo.math_reward
+    reward.custom_reward_function.path=pkg://verl_cppo.math_task.reward
     reward.custom_reward_function.name=compute_score
 
 Design:
@@ -16,7 +16,7 @@ Design:
 * Bounded everywhere verl calls it. verl 0.9.1's reward managers (``experimental/reward_loop/reward_manager``)
   call a synchronous ``compute_score`` through ``loop.run_in_executor`` (a thread pool inside a Ray actor),
   where math-verify's ``signal.alarm`` timeouts cannot run, and a short answer such as ``9^{9^{9^{9}}}`` can
-  run for minutes and grow to gigabytes in sympy. So math-verify runs only in ``verl_cppo.sandbox`` child
+  run for minutes and grow to gigabytes in sympy. So math-verify runs only in ``verl_cppo.math_task.sandbox`` child
   processes (the same on every thread, the main one included): at most ``TIMEOUT_SECONDS`` per answer (the
   child is killed past it) and ``MEMORY_MB`` of address space. A timed-out, over-memory or crashed check
   scores 0 and logs why. Cheap pre-screening keeps most work out of the children: an exact match after
@@ -71,7 +71,7 @@ MEMORY_MB = 512
 
 DATA_FIELDS = {"reward_model.ground_truth": "string"}
 """What ``compute_score`` reads from every dataset row: the driver checks ``data.train_files`` and
-``data.val_files`` for it before Ray starts (``verl_cppo.data_check``; keep it true in a copy you adapt)."""
+``data.val_files`` for it before Ray starts (``verl_cppo.launch.data_check``; keep it true in a copy you adapt)."""
 
 MAX_WORKERS = min(4, os.cpu_count() or 1)
 """math-verify child processes per process that scores (started on demand)."""
@@ -87,7 +87,7 @@ def _load_math_verify():
             import math_verify
         except ImportError as exc:
             raise ImportError(
-                "verl_cppo.math_reward needs math-verify: pip install 'math-verify>=0.8' (verl's `math` extra)"
+                "verl_cppo.math_task.reward needs math-verify: pip install 'math-verify>=0.8' (verl's `math` extra)"
             ) from exc
         _math_verify = math_verify
     return _math_verify
@@ -171,7 +171,7 @@ def _sandbox():
     global _SANDBOX
     with _SANDBOX_LOCK:
         if _SANDBOX is None:
-            from verl_cppo.sandbox import Sandbox
+            from verl_cppo.math_task.sandbox import Sandbox
 
             _SANDBOX = Sandbox(math_verify_verdict, TIMEOUT_SECONDS, MEMORY_MB, MAX_WORKERS, warmup=_warmup)
         return _SANDBOX
@@ -189,7 +189,7 @@ def is_equivalent(answer: str, ground_truth: str) -> bool:
     if outcome.ok:
         return bool(outcome.value)
     logger.warning(
-        "verl_cppo.math_reward: answer %.80r vs ground truth %.80r scored 0: math-verify %s (%s)",
+        "verl_cppo.math_task.reward: answer %.80r vs ground truth %.80r scored 0: math-verify %s (%s)",
         answer,
         ground_truth,
         outcome.status,
@@ -210,12 +210,12 @@ def compute_score(
     TypeError if ``solution_str`` is not a string, ValueError if ``ground_truth`` is None."""
     if not isinstance(solution_str, str):
         raise TypeError(
-            f"verl_cppo.math_reward.compute_score: solution_str must be the decoded response (str), got "
+            f"verl_cppo.math_task.reward.compute_score: solution_str must be the decoded response (str), got "
             f"{type(solution_str).__name__} {solution_str!r:.80} (data_source={data_source!r})"
         )
     if ground_truth is None:
         raise ValueError(
-            f"verl_cppo.math_reward.compute_score: ground_truth is None (data_source={data_source!r}, "
+            f"verl_cppo.math_task.reward.compute_score: ground_truth is None (data_source={data_source!r}, "
             f"extra_info={extra_info!r:.200}): the dataset row has no reward_model.ground_truth"
         )
     answer = extract_answer(solution_str)

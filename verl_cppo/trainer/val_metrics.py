@@ -1,7 +1,7 @@
 """The averaged AIME validation metric (the paper's "AIME24/25/26 Avg@16") in verl's training logs.
 
 verl 0.9.1 reports validation per data source: ``val-core/<data_source>/<var>/mean@<n>`` (and ``std@``,
-``best@``, ``maj@`` statistics), where ``<var>`` is ``acc`` when the reward returns one (``verl_cppo.math_reward``
+``best@``, ``maj@`` statistics), where ``<var>`` is ``acc`` when the reward returns one (``verl_cppo.math_task.reward``
 does) and ``reward`` otherwise. The paper's headline number is the mean over the AIME years of their Avg@16,
 which no verl key holds. verl has no extension point for validation metrics: both trainers build the flat
 dict in one method, ``_val_metrics_update`` (v1: ``verl.trainer.ppo.v1.trainer_base.PPOTrainer``; v0:
