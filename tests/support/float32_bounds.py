@@ -23,7 +23,13 @@ import torch
 
 from tests.support.adamw_reference import UNIT_ROUNDOFF
 
-__all__ = ["UNIT_ROUNDOFF", "float32_forward_bound", "reorder_bound", "topk_divergence_bound"]
+__all__ = [
+    "UNIT_ROUNDOFF",
+    "float32_forward_bound",
+    "float32_forward_tolerance",
+    "reorder_bound",
+    "topk_divergence_bound",
+]
 
 
 def reorder_bound(n: int, abs_sum: float) -> float:
@@ -80,3 +86,13 @@ def float32_forward_bound(config, seq_len: int, logit_scale: float) -> float:
     per_layer = 3 * hidden + head_dim + seq_len + heads * head_dim + hidden + inter
     chain = config.num_hidden_layers * per_layer + hidden + config.vocab_size  # the log-softmax's sum last
     return chain * UNIT_ROUNDOFF * 2 * logit_scale
+
+
+def float32_forward_tolerance(model_dir: str, seq_len: int, reference: torch.Tensor) -> float:
+    """The tolerance of a float32 engine's log-probs against a float64 HF forward of the model in ``model_dir``:
+    ``float32_forward_bound`` at the logits' spread (max - min of a row of ``reference``, the float64
+    log-softmax rows [len, vocab]), with a 2x margin. An estimate, not a bound (see there)."""
+    from transformers import AutoConfig
+
+    spread = float((reference.amax(dim=-1) - reference.amin(dim=-1)).max())
+    return 2 * float32_forward_bound(AutoConfig.from_pretrained(model_dir), seq_len, spread)
