@@ -63,7 +63,10 @@ def test_fsdp2_engine_trains_cppo_and_syncs_weights_on_cpu(tmp_path):
     assert result["device"] == "cpu" and "cpu" in result["platforms"]
     assert result["engine"] == "FSDPEngineWithLMHead"
     assert result["generate_hook"] == "vllm_cpu"
-    assert result["infer_vs_hf_max_abs"] < 1e-5  # the engine computes the same log-probs as HF
+    # the engine computes the same log-probs as HF: within twice a float32 forward's rounding (the two share no
+    # kernel order; tests/support/float32_bounds.py, ~1e-4 here); a wrong weight, token shift or temperature
+    # moves log-probs by > 1e-2
+    assert result["infer_vs_hf_max_abs"] <= result["forward_bound"]
     assert all(abs(loss) < 1e3 for loss in result["losses"])  # finite, from verl's ppo_loss with cppo
     assert len(result["cppo_metrics"]) == 10
     assert result["masked"][0] == 0.0  # first mini-batch: pi == mu, nothing masked
@@ -72,4 +75,4 @@ def test_fsdp2_engine_trains_cppo_and_syncs_weights_on_cpu(tmp_path):
     assert "lm_head.weight" in result["exported"]
     assert result["loaded"] == len(result["exported"]) and result["not_loaded"] == []
     assert result["export_moved"] > 1e-4  # the export carries the update, not the initial weights
-    assert result["export_vs_engine_max_abs"] < 1e-5
+    assert result["export_vs_engine_max_abs"] <= result["forward_bound"]  # the same two forwards, trained weights

@@ -37,8 +37,33 @@ SETTINGS = [
 CASES_PER_LAYOUT = 6
 
 
-def _tol(dtype):
-    return {"rtol": 1e-12, "atol": 1e-13} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 1e-6}
+def _tol(case, dtype, ref_grad):
+    """Tolerances of the shard-local loss against the gathered one, derived from the case's own data.
+
+    Both paths compute each token's coefficient M sg(min(rho, cap)) A w / N from the same inputs with <= 10
+    rounded operations each, except the gate's prefix sums (float64 on shards, a float32 scan of <= T terms when
+    gathered: <= T u of S, which is non-negative) that feed the soft gate's weight S_t / (delta + delta_b W):
+    per token the two coefficients differ by at most 2 (2 T + 10) u relative. The loss sums its n = B T terms
+    L_t = coef_t log pi_t in float32 (the gathered path in one order, the shards in another, then float64):
+    two orders differ by 2 n u sum |L_t| (``reorder_bound``), and sum |L_t| = sum |grad_t log pi_t| (the loss is
+    linear in log pi with a detached coefficient), taken from the gathered path's own gradient. The metrics are
+    sums of the same n per-token values: non-negative (relative bound) except ppo_kl, scaled by mean |log ratio|.
+    2x margin on each. A token counted twice or dropped, or a wrong normaliser, moves these by >= 1/n.
+    u is the dtype's unit roundoff (2^-24 float32, 2^-53 float64)."""
+    u = torch.finfo(dtype).eps / 2
+    n, width = case.mask.numel(), case.mask.shape[1]
+    per_token = 2 * (2 * width + 10) * u  # [relative] the coefficient of one token
+    valid = case.mask & case.new.isfinite()
+    abs_loss = float((ref_grad.double() * torch.nan_to_num(case.new.double())).abs().sum())  # sum |L_t|
+    abs_kl = float((case.new.double() - case.old.double())[valid].abs().sum()) / max(int(valid.sum()), 1)
+    total = 2 * n * u + per_token  # [relative to the absolute sum] reorder_bound at the dtype's u
+    return {
+        "rtol": 2 * per_token,
+        "atol": 0.0,
+        "loss_atol": 2 * total * abs_loss,
+        "metric_rel": 2 * total,
+        "kl_atol": 2 * total * abs_kl,
+    }
 
 
 def _check_scan(case, shard, group, rank):
@@ -95,14 +120,17 @@ def _check_loss(case, shard, group, setting, mode, dtype):
         shard=ctx,
     )
     loss.backward()
-    tol = _tol(dtype)
-    torch.testing.assert_close(loss.detach(), ref_loss.detach(), **tol, msg=lambda m: f"{m} ({setting}, {mode})")
+    tol = _tol(case, dtype, torch.nan_to_num(new.grad))
+    torch.testing.assert_close(
+        loss.detach(), ref_loss.detach(), rtol=0, atol=tol["loss_atol"], msg=lambda m: f"{m} ({setting}, {mode})"
+    )
     assert metrics.keys() == ref_metrics.keys()
     for key, value in ref_metrics.items():
-        assert metrics[key] == pytest.approx(value, rel=tol["rtol"], abs=tol["atol"]), key
+        slack = tol["kl_atol"] if key == "actor/ppo_kl" else 0.0
+        assert metrics[key] == pytest.approx(value, rel=tol["metric_rel"], abs=slack), key
     code = shard.code
     ref_grad = torch.where(code >= 0, torch.nan_to_num(new.grad).flatten()[code.clamp(min=0)], 0.0)
-    torch.testing.assert_close(local_new.grad, ref_grad, **tol)
+    torch.testing.assert_close(local_new.grad, ref_grad, rtol=tol["rtol"], atol=tol["atol"])
     # Communication: 1 scan message, R quantile rounds, 1 metrics message; nothing proportional to tokens.
     batch, per_rank = case.mask.shape[0], shard.layout.rank_pieces.shape[1]
     world = shard.layout.rank_pieces.shape[0]

@@ -43,6 +43,7 @@ from verl.workers.config import (  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
 
+from tests.support.float32_bounds import float32_forward_bound  # noqa: E402
 from tests.support.verl_inputs import training_worker  # noqa: E402
 from verl_cppo.config import CPPOConfig, CPPOPolicyLossConfig  # noqa: E402
 from verl_cppo.testing import tiny_task as T  # noqa: E402
@@ -124,6 +125,12 @@ def main() -> None:
 
     before = engine_log_probs()
     out["infer_vs_hf_max_abs"] = float((before - hf_log_probs(reference)).abs().max())
+    # both are float32 forwards of the same weights through different code (verl's engine: its own attention
+    # mask and position ids, FSDP2's parameters, verl's log-prob function): twice one forward's rounding
+    # error, tests.support.float32_bounds.float32_forward_bound at the logits' scale (the test compares)
+    with torch.no_grad():
+        scale = float(reference(torch.cat([prompt_ids, responses], 1)).logits.abs().max())
+    out["forward_bound"] = 2 * float32_forward_bound(reference.config, P + R, scale)
 
     # 2. three CPPO mini-batches through ppo_loss, anchored on the log-probs above (mu)
     adv = torch.tensor([1.0, -1.0] * (B // 2))[:, None].expand(B, R).contiguous()  # [B, R]

@@ -11,6 +11,7 @@ import torch
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 
+from tests.support.float32_bounds import topk_divergence_bound
 from tests.support.topk_reference import reference_topk_row
 
 
@@ -87,6 +88,18 @@ def ref_divergences(ref, kind: str) -> torch.Tensor:
         for t, entry in enumerate(row):
             if entry is not None:
                 out[b, t] = reference_topk_row(*entry, kind)
+    return out
+
+
+def ref_divergence_bounds(ref, kind: str, expected: torch.Tensor) -> torch.Tensor:
+    """[B, T] float64 bound on |D - reference D| for the hook's float32 D of every response token (0 on padding):
+    ``tests.support.float32_bounds.topk_divergence_bound`` of the token's pi logits row."""
+    out = torch.zeros(expected.shape, dtype=torch.float64)
+    for b, row in enumerate(ref["rows"]):
+        for t, entry in enumerate(row):
+            if entry is not None:
+                logits = torch.tensor(entry[0], dtype=torch.float64)[None]  # [1, V]
+                out[b, t] = topk_divergence_bound(logits, kind, expected[b, t].reshape(1))[0]
     return out
 
 

@@ -14,7 +14,9 @@ with the engine's own gather:
   tp_cp     Megatron TP=2 x CP=2
   bshd      Megatron TP=2 x CP=2, BSHD: preprocess_bshd_engine / postprocess_bshd_engine
 
-Rank 0 writes the max abs difference per mode to OUT. Every rank uses every collective's output.
+Rank 0 writes the max abs difference per mode to OUT, and its largest ratio to the float32 bound (twice
+``tests.support.float32_bounds.topk_divergence_bound``: each D is within it of the exact value). Every rank
+uses every collective's output.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from verl.models.mcore.util import (
 )
 from verl.utils.ulysses import gather_outputs_and_unpad, set_ulysses_sequence_parallel_group, slice_input_tensor
 
+from tests.support.float32_bounds import topk_divergence_bound
 from tests.support.topk_batches import topk_micro_batch
 from tests.support.verl_inputs import actor_config
 from verl_cppo.topk.engine_hook import TOPK_DIV_KEY, ppo_loss_with_topk
@@ -61,9 +64,12 @@ def _run(rank: int, world: int, out: str, rdv: str) -> None:
             full = ppo_loss_with_topk(cfg, student_logits=logits[None], data=data)[TOPK_DIV_KEY].squeeze(0)  # [nnz]
             sp_group = sp_groups[rank // 2]
             sharded = _sharded(mode, sp_group, cfg, data, logits, TOPK_DIV_KEY, ppo_loss_with_topk)
-            diff = torch.tensor([float((sharded - full).abs().max())])
+            # both are float32 D of the same float32 logits, each within topk_divergence_bound of the exact D
+            bound = 2 * topk_divergence_bound(logits, kind, full)  # [nnz]
+            gap = (sharded - full).abs().double()  # [nnz]
+            diff = torch.tensor([float(gap.max()), float((gap / bound).max())], dtype=torch.float64)
             dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-            results[f"{mode}/{kind}"] = float(diff)
+            results[f"{mode}/{kind}"], results[f"{mode}/{kind}_ratio"] = diff.tolist()
             results[f"{mode}/{kind}_nonzero"] = int((full != 0).sum())
     if rank == 0:
         with open(out, "w") as f:

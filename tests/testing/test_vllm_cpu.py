@@ -4,7 +4,7 @@ These tests start vLLM engines (minutes each on CPU) and carry the ``vllm`` mark
 them out of a quick run). Each checks the real part by value:
 
 * the live engine's top-K, parsed by the Top-K server code (``vllm_topk``), equals an independent float64
-  forward of the same weights (log-softmax) to 1e-4;
+  forward of the same weights (log-softmax) within a float32 forward's rounding (~5e-4 for the tiny model);
 * through ``main_ppo`` (Ray, FSDP2, verl's vLLM replica, server, worker extension and weight sync): PPO with
   recomputed old log-probs sees the rollout's log-probs equal the actor's at every step, which holds only if
   every weight sync reached vLLM, i.e. the FSDP2 engine's weight export (``get_per_tensor_param``, checked
@@ -24,6 +24,7 @@ import torch
 
 from ci.regression_checks import DEFAULT_CHECKS
 from tests.support import REPO_ROOT
+from tests.support.float32_bounds import float32_forward_tolerance
 from verl_cppo.testing.launcher import CPU_ENV, TEST_ENV
 
 pytestmark = pytest.mark.vllm
@@ -74,14 +75,17 @@ def test_live_topk_equals_an_independent_forward(tmp_path, monkeypatch):
         completion = output.outputs[0]
         ids, log_probs = vllm_topk(completion.logprobs, K)  # [n, K] each
         reference = _float64_log_probs(task["model"], prompt + list(completion.token_ids))  # [len, vocab]
+        # vLLM's float32 forward vs float64: the order of a float32 forward's error (no bound derivable across
+        # two kernels; tests/support/float32_bounds.py), ~5e-4 here; a wrong row or token is off by > 1e-2
+        tol = float32_forward_tolerance(task["model"], len(prompt) + len(completion.token_ids), reference)
         for i in range(len(completion.token_ids)):
             row = reference[len(prompt) - 1 + i]  # [vocab]: the distribution the i-th token was drawn from
             top = torch.topk(row, K + 1)
             assert torch.equal(torch.tensor(ids[i], dtype=torch.long), top.indices[:K]) or (
-                top.values[K - 1] - top.values[K] < 1e-4  # a near-tie at the K-th place may order either way
+                top.values[K - 1] - top.values[K] < 2 * tol  # a near-tie at the K-th place may order either way
             ), (i, ids[i], top.indices)
-            assert torch.allclose(torch.tensor(log_probs[i], dtype=torch.float64), row[ids[i]], atol=1e-4), i
-            assert torch.allclose(torch.tensor(log_probs[i], dtype=torch.float64), top.values[:K], atol=1e-4), i
+            assert torch.allclose(torch.tensor(log_probs[i], dtype=torch.float64), row[ids[i]], rtol=0, atol=tol), i
+            assert torch.allclose(torch.tensor(log_probs[i], dtype=torch.float64), top.values[:K], rtol=0, atol=tol)
             checked += 1
     assert checked >= len(prompts)  # every generated token of every answer was compared
     del llm

@@ -37,4 +37,7 @@ def sharded_results(tmp_path_factory):
 def test_sharded_hook_equals_unsharded(mode, sharded_results):
     r = sharded_results
     assert r[f"{mode}/tv_nonzero"] > 0 and r[f"{mode}/kl_nonzero"] > 0
-    assert r[f"{mode}/tv"] < 1e-6 and r[f"{mode}/kl"] < 1e-5, r
+    # Sharding changes only the order of the log-sum-exp's float32 sums (TP: per vocab shard, combined in float64;
+    # SP / CP: none): each token's gap within twice its topk_divergence_bound (~1e-5 for V = 24; the worker
+    # divides). A token placed on the wrong row or a lost shard moves D by ~0.1.
+    assert r[f"{mode}/tv_ratio"] <= 1 and r[f"{mode}/kl_ratio"] <= 1, r
