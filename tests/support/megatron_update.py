@@ -13,11 +13,17 @@ the global counts every micro-batch of every rank handed the loss, how many micr
 the shard-local loss, and per optimizer step the full gradient the optimizer used, the weights before and after
 it (HF names, merged over TP by mbridge's own export) and the optimizer's hyper-parameters (param_groups).
 
+``--comm-out FILE`` (binary-TV case) logs, per training micro-batch and rank, the bytes this rank sends in the
+collectives of the loss path: verl's CP all-gather of per-token outputs (``postprocess_thd_engine``) and the
+shard-local loss's exchanges (``shard_local_ppo_loss``), with the micro-batch's local token count; ``--gathered``
+uninstalls the shard-local hook first (verl's own path). benchmarks/megatron_cp_comm_worker.py reads them.
+
 ``--plant`` makes a deliberate error the equivalence test must catch: ``no_carry`` (the prefix scan per shard,
 without the carry between shards), ``contiguous`` (the zig-zag THD layout read as contiguous blocks),
 ``dp_size`` (the DP x CP group size handed to the loss as its DP size).
 
     python -m tests.support.megatron_update OUT STORE CASES TP CP [--plant no_carry|contiguous|dp_size]
+        [--comm-out FILE] [--gathered]
 """
 
 from __future__ import annotations
@@ -126,6 +132,53 @@ def _probe(records: dict):
         hooks.wrap("verl_cppo.sharding.context", "shard_prefix_scan", _no_carry, name=TEST_HOOK, now=True)
     if records["plant"] == "contiguous":
         hooks.wrap("verl_cppo.sharding.megatron", "zigzag_thd_layout", _contiguous, name=TEST_HOOK, now=True)
+
+
+def _comm_probe(log: list) -> None:
+    """Count the bytes this rank sends in all_gather / all_reduce while verl's per-token output post-processing
+    (``postprocess_thd_engine`` as model_forward calls it) or the shard-local loss runs; other collectives (the
+    attention's K / V exchange, the optimizer's) are not counted."""
+    import contextvars
+
+    from verl_cppo import hooks
+
+    phase: contextvars.ContextVar = contextvars.ContextVar("megatron_comm_phase", default=None)
+
+    def counting(original):
+        @functools.wraps(original)
+        def collective(tensor_or_list, tensor=None, *args, **kwargs):
+            current = phase.get()
+            if current is not None:
+                sent = tensor if isinstance(tensor, torch.Tensor) else tensor_or_list
+                log[-1][current] += sent.numel() * sent.element_size()
+            return (
+                original(tensor_or_list, tensor, *args, **kwargs)
+                if tensor is not None
+                else original(tensor_or_list, *args, **kwargs)
+            )
+
+        return collective
+
+    def in_phase(name):
+        def make(original):
+            @functools.wraps(original)
+            def wrapped(*args, **kwargs):
+                if name == "gathered":
+                    log.append({"gathered": 0, "shard_local": 0, "local_tokens": int(args[0].shape[-1])})
+                token = phase.set(name)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    phase.reset(token)
+
+            return wrapped
+
+        return make
+
+    hooks.wrap("torch.distributed", "all_gather", counting, name=TEST_HOOK, now=True)
+    hooks.wrap("torch.distributed", "all_reduce", counting, name=TEST_HOOK, now=True)
+    hooks.wrap("verl.models.mcore.model_forward", "postprocess_thd_engine", in_phase("gathered"), name=TEST_HOOK)
+    hooks.wrap("verl_cppo.sharding.megatron", "shard_local_ppo_loss", in_phase("shard_local"), name=TEST_HOOK)
 
 
 def _no_carry(original):
@@ -254,6 +307,8 @@ def main() -> None:
     parser.add_argument("cp", type=int)
     parser.add_argument("--plant", choices=PLANTS, default=None)
     parser.add_argument("--record", default=RECORD)
+    parser.add_argument("--comm-out", default=None)
+    parser.add_argument("--gathered", action="store_true", help="uninstall the shard-local hook (verl's path)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -270,6 +325,13 @@ def main() -> None:
     from verl_cppo.testing import cpu_megatron, tiny_task
 
     records = {"plant": args.plant}
+    if args.gathered:
+        from verl_cppo.sharding import megatron as shard_local_hook
+
+        shard_local_hook.uninstall()
+    comm: list = []
+    if args.comm_out:
+        _comm_probe(comm)
     _probe(records)
     with open(args.record) as f:
         record = json.load(f)
@@ -284,6 +346,12 @@ def main() -> None:
     results = {}
     for case in args.cases.split(","):
         results[case] = run_case(case, record, model_dir, args.tp, args.cp, records, rank, world)
+    if args.comm_out:
+        logs: list = [None] * world
+        dist.all_gather_object(logs, comm)
+        if rank == 0:
+            with open(args.comm_out, "w") as f:
+                json.dump({"tp": args.tp, "cp": args.cp, "gathered": args.gathered, "ranks": logs}, f)
     if rank == 0:
         results["_shims"] = cpu_megatron.installed()
         torch.save(results, args.out)

@@ -177,7 +177,7 @@ class ContextParallelCoreAttention(torch.nn.Module):
             padded = packed_seq_params.cu_seqlens_q_padded
             valid_cu = packed_seq_params.cu_seqlens_q
             padded = valid_cu if padded is None else padded
-            padded_lengths, valid_lengths = padded.diff().cpu(), valid_cu.diff().cpu()  # [B], [B]
+            padded_lengths, valid_lengths = torch.diff(padded).cpu(), torch.diff(valid_cu).cpu()  # [B], [B]
             seq, pos = zigzag_positions(padded_lengths, rank, cp)  # [T] each
             valid = pos < valid_lengths[seq]  # [T]
             q, k, v = query[:, None], key[:, None], value[:, None]  # [T, 1, H|G, D]

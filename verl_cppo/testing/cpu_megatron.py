@@ -3,7 +3,7 @@
 verl's ``MegatronEngine`` builds a megatron-core ``GPTModel`` through mbridge and trains it with megatron's
 distributed optimizer and no-pipelining schedule. Each piece assumes CUDA and Transformer Engine (TE) somewhere;
 this module replaces exactly those places, each named by the upstream file:line it stands in for, through
-``verl_cppo.hooks`` (patches/README.md, section 12):
+``verl_cppo.hooks`` (patches/README.md, section 11):
 
 * ``engine``: ``EngineRegistry`` has Megatron engines for cuda / npu only (``verl/workers/engine/base.py:426``
   raises "No engine registered for device='cpu'"); the LM and value-head engines are registered for "cpu".
@@ -39,6 +39,7 @@ Installed by ``verl_cppo.testing.register`` only (CPU test switch on).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from typing import Any
 
@@ -47,7 +48,15 @@ from torch.overrides import TorchFunctionMode
 
 from verl_cppo import hooks
 
-__all__ = ["CUDA_SCOPES", "HOOK_NAME", "OVERRIDE_TRANSFORMER_CONFIG", "cpu_device_scope", "install"]
+__all__ = [
+    "CUDA_SCOPES",
+    "HOOK_NAME",
+    "HOOK_TARGETS",
+    "OVERRIDE_TRANSFORMER_CONFIG",
+    "cpu_device_scope",
+    "install",
+    "installed",
+]
 
 HOOK_NAME = "cpu_megatron"
 
@@ -99,16 +108,29 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_IN_SCOPE: contextvars.ContextVar[bool] = contextvars.ContextVar("verl_cppo_cpu_device_scope", default=False)
+
+
+def _current_device_in_scope(original):
+    @functools.wraps(original)
+    def current_device():
+        # a device, not an index, inside the scope: torch.empty(device=current_device()) stays on the CPU
+        return "cpu" if _IN_SCOPE.get() else original()
+
+    return current_device
+
+
 @contextlib.contextmanager
 def cpu_device_scope():
-    """Inside: megatron's CUDA allocations, moves and type checks run on CPU tensors (see the module doc)."""
-    saved = torch.cuda.current_device
-    torch.cuda.current_device = lambda: "cpu"  # a device, not an index: torch.empty(device=...) stays on CPU
+    """Inside: megatron's CUDA allocations, moves and type checks run on CPU tensors (see the module doc).
+    ``torch.cuda.current_device`` is wrapped once (``hooks.wrap``) and answers "cpu" only inside a scope."""
+    hooks.wrap("torch.cuda", "current_device", _current_device_in_scope, name=HOOK_NAME, now=True)
+    token = _IN_SCOPE.set(True)
     try:
         with _CudaToCpu():
             yield
     finally:
-        torch.cuda.current_device = saved
+        _IN_SCOPE.reset(token)
 
 
 CUDA_SCOPES = (
@@ -226,6 +248,8 @@ _HOOKS = (
     ("verl.workers.config.engine", "McoreEngineConfig.__post_init__", _fp32_engine_config),
     *((module, attribute, _in_cpu_device_scope) for module, attribute in CUDA_SCOPES),
 )
+HOOK_TARGETS = tuple(f"{module}:{attribute}" for module, attribute, _ in _HOOKS)
+"""``module:attribute`` of every shim ``install`` puts in place (patches/README.md, section 11)."""
 
 
 def install() -> None:
