@@ -1,7 +1,7 @@
 """One rank of a CPPO actor update through verl's Megatron engine, on the CPU test platform (gloo).
 
-Run by tests/e2e/test_megatron_equivalence.py as TP x CP processes (env RANK / WORLD_SIZE, CPU switch on,
-``verl_cppo.megatron_shard_local`` imported as ``model.external_lib`` would). verl's ``TrainingWorker`` builds
+Run by tests/e2e/test_megatron_equivalence.py as TP x CP processes (env RANK / WORLD_SIZE, CPU switch on;
+``model.external_lib=verl_cppo.megatron_shard_local`` as the Megatron example sets it). verl's ``TrainingWorker`` builds
 ``MegatronEngineWithLMHead`` (vanilla mbridge, THD packing, distributed optimizer, float32; the CPU shims of
 ``verl_cppo.testing.cpu_megatron``) around the tiny Qwen3 the rollout was recorded with, and trains on the
 recorded vLLM rollout exactly as tests/support/multirank_update.py does for FSDP (same batch, same fields, two
@@ -16,7 +16,7 @@ it (HF names, merged over TP by mbridge's own export) and the optimizer's hyper-
 ``--comm-out FILE`` (binary-TV case) logs, per training micro-batch and rank, the bytes this rank sends in the
 collectives of the loss path: verl's CP all-gather of per-token outputs (``postprocess_thd_engine``) and the
 shard-local loss's exchanges (``shard_local_ppo_loss``), with the micro-batch's local token count; ``--gathered``
-uninstalls the shard-local hook first (verl's own path). benchmarks/megatron_cp_comm_worker.py reads them.
+leaves the shard-local hook out (verl's own path). benchmarks/megatron_cp_comm_worker.py reads them.
 
 ``--plant`` makes a deliberate error the equivalence test must catch: ``no_carry`` (the prefix scan per shard,
 without the carry between shards), ``contiguous`` (the zig-zag THD layout read as contiguous blocks),
@@ -215,7 +215,9 @@ def _contiguous(original):
     return zigzag_thd_layout
 
 
-def run_case(case: str, record: dict, model_dir: str, tp: int, cp: int, records: dict, rank: int, world: int):
+def run_case(
+    case: str, record: dict, model_dir: str, tp: int, cp: int, records: dict, rank: int, world: int, gathered: bool
+):
     """One actor update of ``case`` through a fresh ``TrainingWorker``; rank 0 returns its result."""
     from megatron.core import parallel_state as mpu
     from verl.single_controller.base.decorator import _split_args_kwargs_data_proto
@@ -226,16 +228,18 @@ def run_case(case: str, record: dict, model_dir: str, tp: int, cp: int, records:
 
     from tests.support.verl_inputs import training_worker
     from verl_cppo.config import CPPOConfig, CPPOPolicyLossConfig
-    from verl_cppo.testing.cpu_megatron import OVERRIDE_TRANSFORMER_CONFIG
+    from verl_cppo.testing.cpu_megatron import OVERRIDE_TRANSFORMER_CONFIG, PROVEN_ENGINE, PROVEN_EXTERNAL_LIB
     from verl_cppo.topk.engine_hook import ppo_loss_with_topk
 
     data, exclusion = recorded_batch(record, case)
     batch = data.shape[0]
-    model_config = HFModelConfig(path=model_dir, use_remove_padding=True, enable_gradient_checkpointing=False)
+    model_config = HFModelConfig(
+        path=model_dir, use_remove_padding=True, enable_gradient_checkpointing=False,
+        external_lib=None if gathered else PROVEN_EXTERNAL_LIB,  # imported here, as in every actor worker
+    )  # fmt: skip
     engine_config = McoreEngineConfig(
-        strategy="megatron", dtype="float32", tensor_model_parallel_size=tp, context_parallel_size=cp,
-        sequence_parallel=False, use_distributed_optimizer=True, vanilla_mbridge=True, use_mbridge=True,
-        use_remove_padding=True, use_dynamic_bsz=False,  # fixed micro-batches: the same rows on every layout
+        **PROVEN_ENGINE, dtype="float32", tensor_model_parallel_size=tp, context_parallel_size=cp,
+        sequence_parallel=False, use_dynamic_bsz=False,  # fixed micro-batches: the same rows on every layout
         micro_batch_size_per_gpu=MICRO_BATCH, infer_micro_batch_size_per_gpu=MICRO_BATCH,
         max_token_len_per_gpu=1024, infer_max_token_len_per_gpu=1024,
         override_transformer_config=dict(OVERRIDE_TRANSFORMER_CONFIG), seed=42,
@@ -273,8 +277,8 @@ def run_case(case: str, record: dict, model_dir: str, tp: int, cp: int, records:
     records.update(counts=[], steps=[], shard_local_calls=0)
     output = worker.train_mini_batch(local)
 
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, {"counts": records["counts"], "shard_local": records["shard_local_calls"]})
+    per_rank: list = [None] * world
+    dist.all_gather_object(per_rank, {"counts": records["counts"], "shard_local": records["shard_local_calls"]})
     if rank != 0:
         return None
     raw = dict(tu.get(output, "metrics"))
@@ -290,8 +294,8 @@ def run_case(case: str, record: dict, model_dir: str, tp: int, cp: int, records:
         "steps": {key: [float(v) for v in np.atleast_1d(raw[key])] for key in ("loss", "grad_norm")},
         "raw_keys": sorted(raw),
         "metrics": {k: float(v) for k, v in metrics.items() if not k.startswith(("perf/", "mfu"))},
-        "counts": [g["counts"] for g in gathered],
-        "shard_local_calls": [g["shard_local"] for g in gathered],
+        "counts": [g["counts"] for g in per_rank],
+        "shard_local_calls": [g["shard_local"] for g in per_rank],
         "estimator_excluded": int((~exclusion.keep).sum()),
         "optimizer": f"{adam.__module__}.{adam.__qualname__}",
         "updates": [{k: v for k, v in s.items() if k != "adam"} for s in records["steps"]],
@@ -320,15 +324,12 @@ def main() -> None:
 
     import verl  # noqa: F401  (VERL_USE_EXTERNAL_MODULES=verl_cppo.testing.register: the CPU platform)
 
-    import verl_cppo.megatron_shard_local  # noqa: F401  (what actor_rollout_ref.model.external_lib imports)
     from tests.support.record_rollout import weights_checksum
     from verl_cppo.testing import cpu_megatron, tiny_task
 
     records = {"plant": args.plant}
-    if args.gathered:
-        from verl_cppo.sharding import megatron as shard_local_hook
-
-        shard_local_hook.uninstall()
+    if not args.gathered:  # the module model.external_lib names; imported first so the probes below wrap it
+        import verl_cppo.megatron_shard_local  # noqa: F401
     comm: list = []
     if args.comm_out:
         _comm_probe(comm)
@@ -345,7 +346,7 @@ def main() -> None:
 
     results = {}
     for case in args.cases.split(","):
-        results[case] = run_case(case, record, model_dir, args.tp, args.cp, records, rank, world)
+        results[case] = run_case(case, record, model_dir, args.tp, args.cp, records, rank, world, args.gathered)
     if args.comm_out:
         logs: list = [None] * world
         dist.all_gather_object(logs, comm)

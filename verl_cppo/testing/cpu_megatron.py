@@ -53,6 +53,8 @@ __all__ = [
     "HOOK_NAME",
     "HOOK_TARGETS",
     "OVERRIDE_TRANSFORMER_CONFIG",
+    "PROVEN_ENGINE",
+    "PROVEN_EXTERNAL_LIB",
     "cpu_device_scope",
     "install",
     "installed",
@@ -74,6 +76,24 @@ OVERRIDE_TRANSFORMER_CONFIG = {
     "hidden_dropout": 0.0,
 }
 """``McoreEngineConfig.override_transformer_config`` of the CPU runs: no CUDA fusions, no dropout, no SP."""
+
+PROVEN_ENGINE = {
+    "strategy": "megatron",
+    "use_mbridge": True,
+    "vanilla_mbridge": True,  # mbridge; verl's default Megatron-Bridge needs TE
+    "use_remove_padding": True,  # THD packing: the layout the shard-local loss serves
+    "use_distributed_optimizer": True,
+    "pipeline_model_parallel_size": 1,
+    "virtual_pipeline_model_parallel_size": None,
+    "dynamic_context_parallel": False,
+    "use_fused_kernels": False,
+    "use_megatron_fsdp": False,
+}
+"""``McoreEngineConfig`` values the CPU equivalence trains with and the Megatron example launches with
+(tests/examples/test_megatron_example.py); sizes (TP, CP) and the CPU-only settings are set beside them."""
+
+PROVEN_EXTERNAL_LIB = "verl_cppo.megatron_shard_local"
+"""``actor_rollout_ref.model.external_lib`` of both: the shard-local CPPO loss under CP (it imports the plugin)."""
 
 _TE_NORM_NAMES = {
     ".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
