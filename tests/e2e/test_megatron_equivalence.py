@@ -48,6 +48,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ pytestmark = pytest.mark.slow
 
 CASES = ("cppo", "topk_tv", "cppo_grpo")
 LAYOUTS = {"tp2": (2, 1), "cp2": (1, 2), "tp2_cp2": (2, 2)}  # name: (tp, cp)
-RUN_TIMEOUT_S = 480
+RUN_TIMEOUT_S = 600  # all four layouts together
 SWITCH = {"VERL_CPPO_CPU_TESTING": "1", "VERL_USE_EXTERNAL_MODULES": "verl_cppo.testing.register"}
 QUIET = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 U = 2.0**-24  # float32 unit roundoff
@@ -67,8 +68,8 @@ RTOL, ATOL = 1e-5, 1e-6
 MICRO_BATCHES = 8  # 4 micro-batches of 4 responses per epoch, 2 epochs, DP = 1
 
 
-def run_layout(tp: int, cp: int, out_dir: str, plant: str | None = None) -> dict:
-    """Start tp * cp ranks of the update script (gloo, FileStore), wait at most RUN_TIMEOUT_S, load rank 0's file."""
+def start_layout(tp: int, cp: int, out_dir: str, plant: str | None = None) -> dict:
+    """Start tp * cp ranks of the update script (gloo, FileStore); ``finish_layout`` waits for them."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_USE_EXTERNAL", "VERL_CPPO", "VERL_PLAT"))}
     world, tag = tp * cp, f"tp{tp}_cp{cp}"
     out, store = os.path.join(out_dir, f"{tag}.pt"), os.path.join(out_dir, f"store_{tag}")
@@ -81,8 +82,14 @@ def run_layout(tp: int, cp: int, out_dir: str, plant: str | None = None) -> dict
         log = open(os.path.join(out_dir, f"{tag}_rank{rank}.log"), "w+")
         procs.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
+    return {"tag": tag, "procs": procs, "logs": logs, "out": out}
+
+
+def finish_layout(run: dict, deadline: float) -> dict:
+    """Wait for a started layout until ``deadline`` (time.monotonic), kill what is left, load rank 0's file."""
+    procs, tag = run["procs"], run["tag"]
     try:
-        codes = [p.wait(timeout=RUN_TIMEOUT_S) for p in procs]
+        codes = [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in procs]
     except subprocess.TimeoutExpired:
         codes = None
     finally:
@@ -91,25 +98,37 @@ def run_layout(tp: int, cp: int, out_dir: str, plant: str | None = None) -> dict
                 p.kill()
                 p.wait()
     tails = []
-    for rank, log in enumerate(logs):
+    for rank, log in enumerate(run["logs"]):
         log.seek(0)
         tails.append(f"--- rank {rank} ---\n" + log.read()[-3000:])
         log.close()
     assert codes is not None, f"{tag} timed out after {RUN_TIMEOUT_S} s\n" + "\n".join(tails)
-    assert codes == [0] * world, f"{tag} exit codes {codes}\n" + "\n".join(tails)
-    return torch.load(out, weights_only=False)
+    assert codes == [0] * len(procs), f"{tag} exit codes {codes}\n" + "\n".join(tails)
+    return torch.load(run["out"], weights_only=False)
 
 
 @pytest.fixture(scope="module")
 def runs():
+    """All four layouts at once (9 processes): most of a rank's time is imports and gloo waits, so running them
+    side by side takes about half the wall time of one after another on 2 cores."""
     plant = os.environ.get("MEGATRON_PLANT") or None
     keep = os.environ.get("MEGATRON_KEEP_DIR")
     with tempfile.TemporaryDirectory(prefix="megatron_") as tmp:
         out_dir = keep or tmp
         os.makedirs(out_dir, exist_ok=True)
-        result = {"one": run_layout(1, 1, out_dir)}
-        for name, (tp, cp) in LAYOUTS.items():
-            result[name] = run_layout(tp, cp, out_dir, plant)
+        started = {"one": start_layout(1, 1, out_dir)}
+        started.update({name: start_layout(tp, cp, out_dir, plant) for name, (tp, cp) in LAYOUTS.items()})
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        result = {}
+        try:
+            for name, run in started.items():
+                result[name] = finish_layout(run, deadline)
+        finally:
+            for run in started.values():  # a failed layout must not leave the others running
+                for p in run["procs"]:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
     return result
 
 

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from tests.support.multirank_update import EPOCHS, MICRO_BATCH, RECORD, recorded_batch
 
-COLLECTIVE_TIMEOUT_S = 120
+COLLECTIVE_TIMEOUT_S = 300  # 9 processes share 2 cores in the test: a rank may wait long for the others
 TEST_HOOK = "megatron_equivalence_probe"
 PLANTS = ("no_carry", "contiguous", "dp_size")
 
