@@ -50,12 +50,16 @@ def measure(gathered: bool, cp: int, out_dir: str, timeout_s: int = 480) -> dict
     tag = "gathered" if gathered else "shard_local"
     comm = os.path.join(out_dir, f"{tag}.json")
     command = [sys.executable, "-m", "tests.support.megatron_update", os.path.join(out_dir, f"{tag}.pt")]
-    command += [os.path.join(out_dir, f"store_{tag}"), "cppo", "1", str(cp), "--comm-out", comm]
+    store = os.path.join(out_dir, f"store_{tag}")
+    if os.path.exists(store):  # a FileStore left by an earlier run would point the ranks at dead addresses
+        os.remove(store)
+    command += [store, "cppo", "1", str(cp), "--comm-out", comm]
     command += ["--gathered"] if gathered else []
     base = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_USE_EXTERNAL", "VERL_CPPO", "VERL_PLAT"))}
     procs = []
     for rank in range(cp):
         env = {**base, **ENV, "PYTHONPATH": REPO_ROOT, "RANK": str(rank), "WORLD_SIZE": str(cp)}
+        env.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(cp), MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
         log = open(os.path.join(out_dir, f"{tag}_rank{rank}.log"), "w")
         procs.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=timeout_s) for p in procs]
