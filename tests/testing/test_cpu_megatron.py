@@ -1,8 +1,9 @@
 """The CUDA-to-CPU scope of the Megatron CPU platform rewrites what it must inside, and nothing outside.
 
-``verl_cppo.testing.cpu_megatron.cpu_device_scope`` is entered only around four megatron / verl calls (patches/
-README.md, section 11). Inside: a "cuda" device becomes the CPU, ``.cuda()`` keeps the tensor, ``.type()`` gives
-the ``torch.cuda`` name megatron's optimizer checks for, ``torch.cuda.current_device()`` is "cpu". Outside,
+``verl_cppo.testing.cpu_megatron.cpu_device_scope`` is entered only around five megatron / verl calls and
+suspended in verl's code they call back (patches/README.md, section 11). Inside: a "cuda" device becomes the
+CPU, ``.cuda()`` keeps the tensor, ``.type()`` gives the ``torch.cuda`` name megatron's optimizer checks for,
+``torch.cuda.current_device()`` is "cpu". Outside,
 all of that is torch's own behaviour again (this machine has no CUDA: a "cuda" allocation fails), so a device
 mistake in verl's data path or the loss still fails.
 """
@@ -47,6 +48,22 @@ def test_the_scope_is_left_on_an_error():
         torch.cuda.current_device()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the suspension on a machine without CUDA")
+def test_verl_code_called_back_from_inside_the_scope_runs_unrewritten():
+    """megatron's schedule calls verl's batch preparation and loss: the scope is suspended there (a "cuda" device
+    fails again), and the model call inside them re-enters it."""
+    with cpu_megatron.cpu_device_scope():
+        with cpu_megatron.cpu_device_scope(active=False):
+            assert torch.zeros(1).type() == "torch.FloatTensor"
+            with pytest.raises((RuntimeError, AssertionError)):
+                torch.zeros(1, device="cuda")
+            with cpu_megatron.cpu_device_scope():
+                assert torch.zeros(1, device="cuda").device.type == "cpu"
+        assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+
+
 def test_every_shim_names_a_distinct_target():
-    assert len(set(cpu_megatron.HOOK_TARGETS)) == len(cpu_megatron.HOOK_TARGETS) == 10
-    assert {f"{m}:{a}" for m, a in cpu_megatron.CUDA_SCOPES} <= set(cpu_megatron.HOOK_TARGETS)
+    targets = cpu_megatron.HOOK_TARGETS
+    assert len(set(targets)) == len(targets) == 13
+    scoped = {f"{m}:{a}" for m, a in (*cpu_megatron.CUDA_SCOPES, *cpu_megatron.CUDA_SUSPENDED)}
+    assert scoped <= set(targets)

@@ -25,9 +25,11 @@ this module replaces exactly those places, each named by the upstream file:line 
 * ``cuda_calls``: megatron and mbridge allocate on ``device="cuda"``, call ``Tensor.cuda()`` and check
   ``param.type() == "torch.cuda.FloatTensor"`` in code that also does real work; ``cpu_device_scope`` (a
   ``TorchFunctionMode``: "cuda" devices become "cpu", ``.cuda()`` stays put, ``Tensor.type()`` reports the
-  ``torch.cuda.*`` name; and ``torch.cuda.current_device`` returns "cpu") is entered only around the four calls
-  that contain those lines, named in ``CUDA_SCOPES``. It is not global: outside these calls (the loss, verl's
-  data path, the tests' own code) nothing is rewritten, so a device mistake there still fails.
+  ``torch.cuda.*`` name; and ``torch.cuda.current_device`` returns "cpu") is entered only around the five calls
+  that contain those lines, named in ``CUDA_SCOPES``, and suspended in verl's code that megatron's schedule calls
+  back (``CUDA_SUSPENDED``: batch preparation, THD split and gather, the loss and the shard-local hook; the model
+  call inside re-enters it). It is not global: outside (verl's data path, the loss, the tests' own code) nothing
+  is rewritten, so a device mistake there still fails.
 
 What this does not cover (unproven on CPU): TE's attention kernels and its CP exchange (replaced by the
 all-gather attention above), Megatron-Bridge (verl's default; it requires TE: ``vanilla_mbridge=True`` is used),
@@ -50,6 +52,7 @@ from verl_cppo import hooks
 
 __all__ = [
     "CUDA_SCOPES",
+    "CUDA_SUSPENDED",
     "HOOK_NAME",
     "HOOK_TARGETS",
     "OVERRIDE_TRANSFORMER_CONFIG",
@@ -110,10 +113,13 @@ def _is_cuda(device: Any) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """device "cuda" -> "cpu", ``pin_memory`` off, ``.cuda()`` a no-op, ``.type()`` the ``torch.cuda`` name."""
+    """device "cuda" -> "cpu", ``pin_memory`` off, ``.cuda()`` a no-op, ``.type()`` the ``torch.cuda`` name; a
+    pass-through while the scope is suspended (``_IN_SCOPE`` False)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if not _IN_SCOPE.get():
+            return func(*args, **kwargs)
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if kwargs.get("pin_memory"):
@@ -141,13 +147,17 @@ def _current_device_in_scope(original):
 
 
 @contextlib.contextmanager
-def cpu_device_scope():
+def cpu_device_scope(active: bool = True):
     """Inside: megatron's CUDA allocations, moves and type checks run on CPU tensors (see the module doc).
+    ``active=False`` suspends an enclosing scope (verl's own code called from inside megatron's schedule).
     ``torch.cuda.current_device`` is wrapped once (``hooks.wrap``) and answers "cpu" only inside a scope."""
     hooks.wrap("torch.cuda", "current_device", _current_device_in_scope, name=HOOK_NAME, now=True)
-    token = _IN_SCOPE.set(True)
+    token = _IN_SCOPE.set(active)
     try:
-        with _CudaToCpu():
+        if active:
+            with _CudaToCpu():
+                yield
+        else:
             yield
     finally:
         _IN_SCOPE.reset(token)
@@ -159,12 +169,31 @@ CUDA_SCOPES = (
     ("verl.workers.engine.megatron.transformer_impl", "MegatronEngine._build_megatron_module"),
     # optimizer/optimizer.py:481, :485 torch.tensor(device="cuda"); distrib_optimizer.py:361, :420, :582 type()
     ("verl.workers.engine.megatron.transformer_impl", "MegatronEngine._build_optimizer"),
-    # pipeline_parallel/schedules.py:596 torch.zeros(device="cuda"); in the forward: rotary_pos_embedding.py:78,
-    # :162 and tensor_parallel/mappings.py:91 (current_device), rope_utils.py:62 (.cuda(), SBHD with CP only)
+    # pipeline_parallel/schedules.py:596 torch.zeros(device="cuda") (verl's steps inside it: CUDA_SUSPENDED)
     ("megatron.core.pipeline_parallel.schedules", "forward_backward_no_pipelining"),
+    # the model's forward: rotary_pos_embedding.py:78, :162 and tensor_parallel/mappings.py:91 (current_device),
+    # rope_utils.py:62 (.cuda(), SBHD with CP only)
+    ("megatron.core.models.gpt.gpt_model", "GPTModel.forward"),
     # optimizer/clip_grads.py:103, :174 zeros on cuda, :167 type(); utils.py:1207 l2 norm on cuda
     ("verl.workers.engine.megatron.transformer_impl", "MegatronEngine.optimizer_step"),
 )
+
+
+CUDA_SUSPENDED = (
+    # verl's code that megatron's schedule calls: batch preparation, THD split and gather, the logits hook
+    # (forward_step, around the model call, which re-enters the scope) and the loss (postprocess_micro_batch_func)
+    ("verl.workers.engine.megatron.transformer_impl", "MegatronEngineWithLMHead.forward_step"),
+    ("verl.workers.engine.megatron.transformer_impl", "MegatronEngineWithLMHead.postprocess_micro_batch_func"),
+)
+
+
+def _outside_cpu_device_scope(original):
+    @functools.wraps(original)
+    def as_verl_runs_it(*args, **kwargs):
+        with cpu_device_scope(active=False):
+            return original(*args, **kwargs)
+
+    return as_verl_runs_it
 
 
 def _in_cpu_device_scope(original):
@@ -267,6 +296,7 @@ _HOOKS = (
     ("mbridge.core.bridge", "Bridge._weight_name_mapping_mcore_to_hf", _te_norm_names),
     ("verl.workers.config.engine", "McoreEngineConfig.__post_init__", _fp32_engine_config),
     *((module, attribute, _in_cpu_device_scope) for module, attribute in CUDA_SCOPES),
+    *((module, attribute, _outside_cpu_device_scope) for module, attribute in CUDA_SUSPENDED),
 )
 HOOK_TARGETS = tuple(f"{module}:{attribute}" for module, attribute, _ in _HOOKS)
 """``module:attribute`` of every shim ``install`` puts in place (patches/README.md, section 11)."""
