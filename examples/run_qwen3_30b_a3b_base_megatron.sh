@@ -27,6 +27,16 @@ ACTOR_PP=${ACTOR_PP:-1}
 ACTOR_EP=${ACTOR_EP:-8}
 ACTOR_ETP=${ACTOR_ETP:-1}
 CP_SIZE=${CP_SIZE:-1}
+# The bridge the CPU equivalence runs (tests/e2e/test_megatron_equivalence.py): mbridge ("vanilla"). verl's
+# default, Megatron-Bridge (VANILLA_MBRIDGE=False), needs Transformer Engine and is not exercised by the CPU tests.
+VANILLA_MBRIDGE=${VANILLA_MBRIDGE:-True}
+# The shard-local CPPO loss under CP > 1 (no all-gather of per-token log-probs; a no-op at CP = 1). It imports the
+# plugin too, so it takes common.sh's external_lib=verl_cppo's place. A Top-K divergence reaches the loss through
+# verl's gathered path, which the driver requires: those runs keep external_lib=verl_cppo.
+case "${METHOD:-cppo}:${DIVERGENCE:-binary_tv}" in
+    dppo_topk_*:* | *:topk_*) EXTERNAL_LIB=verl_cppo ;;
+    *) EXTERNAL_LIB=verl_cppo.megatron_shard_local ;;
+esac
 OFFLOAD=${OFFLOAD:-True} # param + optimizer offload while vLLM holds the GPUs
 
 # Megatron's TP/SP communication overlap needs one CUDA hardware queue (as verl's Megatron scripts export).
@@ -48,6 +58,9 @@ ENGINE=(
     "actor_rollout_ref.actor.megatron.param_offload=${OFFLOAD}"
     "actor_rollout_ref.actor.megatron.optimizer_offload=${OFFLOAD}"
     actor_rollout_ref.actor.megatron.use_mbridge=True
+    "actor_rollout_ref.actor.megatron.vanilla_mbridge=${VANILLA_MBRIDGE}"
+    actor_rollout_ref.actor.megatron.use_distributed_optimizer=True
+    "actor_rollout_ref.model.external_lib=${EXTERNAL_LIB}"
     actor_rollout_ref.actor.megatron.override_transformer_config.recompute_method=uniform
     actor_rollout_ref.actor.megatron.override_transformer_config.recompute_granularity=full
     actor_rollout_ref.actor.megatron.override_transformer_config.recompute_num_layers=1

@@ -17,6 +17,9 @@ What it registers, each through verl's own registry (no verl file is edited), or
                    ``EngineRegistry``: the FSDP2 language-model engine for device "cpu"
   vllm_cpu.py      the shims that let verl's own vLLM rollout run on vLLM's CPU build, and its settings
   cpu_ulysses.py   Ulysses SP on gloo: a packed causal attention behind verl's flash seam, all_to_all_single
+  cpu_megatron.py  ``EngineRegistry``: verl's Megatron engines for device "cpu", and the CPU shims of megatron-core /
+                   mbridge / verl they need (local layer spec, CPU RNG tracker, fp32, a scoped CUDA-to-CPU mode)
+  cp_attention.py  the context-parallel core attention of that spec (zig-zag, THD or SBHD, GQA; plain PyTorch)
   loss_probe.py    with VERL_CPPO_LOSS_PROBE=1, what ppo_loss receives, as metrics (tests only)
 Used by name, not registered:
   tiny_task.py     a tiny Qwen3 and word-level tokenizer built from a config, the synthetic copy task as verl
@@ -27,8 +30,8 @@ Used by name, not registered:
   replay_buffer.py verl's sync replay buffer with a shorter poll interval (``custom_sampler`` hook)
 
 Runtime hooks (patches/README.md: ``cpu_process_group_backend``, ``vllm_cpu``, ``loss_probe``,
-``cpu_varlen_attention``), e.g.: verl builds the process-group backend string ``cpu:gloo,<device>:<backend>``,
-which torch rejects when the device is the CPU.
+``cpu_varlen_attention``, ``cpu_megatron``), e.g.: verl builds the process-group backend string
+``cpu:gloo,<device>:<backend>``, which torch rejects when the device is the CPU.
 """
 
 SWITCH_ENV = "VERL_CPPO_CPU_TESTING"

@@ -1,7 +1,8 @@
 """Switch verl to the CPU test backend in this process: ``VERL_USE_EXTERNAL_MODULES=verl_cppo.testing.register``.
 
 Importing this module (verl does it during ``import verl`` in every process that has the variable) registers
-the "cpu" platform and the FSDP2 engines for device "cpu", installs the CPU shims of verl's vLLM rollout
+the "cpu" platform and the FSDP2 engines for device "cpu", verl's Megatron engines for device "cpu" with their
+CPU shims (``verl_cppo.testing.cpu_megatron``), installs the CPU shims of verl's vLLM rollout
 (``verl_cppo.testing.vllm_cpu``) and of Ulysses SP on gloo (``verl_cppo.testing.cpu_ulysses``) and, with
 ``VERL_CPPO_LOSS_PROBE=1``, the loss-input probe (``verl_cppo.testing.loss_probe``), and selects the platform
 (``VERL_PLATFORM=cpu``). It raises instead when:
@@ -40,9 +41,10 @@ def register() -> None:
     if current is not None and current.device_name != "cpu":
         raise RuntimeError(f"verl already resolved platform {current.device_name!r} before {__name__} ran")
 
-    from verl_cppo.testing import cpu_platform, cpu_ulysses, vllm_cpu
+    from verl_cppo.testing import cpu_megatron, cpu_platform, cpu_ulysses, vllm_cpu
 
     cpu_platform.install()
+    cpu_megatron.install()
     cpu_ulysses.install()
     vllm_cpu.install()
     if os.environ.get("VERL_CPPO_LOSS_PROBE") == "1":  # what ppo_loss receives, as metrics (loss_probe)
