@@ -33,7 +33,8 @@ from dataclasses import dataclass, field, fields
 
 import verl  # loads the verl.plugins entry point: verl_cppo registers itself
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 import verl_cppo  # noqa: F401  (explicit: also registers when the entry point is disabled)
 from verl_cppo import driver
@@ -65,7 +66,13 @@ def compose_config(overrides: list[str], config_dir: str = VERL_CONFIG_DIR, conf
     """The trainer config exactly as ``python -m verl.trainer.main_ppo [--config-path/-name] <overrides>``
     composes it (verl's ``ppo_trainer`` by default)."""
     with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base=None):
-        return compose(config_name=config_name, overrides=list(overrides))
+        config = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    # as @hydra.main: the launch's overrides are Hydra's record (verl_cppo.unread_settings reads which keys
+    # the command line wrote), and the job's config carries no hydra node
+    HydraConfig.instance().set_config(config)
+    with open_dict(config):
+        del config["hydra"]
+    return config
 
 
 def verl_validate(config: DictConfig) -> None:
