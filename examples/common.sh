@@ -8,7 +8,7 @@
 #     LAUNCHER=ray        ray job submit ... -- python3 -m verl.trainer.main_ppo   (default when NNODES > 1)
 #     LAUNCHER=local      python3 -m verl.trainer.main_ppo   (default on 1 node; joins the Ray cluster named by
 #                         RAY_ADDRESS=<head>:6379 or a running local one: examples/slurm, examples/kuberay)
-#     CPPO_PRINT_CMD=1    print the launch command, one argument per line, and exit
+#     CPPO_PRINT_CMD=1    print the launch command (pasteable: one quoted argument a line, continued) and exit
 # Before a real launch (not the dry run, not CPPO_PRINT_CMD, which only warn) cppo_preflight stops with a
 # message when the launch would fail or lose results after Ray starts: wandb asked for without a key the job
 # can reach, or a multi-node run without an explicit (shared) CKPTS_DIR.
@@ -311,6 +311,18 @@ cppo_ray_entrypoint() {
     done
 }
 
+# The command, pasteable into a shell: each argument quoted as bash reads it back, one per line after the
+# first, continued with a backslash.
+cppo_print_command() {
+    local sep=""
+    while [ "$#" -gt 0 ]; do
+        printf '%s%q' "${sep}" "$1"
+        sep=$' \\\n    '
+        shift
+    done
+    printf '\n'
+}
+
 cppo_launch() {
     local -a OVERRIDES CMD
     cppo_method_overrides
@@ -321,6 +333,17 @@ cppo_launch() {
         return 1
     fi
     cppo_preflight || return 1
+    if [ "${CPPO_DRY_RUN:-0}" != 1 ]; then
+        local arg
+        for arg in "$@"; do
+            if [[ "${arg}" == -* ]]; then
+                echo "${arg}: main_ppo takes the script's arguments as Hydra overrides (key=value, +key=value," \
+                    "~key); options such as --quiet belong to the dry run (CPPO_DRY_RUN=1), which accepts them" \
+                    "anywhere among the overrides" >&2
+                return 1
+            fi
+        done
+    fi
     if [ "${CPPO_DRY_RUN:-0}" = 1 ]; then
         CMD=("${PYTHON}" "${EXAMPLES_DIR}/dry_run.py" "${OVERRIDES[@]}")
     elif [ "${LAUNCHER}" = ray ]; then
@@ -332,7 +355,7 @@ cppo_launch() {
         CMD=("${PYTHON}" -m verl.trainer.main_ppo "${OVERRIDES[@]}")
     fi
     if [ "${CPPO_PRINT_CMD:-0}" = 1 ]; then
-        printf '%s\n' "${CMD[@]}"
+        cppo_print_command "${CMD[@]}"
         [ "${JOB_RUNTIME_ENV:-${RUNTIME_ENV}}" != "${RUNTIME_ENV}" ] &&
             echo "note: ${JOB_RUNTIME_ENV} holds the passed-through variables (mode 600); delete it when done" >&2
         return 0

@@ -14,6 +14,7 @@ import yaml
 
 from examples import dry_run
 from tests.support import REPO_ROOT
+from tests.support.shell import printed_command
 from tests.support.verl_inputs import write_tiny_model_config
 
 ROOT = Path(REPO_ROOT)
@@ -53,10 +54,10 @@ def _bash(script, *args, timeout=60, **env):
 
 
 def _launch_args(script, *args, **env):
-    """The command a script would exec, one argument per line (CPPO_PRINT_CMD=1)."""
+    """The argv of the command a script would exec (CPPO_PRINT_CMD=1 prints it, pasteable)."""
     out = _bash(script, *args, CPPO_PRINT_CMD="1", **env)
     assert out.returncode == 0, out.stderr
-    return out.stdout.splitlines()
+    return printed_command(out.stdout)
 
 
 def _overrides(script, *args, **env):
