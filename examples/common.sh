@@ -27,8 +27,8 @@ REPO_ROOT=$(cd "${EXAMPLES_DIR}/.." && pwd)
 #   grpo_clip_higher         GRPO / PPO ratio clip with clip-higher 0.2 / 0.28
 METHOD=${METHOD:-cppo}
 # Per-token divergence of CPPO. The paper's main tables use topk_tv (K=TOPK=20): the rollout then returns mu's
-# top-K log-probs and the engine computes D on pi's logits (README "Top-K divergences"). The default stays
-# binary_tv (the paper's ablation finds it about equal) until the Top-K path has run on GPUs.
+# top-K log-probs and the engine computes D on pi's logits (README "Top-K divergences"). The default is
+# binary_tv, the path that has run end to end the most (README "What has run where": nothing has run on GPUs).
 DIVERGENCE=${DIVERGENCE:-binary_tv}
 TOPK=${TOPK:-20}
 W_MIN=${W_MIN:-0.8}
@@ -159,9 +159,8 @@ cppo_common_overrides() {
         data.filter_overlong_prompts=True
         data.truncation=error
         # outcome advantage: cppo_grpo's defaults are the paper's (group mean-centred, no std division,
-        # zero-variance groups excluded); norm_adv_by_std_in_grpo is read only by ADV_ESTIMATOR=grpo. No KL.
+        # zero-variance groups excluded; its settings: +algorithm.cppo_grpo.<key>). No KL.
         "algorithm.adv_estimator=${ADV_ESTIMATOR}"
-        algorithm.norm_adv_by_std_in_grpo=False
         algorithm.use_kl_in_reward=False
         critic.enable=False
         # anchor on the rollout policy mu: old_log_prob = the rollout's log-probs (v1 trainer)
@@ -216,6 +215,9 @@ cppo_common_overrides() {
         "trainer.default_local_dir=${CKPTS_DIR}"
         trainer.resume_mode=auto
     )
+    if [ "${ADV_ESTIMATOR}" = grpo ]; then # verl's grpo without its std division, as cppo_grpo's default
+        COMMON_ARGS+=(algorithm.norm_adv_by_std_in_grpo=False)
+    fi
     if [ "${KEEP_BEST_CKPT}" = 1 ]; then
         COMMON_ARGS+=(
             trainer.max_actor_ckpt_to_keep=null # pruned by the callback, which keeps the best one too

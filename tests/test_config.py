@@ -41,7 +41,7 @@ INVALID = [
     ("w_min", 0.0, r"\(0, 1\]"),
     ("w_min", 1.01, r"\(0, 1\]"),
     ("delta_b", -1e-3, r"\[0, inf\)"),
-    ("delta_b_quantile", 1.5, r"None or in \[0, 1\]"),
+    ("delta_b_quantile", 1.5, r"null or in \[0, 1\]"),
     ("delta_b_quantile", -0.1, r"\[0, 1\]"),
     ("delta_b_scale", 0, r"\(0, inf\)"),
     ("delta_b_max_mult", 0.5, r"\[1, inf\)"),

@@ -156,7 +156,8 @@ def test_paper_settings(name):
     assert not actor.use_kl_loss and actor.entropy_coeff == 0 and not config.algorithm.use_kl_in_reward
     assert config.algorithm.rollout_correction.bypass_mode and config.trainer.use_v1
     assert config.actor_rollout_ref.rollout.calculate_log_probs
-    assert config.algorithm.adv_estimator == "cppo_grpo" and not config.algorithm.norm_adv_by_std_in_grpo
+    assert config.algorithm.adv_estimator == "cppo_grpo"  # mean-centring only: cppo_grpo's default
+    assert report.built["algorithm"].cppo_grpo.norm_adv_by_std is False
     if name == "run_qwen3_1.7b_fsdp.sh":  # post-trained model: fixed delta_b
         assert (cppo.delta, cppo.delta_b, cppo.delta_b_quantile) == (0.15, 0.015, None)
     else:  # Base models: per-response calibration, floor 0.02, cap 2x
