@@ -343,6 +343,15 @@ def test_ray_entrypoint_reaches_main_ppo_unchanged(name):
     assert received.rstrip("\n").split("\0") == _overrides(name)
 
 
+def test_a_dry_run_option_on_a_real_launch_is_refused_with_the_rule():
+    """`bash run.sh --quiet` used to reach main_ppo, whose Hydra parser failed on it (LexerNoViableAltException).
+    PYTHON=/bin/false: nothing could start even if the refusal were missing."""
+    out = _bash(FSDP_SCRIPT, "trainer.total_epochs=1", "--quiet", LOGGER="[console]", PYTHON="/bin/false")
+    assert out.returncode != 0
+    assert "--quiet: main_ppo takes the script's arguments as Hydra overrides" in out.stderr
+    assert "belong to the dry run (CPPO_DRY_RUN=1), which accepts them anywhere among the overrides" in out.stderr
+
+
 def test_ray_launch_refuses_arguments_it_would_mangle():
     out = _bash(FSDP_SCRIPT, LAUNCHER="ray", CPPO_PRINT_CMD="1", EXPERIMENT_NAME="my run")
     assert out.returncode != 0 and "whitespace or a double quote" in out.stderr
