@@ -92,6 +92,20 @@ def test_the_table_names_only_keys_of_verls_config_and_selectors_it_has():
     assert not [row for row in UNREAD if row[1] == STD and row[0] != "adv_estimator=cppo_grpo"]
 
 
+def test_verls_defaults_of_the_table_are_the_same_for_every_engine():
+    """The defaults are read from verl's flattened ppo_trainer (FSDP); the Megatron, torchtitan and veomni
+    trainers verl generates must agree on every key of the table, or a Megatron launch would be misjudged."""
+    import verl
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    generated = sorted(f for f in os.listdir(config_dir) if f.startswith("_generated_ppo_"))
+    assert "_generated_ppo_megatron_trainer.yaml" in generated
+    for name in generated:
+        other = OmegaConf.load(os.path.join(config_dir, name))
+        for _, key, _ in UNREAD:
+            assert OmegaConf.select(other, key) == OmegaConf.select(verl_defaults(), key), (name, key)
+
+
 def test_main_ppo_itself_refuses_the_written_default_before_ray(tmp_path):
     """The real entry point: @hydra.main records the command line, the wrapped validate_config reads it."""
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": REPO_ROOT}
