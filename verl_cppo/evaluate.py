@@ -254,9 +254,7 @@ ENGINES = {"vllm": generate_vllm, "hf": generate_hf}
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, except where there is none to show (required, None, a flag)."""
-
-    def _get_help_string(self, action):
+    def _get_help_string(self, action):  # each default shown, except none (required, None, a flag)
         if action.required or action.default in (None, False):
             return action.help
         return super()._get_help_string(action)
@@ -278,14 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the scripts' validation)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (the scripts' validation)")
     parser.add_argument("--top-k", type=int, default=-1, help="-1: no top-k truncation")
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        required=True,
-        help="max response tokens: the run's data.max_response_length (the example scripts' MAX_RESPONSE_LENGTH: "
-        "8192 for the 1.7B and 8B scripts, 16384 for the 30B script); a shorter budget truncates answers, which "
-        "then score 0",
-    )
+    length = "the run's data.max_response_length (MAX_RESPONSE_LENGTH: 8192 for the 1.7B and 8B scripts, 16384 for"
+    parser.add_argument("--max-tokens", type=int, required=True, help=f"max response tokens: {length} the 30B "
+                        "script); a shorter budget truncates answers, which then score 0")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--tp", type=int, default=1, help="vLLM tensor-parallel size")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM")
@@ -293,9 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
     parser.add_argument("--batch-size", type=int, default=8, help="hf engine: prompts per generate call")
     parser.add_argument("--trust-remote-code", action="store_true", help="passed to the tokenizer and model loaders")
-    parser.add_argument(
-        "--chat-template-kwargs", default="{}", help="JSON for apply_chat_template, e.g. '{\"enable_thinking\": false}'"
-    )
+    parser.add_argument("--chat-template-kwargs", default="{}", help="JSON for apply_chat_template, e.g. "
+                        "'{\"enable_thinking\": false}'")  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="at most this many problems per file (smoke test)")
     parser.add_argument("--output", default=None, help="write the JSON report here")
     parser.add_argument("--save-generations", default=None, help="write completions and scores (JSONL) here")

@@ -16,6 +16,7 @@ from examples import dry_run
 from tests.support import REPO_ROOT
 from tests.support.shell import printed_command
 from tests.support.verl_inputs import write_tiny_model_config
+from verl_cppo.config import cppo_grpo_config_of
 
 ROOT = Path(REPO_ROOT)
 EXAMPLES = ROOT / "examples"
@@ -157,7 +158,7 @@ def test_paper_settings(name):
     assert config.algorithm.rollout_correction.bypass_mode and config.trainer.use_v1
     assert config.actor_rollout_ref.rollout.calculate_log_probs
     assert config.algorithm.adv_estimator == "cppo_grpo"  # mean-centring only: cppo_grpo's default
-    assert report.built["algorithm"].cppo_grpo.norm_adv_by_std is False
+    assert cppo_grpo_config_of(report.built["algorithm"]).norm_adv_by_std is False
     if name == "run_qwen3_1.7b_fsdp.sh":  # post-trained model: fixed delta_b
         assert (cppo.delta, cppo.delta_b, cppo.delta_b_quantile) == (0.15, 0.015, None)
     else:  # Base models: per-response calibration, floor 0.02, cap 2x
