@@ -8,7 +8,7 @@
 #     LAUNCHER=ray        ray job submit ... -- python3 -m verl.trainer.main_ppo   (default when NNODES > 1)
 #     LAUNCHER=local      python3 -m verl.trainer.main_ppo   (default on 1 node; joins the Ray cluster named by
 #                         RAY_ADDRESS=<head>:6379 or a running local one: examples/slurm, examples/kuberay)
-#     CPPO_PRINT_CMD=1    print the launch command, one argument per line, and exit
+#     CPPO_PRINT_CMD=1    print the launch command (pasteable: one quoted argument a line, continued) and exit
 # Before a real launch (not the dry run, not CPPO_PRINT_CMD, which only warn) cppo_preflight stops with a
 # message when the launch would fail or lose results after Ray starts: wandb asked for without a key the job
 # can reach, or a multi-node run without an explicit (shared) CKPTS_DIR.
@@ -27,8 +27,8 @@ REPO_ROOT=$(cd "${EXAMPLES_DIR}/.." && pwd)
 #   grpo_clip_higher         GRPO / PPO ratio clip with clip-higher 0.2 / 0.28
 METHOD=${METHOD:-cppo}
 # Per-token divergence of CPPO. The paper's main tables use topk_tv (K=TOPK=20): the rollout then returns mu's
-# top-K log-probs and the engine computes D on pi's logits (README "Top-K divergences"). The default stays
-# binary_tv (the paper's ablation finds it about equal) until the Top-K path has run on GPUs.
+# top-K log-probs and the engine computes D on pi's logits (README "Top-K divergences"). The default is
+# binary_tv, the path that has run end to end the most (README "What has run where": nothing has run on GPUs).
 DIVERGENCE=${DIVERGENCE:-binary_tv}
 TOPK=${TOPK:-20}
 W_MIN=${W_MIN:-0.8}
@@ -159,9 +159,8 @@ cppo_common_overrides() {
         data.filter_overlong_prompts=True
         data.truncation=error
         # outcome advantage: cppo_grpo's defaults are the paper's (group mean-centred, no std division,
-        # zero-variance groups excluded); norm_adv_by_std_in_grpo is read only by ADV_ESTIMATOR=grpo. No KL.
+        # zero-variance groups excluded; its settings: +algorithm.cppo_grpo.<key>). No KL.
         "algorithm.adv_estimator=${ADV_ESTIMATOR}"
-        algorithm.norm_adv_by_std_in_grpo=False
         algorithm.use_kl_in_reward=False
         critic.enable=False
         # anchor on the rollout policy mu: old_log_prob = the rollout's log-probs (v1 trainer)
@@ -216,6 +215,9 @@ cppo_common_overrides() {
         "trainer.default_local_dir=${CKPTS_DIR}"
         trainer.resume_mode=auto
     )
+    if [ "${ADV_ESTIMATOR}" = grpo ]; then # verl's grpo without its std division, as cppo_grpo's default
+        COMMON_ARGS+=(algorithm.norm_adv_by_std_in_grpo=False)
+    fi
     if [ "${KEEP_BEST_CKPT}" = 1 ]; then
         COMMON_ARGS+=(
             trainer.max_actor_ckpt_to_keep=null # pruned by the callback, which keeps the best one too
@@ -311,6 +313,18 @@ cppo_ray_entrypoint() {
     done
 }
 
+# The command, pasteable into a shell: each argument quoted as bash reads it back, one per line after the
+# first, continued with a backslash.
+cppo_print_command() {
+    local sep=""
+    while [ "$#" -gt 0 ]; do
+        printf '%s%q' "${sep}" "$1"
+        sep=$' \\\n    '
+        shift
+    done
+    printf '\n'
+}
+
 cppo_launch() {
     local -a OVERRIDES CMD
     cppo_method_overrides
@@ -321,6 +335,17 @@ cppo_launch() {
         return 1
     fi
     cppo_preflight || return 1
+    if [ "${CPPO_DRY_RUN:-0}" != 1 ]; then
+        local arg
+        for arg in "$@"; do
+            if [[ "${arg}" == -* ]]; then
+                echo "${arg}: main_ppo takes the script's arguments as Hydra overrides (key=value, +key=value," \
+                    "~key); options such as --quiet belong to the dry run (CPPO_DRY_RUN=1), which accepts them" \
+                    "anywhere among the overrides" >&2
+                return 1
+            fi
+        done
+    fi
     if [ "${CPPO_DRY_RUN:-0}" = 1 ]; then
         CMD=("${PYTHON}" "${EXAMPLES_DIR}/dry_run.py" "${OVERRIDES[@]}")
     elif [ "${LAUNCHER}" = ray ]; then
@@ -332,7 +357,7 @@ cppo_launch() {
         CMD=("${PYTHON}" -m verl.trainer.main_ppo "${OVERRIDES[@]}")
     fi
     if [ "${CPPO_PRINT_CMD:-0}" = 1 ]; then
-        printf '%s\n' "${CMD[@]}"
+        cppo_print_command "${CMD[@]}"
         [ "${JOB_RUNTIME_ENV:-${RUNTIME_ENV}}" != "${RUNTIME_ENV}" ] &&
             echo "note: ${JOB_RUNTIME_ENV} holds the passed-through variables (mode 600); delete it when done" >&2
         return 0

@@ -32,3 +32,13 @@ def pytest_collection_modifyitems(config, items):
             f"{len(selected)} selected test(s) need vLLM (e.g. {selected[0]}): run them in the environment "
             "ci/setup_env.sh makes (.venv/bin/python -m pytest)"
         )
+
+
+@pytest.fixture(autouse=True)
+def _no_recorded_launch():
+    """Hydra's record of a launch's command-line overrides is per process (``@hydra.main`` and the dry run's
+    ``compose_config`` set it; ``verl_cppo.launch.unread_settings`` reads it): a test never sees an earlier test's."""
+    from hydra.core.hydra_config import HydraConfig
+
+    yield
+    HydraConfig.instance().cfg = None

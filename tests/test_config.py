@@ -41,11 +41,11 @@ INVALID = [
     ("w_min", 0.0, r"\(0, 1\]"),
     ("w_min", 1.01, r"\(0, 1\]"),
     ("delta_b", -1e-3, r"\[0, inf\)"),
-    ("delta_b_quantile", 1.5, r"None or in \[0, 1\]"),
+    ("delta_b_quantile", 1.5, r"null or in \[0, 1\]"),
     ("delta_b_quantile", -0.1, r"\[0, 1\]"),
     ("delta_b_scale", 0, r"\(0, inf\)"),
     ("delta_b_max_mult", 0.5, r"\[1, inf\)"),
-    ("position_horizon", 0, r"None or an int in \[1, 2147483647\]"),
+    ("position_horizon", 0, r"null or an int in \[1, 2147483647\]"),
     ("position_horizon", 8.5, "an int"),
     ("position_horizon", True, "an int"),
     ("divergence", "tv", "one of"),
@@ -86,7 +86,7 @@ def test_topk_must_be_a_positive_int32(value):
 def test_a_horizon_beyond_int32_is_refused_naming_key_and_value(value):
     """10**30 passed the driver and then overflowed in the loss (int too big to convert) after Ray started."""
     with pytest.raises(
-        ValueError, match=rf"cppo\.position_horizon must be None or an int in \[1, 2147483647\], got {value}$"
+        ValueError, match=rf"cppo\.position_horizon must be null or an int in \[1, 2147483647\], got {value}$"
     ):
         CPPOConfig(position_horizon=value)
     assert CPPOConfig(position_horizon=2**31 - 1).position_horizon == 2**31 - 1

@@ -99,10 +99,10 @@ class _Range:
 
     def description(self, typed: bool = True) -> str:
         """What an error says a value must be: 'a number in (0, inf)' (``typed``: the value was not a number)
-        or 'in (0, inf)' (a number out of range); 'None or an int in [1, 2147483647]'."""
+        or 'in (0, inf)' (a number out of range); 'null or an int in [1, 2147483647]'."""
         interval = self.text.removeprefix("null or ").removeprefix("int in ")
         body = f"an int in {interval}" if self.integer else f"a number in {interval}" if typed else f"in {interval}"
-        return f"None or {body}" if self.optional else body
+        return f"null or {body}" if self.optional else body
 
 
 def allowed(cls: type, name: str) -> str:
@@ -130,7 +130,10 @@ def checked_setting(cls: type, name: str, value: Any, prefix: str) -> Any:
 
 
 def _fail(prefix: str, name: str, value: Any, allowed_text: str) -> None:
-    raise ValueError(f"{prefix}.{name} must be {allowed_text}, got {value!r}")
+    hint = ""
+    if isinstance(value, str) and value.lower() in ("none", "null", "~"):  # Hydra parses `None` as a string
+        hint = " (a string: Hydra's null is written null, in an override and in YAML)"
+    raise ValueError(f"{prefix}.{name} must be {allowed_text}, got {value!r}{hint}")
 
 
 def _check_number(prefix: str, name: str, value: Any, rng: _Range) -> Any:
@@ -156,22 +159,33 @@ def _check_number(prefix: str, name: str, value: Any, rng: _Range) -> Any:
     return x
 
 
+def _check_field(cfg: BaseConfig, f: Field, prefix: str) -> None:
+    name, value = f.name, getattr(cfg, f.name)
+    if "allowed" in f.metadata:
+        checked = _check_number(prefix, name, value, _Range.parse(f.metadata["allowed"]))
+        object.__setattr__(cfg, name, checked)  # BaseConfig fields are frozen after construction
+        return
+    kind = _type_of(type(cfg), f)
+    if kind is bool and not isinstance(value, bool):
+        _fail(prefix, name, value, "true or false")
+    if get_origin(kind) is Literal and value not in get_args(kind):
+        _fail(prefix, name, value, f"one of {get_args(kind)}")
+
+
 def _check_fields(cfg: BaseConfig, prefix: str) -> None:
     """Validate every field of ``cfg`` against ``allowed``; ints of a real field become floats (Hydra passes
-    ``delta=1`` as an int). Errors name ``prefix.field``, the allowed values and the value."""
+    ``delta=1`` as an int). ONE ValueError lists every bad field (so a second bad value is not found only on
+    the next launch), each naming ``prefix.field``, the allowed values and the value."""
+    errors = []
     for f in fields(cfg):
         if f.name == "_target_":
             continue
-        name, value = f.name, getattr(cfg, f.name)
-        if "allowed" in f.metadata:
-            checked = _check_number(prefix, name, value, _Range.parse(f.metadata["allowed"]))
-            object.__setattr__(cfg, name, checked)  # BaseConfig fields are frozen after construction
-            continue
-        kind = _type_of(type(cfg), f)
-        if kind is bool and not isinstance(value, bool):
-            _fail(prefix, name, value, "true or false")
-        if get_origin(kind) is Literal and value not in get_args(kind):
-            _fail(prefix, name, value, f"one of {get_args(kind)}")
+        try:
+            _check_field(cfg, f, prefix)
+        except ValueError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ValueError("; ".join(errors))
 
 
 _HINTS: dict[type, dict[str, Any]] = {}

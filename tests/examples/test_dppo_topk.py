@@ -18,6 +18,7 @@ import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
 from tests.support import REPO_ROOT
+from tests.support.shell import printed_command
 from verl_cppo.launch.dry_run import dry_run
 
 ROOT = Path(REPO_ROOT)
@@ -30,7 +31,7 @@ def _script_actor_config(method: str):
     env.update({"PYTHON": sys.executable, "METHOD": method, "CPPO_DRY_RUN": "1", "CPPO_PRINT_CMD": "1"})
     out = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
-    overrides = out.stdout.splitlines()[2:]  # after "<python> examples/dry_run.py"
+    overrides = printed_command(out.stdout)[2:]  # after "<python> examples/dry_run.py"
     previous = os.environ.pop("VERL_CPPO_TOPK", None)
     try:
         report = dry_run(overrides, str(ROOT))

@@ -14,7 +14,9 @@ import yaml
 
 from examples import dry_run
 from tests.support import REPO_ROOT
+from tests.support.shell import printed_command
 from tests.support.verl_inputs import write_tiny_model_config
+from verl_cppo.config import cppo_grpo_config_of
 
 ROOT = Path(REPO_ROOT)
 EXAMPLES = ROOT / "examples"
@@ -53,10 +55,10 @@ def _bash(script, *args, timeout=60, **env):
 
 
 def _launch_args(script, *args, **env):
-    """The command a script would exec, one argument per line (CPPO_PRINT_CMD=1)."""
+    """The argv of the command a script would exec (CPPO_PRINT_CMD=1 prints it, pasteable)."""
     out = _bash(script, *args, CPPO_PRINT_CMD="1", **env)
     assert out.returncode == 0, out.stderr
-    return out.stdout.splitlines()
+    return printed_command(out.stdout)
 
 
 def _overrides(script, *args, **env):
@@ -155,7 +157,8 @@ def test_paper_settings(name):
     assert not actor.use_kl_loss and actor.entropy_coeff == 0 and not config.algorithm.use_kl_in_reward
     assert config.algorithm.rollout_correction.bypass_mode and config.trainer.use_v1
     assert config.actor_rollout_ref.rollout.calculate_log_probs
-    assert config.algorithm.adv_estimator == "cppo_grpo" and not config.algorithm.norm_adv_by_std_in_grpo
+    assert config.algorithm.adv_estimator == "cppo_grpo"  # mean-centring only: cppo_grpo's default
+    assert cppo_grpo_config_of(report.built["algorithm"]).norm_adv_by_std is False
     if name == "run_qwen3_1.7b_fsdp.sh":  # post-trained model: fixed delta_b
         assert (cppo.delta, cppo.delta_b, cppo.delta_b_quantile) == (0.15, 0.015, None)
     else:  # Base models: per-response calibration, floor 0.02, cap 2x
@@ -339,6 +342,15 @@ def test_ray_entrypoint_reaches_main_ppo_unchanged(name):
     line = echo_argv + " " + subprocess.list2cmdline(entry[3:])
     received = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=30, check=True).stdout
     assert received.rstrip("\n").split("\0") == _overrides(name)
+
+
+def test_a_dry_run_option_on_a_real_launch_is_refused_with_the_rule():
+    """`bash run.sh --quiet` used to reach main_ppo, whose Hydra parser failed on it (LexerNoViableAltException).
+    PYTHON=/bin/false: nothing could start even if the refusal were missing."""
+    out = _bash(FSDP_SCRIPT, "trainer.total_epochs=1", "--quiet", LOGGER="[console]", PYTHON="/bin/false")
+    assert out.returncode != 0
+    assert "--quiet: main_ppo takes the script's arguments as Hydra overrides" in out.stderr
+    assert "belong to the dry run (CPPO_DRY_RUN=1), which accepts them anywhere among the overrides" in out.stderr
 
 
 def test_ray_launch_refuses_arguments_it_would_mangle():

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.support import REPO_ROOT
+from tests.support.shell import printed_command
 
 ROOT = Path(REPO_ROOT)
 EXAMPLES = ROOT / "examples"
@@ -35,7 +36,7 @@ def _clean_env(**extra):
 
 
 def _print_cmd(script, *args, **env):
-    """What ``CPPO_PRINT_CMD=1 bash examples/<script> [args]`` prints, one argument per line."""
+    """The argv of what ``CPPO_PRINT_CMD=1 bash examples/<script> [args]`` prints (a pasteable command)."""
     out = subprocess.run(
         ["bash", str(EXAMPLES / script), *args],
         capture_output=True,
@@ -45,7 +46,7 @@ def _print_cmd(script, *args, **env):
         env=_clean_env(CPPO_PRINT_CMD="1", **env),
     )
     assert out.returncode == 0, out.stderr
-    return out.stdout.splitlines()
+    return printed_command(out.stdout)
 
 
 def _shellcheck():
@@ -162,8 +163,7 @@ def test_sbatch_starts_ray_and_runs_the_script_against_it(slurm, script, n_nodes
     # the main_ppo command is the script's own for this cluster shape, joining the cluster (LAUNCHER=local)
     expected = _print_cmd(script, *args, LAUNCHER="local", NNODES=str(n_nodes), NGPUS_PER_NODE="8", **env)
     assert expected[:3] == [sys.executable, "-m", "verl.trainer.main_ppo"]
-    printed = out.stdout.splitlines()
-    assert printed[printed.index(sys.executable) :] == expected
+    assert printed_command(out.stdout) == expected
     assert f"trainer.nnodes={n_nodes}" in expected and "trainer.n_gpus_per_node=8" in expected
     # the steps: head IP, the plugin check on every node, the head, one worker per other node
     commands = [s["command"] for s in steps]
@@ -208,10 +208,44 @@ def test_sbatch_dry_run_of_the_config_it_produces(slurm):
     assert "[dry-run] layout: 2 node(s) x 8 GPUs = 16" in out.stdout and "[dry-run] OK:" in out.stdout
 
 
+def test_sbatch_dry_run_checks_the_config_before_any_node_work(slurm):
+    """A config check must not hold the allocation: no srun (import check, head IP), no Ray, no wait."""
+    out, steps = slurm("examples/run_qwen3_8b_base_fsdp_sp.sh", "--quiet", CPPO_DRY_RUN="1", CKPTS_DIR="/shared/x")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert steps == [] and "[dry-run] OK:" in out.stdout and "starting the Ray head" not in out.stdout
+    # on a login node, without an allocation: the node count is the one thing to give
+    env = _clean_env(CPPO_DRY_RUN="1", CKPTS_DIR="/shared/x", LOGGER="[console]")
+    run = ["bash", str(SBATCH), "run_qwen3_8b_base_fsdp_sp.sh"]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert (
+        out.returncode != 0 and "outside a Slurm allocation, give the node count of the job: NNODES=<n>" in out.stderr
+    )
+    out = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**env, "NNODES": "2"})
+    assert out.returncode == 0 and "[dry-run] layout: 2 node(s) x 8 GPUs = 16" in out.stdout, out.stderr[-3000:]
+
+
+def test_sbatch_takes_the_scripts_bare_name_or_its_examples_path(slurm):
+    env = {"CKPTS_DIR": "/shared/ckpts/x", "WANDB_API_KEY": "k-123", "CPPO_PRINT_CMD": "1"}
+    bare, _ = slurm("run_qwen3_8b_base_fsdp_sp.sh", **env)
+    path, _ = slurm("examples/run_qwen3_8b_base_fsdp_sp.sh", **env)
+    assert bare.returncode == path.returncode == 0, path.stderr
+    assert printed_command(bare.stdout) == printed_command(path.stdout)
+
+
+def test_the_sbatch_install_hint_is_readmes_install_line(slurm):
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [x for x in readme.splitlines() if x.startswith("pip install ")]
+    install = line.split("#")[0].strip()
+    out, _ = slurm("run_qwen3_8b_base_fsdp_sp.sh", PYTHON="/bin/false", CPPO_PRINT_CMD="1")
+    assert install in out.stderr, (install, out.stderr)
+    assert install in (EXAMPLES / "README.md").read_text()
+
+
 def test_sbatch_refusals(slurm):
-    out, steps = slurm("run_qwen3_9b.sh")
-    assert out.returncode != 0 and "run_qwen3_9b.sh not found: submit from the repository root" in out.stderr
-    assert steps == []
+    for wrong in ("run_qwen3_9b.sh", "examples/slurm/run_qwen3_8b_base_fsdp_sp.sh"):
+        out, steps = slurm(wrong)
+        assert out.returncode != 0 and "pass the name of one of examples/run_*.sh" in out.stderr
+        assert steps == []
     # a node without the plugin: stop before Ray starts
     out, steps = slurm("run_qwen3_8b_base_fsdp_sp.sh", PYTHON="/bin/false", CPPO_PRINT_CMD="1")
     assert out.returncode != 0 and "a node cannot import verl, verl_cppo or math_verify" in out.stderr
@@ -271,7 +305,7 @@ def test_rayjob_entrypoint_is_the_scripts_local_launch(rayjob):
     assert out.returncode == 0, out.stderr
     script = spec["spec"]["entrypoint"].split("/examples/")[1]
     expected = _print_cmd(script, **runtime_env["env_vars"], WANDB_API_KEY="k-123")
-    assert out.stdout.splitlines() == expected
+    assert printed_command(out.stdout) == expected
     assert expected[:3] == [sys.executable, "-m", "verl.trainer.main_ppo"]
     assert f"trainer.default_local_dir={runtime_env['env_vars']['CKPTS_DIR']}" in expected
 

@@ -37,7 +37,7 @@ REFUSED = {
     ),
     "position_horizon-10**30": (
         [f"+{LOSS}.cppo.position_horizon=1000000000000000000000000000000"],
-        "cppo.position_horizon must be None or an int in [1, 2147483647], got 1000000000000000000000000000000",
+        "cppo.position_horizon must be null or an int in [1, 2147483647], got 1000000000000000000000000000000",
     ),
     "rollout_is-under-bypass": (
         ["algorithm.rollout_correction.rollout_is=token"],

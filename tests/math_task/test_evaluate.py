@@ -116,6 +116,8 @@ def _parquet(path: Path, source: str, truths: list[str]) -> None:
 
 
 def _run(*args, timeout=300, path_first=None):
+    if "--max-tokens" not in args and "--help" not in args:  # required: the run's response length
+        args = (*args, "--max-tokens", "8")
     path = [p for p in (path_first, str(ROOT), os.environ.get("PYTHONPATH", "")) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     env.update({**TEST_ENV, "OMP_NUM_THREADS": "1"})
@@ -194,6 +196,36 @@ def test_a_verl_checkpoint_directory_is_refused_with_the_merge_command(tmp_path,
 def test_help():
     out = _run("--help", timeout=120)
     assert out.returncode == 0 and "--engine {hf,vllm}" in out.stdout and "Avg@n" in out.stdout
+    help_text = " ".join(out.stdout.split())
+    for default in ("samples per problem (Avg@n) (default: 16)", "(default: vllm)", "(default: 1.0)"):
+        assert default in help_text, default
+
+
+def test_max_tokens_is_the_runs_response_length_never_a_silent_default():
+    """A default of 8192 silently truncated the 30B script's 16k-token answers: the length is asked for, and
+    --help names each example script's value, read from the scripts themselves."""
+    import re
+
+    from verl_cppo.math_task.evaluate import build_parser
+
+    scripts = {p.name: p.read_text() for p in (ROOT / "examples").glob("run_*.sh")}
+    lengths = {
+        n: int(re.search(r"MAX_RESPONSE_LENGTH=\$\{MAX_RESPONSE_LENGTH:-(\d+)\}", t)[1]) for n, t in scripts.items()
+    }
+    assert sorted(set(lengths.values())) == [8192, 16384], lengths
+    (action,) = [a for a in build_parser()._actions if a.dest == "max_tokens"]
+    assert action.required and action.default is None
+    assert "8192 for the 1.7B / 8B scripts, 16384 for the 30B" in action.help
+    assert lengths["run_qwen3_30b_a3b_base_megatron.sh"] == 16384
+    assert {lengths[n] for n in lengths if "30b" not in n} == {8192}
+    out = subprocess.run(
+        [sys.executable, "-m", "verl_cppo.math_task.evaluate", "--model", "m", "--data", "d"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2 and "the following arguments are required: --max-tokens" in out.stderr
 
 
 # ---------------------------------------------------------------------------------------------- bad arguments
@@ -246,7 +278,7 @@ def test_every_bad_argument_is_one_line_naming_it(tmp_path, good_data):
 
     for argv, named in _bad_arguments(tmp_path, good_data):
         with pytest.raises(SystemExit) as info:
-            main([*argv, "--engine", "hf"])
+            main([*argv, "--engine", "hf", "--max-tokens", "8"])
         message = str(info.value.code)
         assert message.startswith("python -m verl_cppo.math_task.evaluate: error: ") and "\n" not in message, message
         assert named in message, (named, message)

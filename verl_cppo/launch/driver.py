@@ -13,8 +13,8 @@ an error, a warning or a note); ``problems`` runs them all, and ``validate`` log
   at vanilla, or mistyped ``CPPO``) or whose ``_target_`` is a foreign class would have every setting dropped:
   refused, naming the selector and the keys set. Nodes are read through ``verl_cppo.config_paths``;
 * ``_anchoring`` and ``_legacy_trainer_topk``: ``loss_mode=cppo`` must see the rollout policy, see below;
-* ``verl_cppo.launch.unread_settings``: verl settings that CPPO does not read, set away
-  from verl's defaults, are refused naming the key (a silent no-op otherwise);
+* ``verl_cppo.launch.unread_settings``: verl settings that cppo / cppo_grpo do not read (one table), set by the
+  user, are refused naming the key to use instead (a silent no-op otherwise);
 * ``check_topk_config``: a Top-K divergence the launch can serve;
 * ``_cppo_grpo``: the estimator's node is valid and a group holds more than one response;
 * ``verl_cppo.launch.verl_checks``: the workers' configs, the names verl looks up late, the GPU layout;
@@ -57,7 +57,7 @@ from verl_cppo.config_paths import (
     uses_the_plugin,
 )
 from verl_cppo.hooks import assumptions
-from verl_cppo.launch.unread_settings import ignored_clip_settings, ignored_rollout_correction
+from verl_cppo.launch.unread_settings import ignored_rollout_correction, ignored_settings
 from verl_cppo.launch.verl_checks import Problem, launch_layout, registered_names, worker_configs
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS
 from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, export_to_ray_job, propagate_topk
@@ -282,7 +282,7 @@ CHECKS = (
     _settings_nodes,
     _anchoring,
     _legacy_trainer_topk,
-    ignored_clip_settings,
+    ignored_settings,
     ignored_rollout_correction,
     check_topk_config,
     _cppo_grpo,

@@ -7,6 +7,9 @@ which checks the repository's copy of the plugin, the one ``ray job submit`` shi
     python -m verl_cppo.launch.dry_run [--quiet] [--working-dir DIR] [--config-path DIR --config-name NAME] \
         <overrides...>
 
+(the options may also stand after or between the overrides: the example scripts append the user's arguments
+last).
+
 It is part of the installed package, so a user who installed the wheel without the repository checks their
 own ``main_ppo`` command line by replacing ``python -m verl.trainer.main_ppo`` with ``python -m
 verl_cppo.launch.dry_run`` (a YAML config that extends verl's ``ppo_trainer`` included: ``--config-path`` /
@@ -30,11 +33,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field, fields
 
 import verl  # loads the verl.plugins entry point: verl_cppo registers itself
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 import verl_cppo  # noqa: F401  (explicit: also registers when the entry point is disabled)
 from verl_cppo.launch import driver
@@ -66,7 +71,13 @@ def compose_config(overrides: list[str], config_dir: str = VERL_CONFIG_DIR, conf
     """The trainer config exactly as ``python -m verl.trainer.main_ppo [--config-path/-name] <overrides>``
     composes it (verl's ``ppo_trainer`` by default)."""
     with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base=None):
-        return compose(config_name=config_name, overrides=list(overrides))
+        config = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    # as @hydra.main: the launch's overrides are Hydra's record (verl_cppo.launch.unread_settings reads which keys
+    # the command line wrote), and the job's config carries no hydra node
+    HydraConfig.instance().set_config(config)
+    with open_dict(config):
+        del config["hydra"]
+    return config
 
 
 def verl_validate(config: DictConfig) -> None:
@@ -139,6 +150,23 @@ def dry_run(
     return report
 
 
+def _each_warning_once(show):
+    """``warnings.showwarning`` that shows each message once: verl warns from each call site (need_critic's
+    "Disabled critic" from two checks), and a ``"once"`` filter is undone by any ``catch_warnings`` between."""
+    shown = set()
+
+    def showwarning(message, category, *args, **kwargs):
+        if (str(message), category) not in shown:
+            shown.add((str(message), category))
+            show(message, category, *args, **kwargs)
+
+    return showwarning
+
+
+OPTIONS = ("--quiet", "--working-dir", "--config-path", "--config-name", "--help")
+"""The dry run's own options; everything else on its command line is a Hydra override."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m verl_cppo.launch.dry_run",
@@ -156,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config-path", default=None, help="directory of your YAML config (as for main_ppo)")
     parser.add_argument("--config-name", default=None, help="name of your YAML config (as for main_ppo)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides, as for main_ppo")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for main_ppo")
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    if unknown:
+        print(
+            f"[dry-run] unknown option(s) {unknown}: the options ({', '.join(OPTIONS)}) may stand anywhere among "
+            "the overrides; every other argument is a Hydra override key=value (+key=value, ~key), as for main_ppo",
+            file=sys.stderr,
+        )
+        return 2
     overrides = [o for o in args.overrides if o != "--"]
     if not overrides and args.config_name is None:
         print(
@@ -170,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print("[dry-run] --config-path and --config-name go together (as for main_ppo)", file=sys.stderr)
         return 2
     os.environ.setdefault("WANDB_MODE", "disabled")
+    warnings.showwarning = _each_warning_once(warnings.showwarning)
     config_dir, config_name = args.config_path or VERL_CONFIG_DIR, args.config_name or "ppo_trainer"
     report = dry_run(overrides, args.working_dir, config_dir, config_name)
     if not args.quiet:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
 
 from verl_cppo.config_paths import POLICY_LOSS
 from verl_cppo.launch.data_check import missing_fields
@@ -57,6 +58,8 @@ def _attempt(what: str, fn, *args) -> tuple[Any, list[Problem]]:
     """``fn(*args)`` and no problem, or None and an error naming ``what`` and the exception."""
     try:
         return fn(*args), []
+    except MissingMandatoryValue as exc:  # verl's `???`: one message however many checks read the key
+        return None, [_error(f"{exc.full_key} must be set (verl's config has no default for it)")]
     except Exception as exc:  # any failure of verl's own constructors is the launch's failure
         return None, [_error(f"{what}: {type(exc).__name__}: {exc}")]
 
@@ -255,12 +258,14 @@ def launch_layout(config: Any) -> list[Problem]:
             errors.append(f"{n_gpus} GPUs are not divisible by Megatron TP x PP x CP = {tp * pp * cp}")
         if (n_gpus // pp) % (ep * etp):
             errors.append(f"{n_gpus} GPUs / PP={pp} are not divisible by Megatron EP x ETP = {ep * etp}")
-        dp, seq_split, engine = n_gpus // (tp * pp * cp), cp, f"Megatron TP={tp} PP={pp} CP={cp} EP={ep} ETP={etp}"
+        split, engine = tp * pp * cp, f"Megatron TP={tp} PP={pp} CP={cp} EP={ep} ETP={etp}"
+        dp, seq_split = n_gpus // split, cp
     else:
         sp = max(actor.fsdp_config.ulysses_sequence_parallel_size, actor.get("ulysses_sequence_parallel_size", 1))
         if n_gpus % sp:
             errors.append(f"{n_gpus} GPUs are not divisible by the Ulysses SP size {sp}")
-        dp, seq_split, engine = n_gpus // sp, sp, f"{actor.strategy.upper()} Ulysses SP={sp}"
+        split, engine = sp, f"{actor.strategy.upper()} Ulysses SP={sp}"
+        dp, seq_split = n_gpus // sp, sp
     replica = rollout.tensor_model_parallel_size * rollout.data_parallel_size * rollout.pipeline_model_parallel_size
     if n_gpus % replica:
         errors.append(f"{n_gpus} GPUs are not divisible by the rollout replica size TP x DP x PP = {replica}")
@@ -288,7 +293,9 @@ def launch_layout(config: Any) -> list[Problem]:
         *map(_error, errors),
         _note(
             f"layout: {trainer.nnodes} node(s) x {trainer.n_gpus_per_node} GPUs = {n_gpus}; actor {engine}, "
-            f"data-parallel {dp}; rollout TP={rollout.tensor_model_parallel_size}, {n_gpus // replica} replicas"
+            f"data-parallel {dp if dp * split == n_gpus else f'none ({n_gpus} GPUs / {split} is not whole)'}; "
+            f"rollout TP={rollout.tensor_model_parallel_size}, "
+            f"{n_gpus // replica if n_gpus % replica == 0 else 'no whole number of'} replicas"
         ),
         _note(
             f"batch: {batch} prompts x {n} responses per rollout, mini-batch {mini} prompts, "

@@ -255,32 +255,39 @@ ENGINES = {"vllm": generate_vllm, "hf": generate_hf}
 # ---------------------------------------------------------------------------------------------- entry
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # each default shown, except none (required, None, a flag)
+        if action.required or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m verl_cppo.math_task.evaluate",
         description=__doc__.split("\n\n")[0],
         epilog="Data: examples/data/prepare_data.py writes aime-2024/2025/2026.parquet. Output: a table (percent) "
         "on stdout, --output JSON (fractions), --save-generations JSONL.",
+        formatter_class=_DefaultsHelp,
     )
     parser.add_argument("--model", required=True, help="Hugging Face model directory or Hub id (merged checkpoint)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: --model)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer path (None: --model's)")
     parser.add_argument("--data", required=True, help="comma-separated parquet files (one data source each)")
-    parser.add_argument("--n", type=int, default=16, help="samples per problem (Avg@n), default 16")
-    parser.add_argument("--engine", choices=sorted(ENGINES), default="vllm", help="generation engine (vllm)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--n", type=int, default=16, help="samples per problem (Avg@n)")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="vllm", help="generation engine")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the scripts' validation)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (the scripts' validation)")
     parser.add_argument("--top-k", type=int, default=-1, help="-1: no top-k truncation")
-    parser.add_argument("--max-tokens", type=int, default=8192, help="max response tokens (the run's)")
-    parser.add_argument("--seed", type=int, default=0)
+    length = "the run's MAX_RESPONSE_LENGTH: 8192 for the 1.7B / 8B scripts, 16384 for the 30B; shorter truncates"
+    parser.add_argument("--max-tokens", type=int, required=True, help=f"max response tokens ({length})")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--tp", type=int, default=1, help="vLLM tensor-parallel size")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM")
-    parser.add_argument("--max-model-len", type=int, default=None, help="vLLM (default: the model's)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="vLLM (None: the model's)")
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
     parser.add_argument("--batch-size", type=int, default=8, help="hf engine: prompts per generate call")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument(
-        "--chat-template-kwargs", default="{}", help="JSON for apply_chat_template, e.g. '{\"enable_thinking\": false}'"
-    )
+    parser.add_argument("--trust-remote-code", action="store_true", help="passed to the tokenizer and model loaders")
+    parser.add_argument("--chat-template-kwargs", default="{}", help="JSON apply_chat_template kwargs")
     parser.add_argument("--limit", type=int, default=None, help="at most this many problems per file (smoke test)")
     parser.add_argument("--output", default=None, help="write the JSON report here")
     parser.add_argument("--save-generations", default=None, help="write completions and scores (JSONL) here")
