@@ -18,30 +18,48 @@ events around each iteration after a warm-up, the median. Peak extra memory: CUD
 the inputs; CPU, the peak of live tensor bytes created during one forward + backward, from the profiler's
 memory timeline. The bytes floor is the time to read log_prob, old_log_prob, advantages, response_mask and
 write the gradient once, at the copy bandwidth measured in the same run.
+
+Without verl (the lent GPU machine's image has torch, triton and numpy but not verl): verl's losses and the
+registry path cannot run, so the cppo cases call the token loss directly (``cppo_token_losses`` + ``torch_stats``
+or ``fused_cppo_token_losses``, the metric sums' host copy, a token-mean and ``backward``: what the registered
+loss does around verl's ``agg_loss``), ratios are to the default cppo case only, and a ``SKIPPED`` line says so.
+The correctness checks are the same against the float64 loop reference, on the same path.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import torch
-from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from torch.profiler import profile
+from torch.profiler._memory_profiler import Action
 
-import verl_cppo  # noqa: F401  (registers loss_mode=cppo)
-from tests.support.reference import RefParams, random_case, reference_cppo, reference_loss_and_grad
-from tests.support.verl_inputs import actor_config
-from verl_cppo.config import CPPOConfig
+from tests.support.reference import RefParams, near_threshold_row, random_case, reference_cppo, reference_loss_and_grad
+from verl_cppo.core.mask import response_lengths, shuffled_positions
+from verl_cppo.core.token_loss import cppo_token_losses, torch_stats
 from verl_cppo.kernels import triton_installed
+
+HAS_VERL = importlib.util.find_spec("verl") is not None
+if HAS_VERL:  # verl's own losses, and cppo through verl's registry (as verl's ppo_loss calls it)
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    import verl_cppo  # noqa: F401  (registers loss_mode=cppo)
+    from tests.support.verl_inputs import actor_config
+
 
 SELECT_ALL = {"delta_b": 1e-6, "delta_b_max_mult": 1e9}  # every row's quantile lies inside the clamp
 DEFAULT = "cppo torch calibrated"  # the default cppo settings: the base of the non-default settings' ratios
 NAN_INPUTS = "cppo torch NaN inputs"  # default settings; 1% of tokens with NaN log mu, 1% with NaN log pi
+BASE = "dppo_tv" if HAS_VERL else DEFAULT  # every case's time and memory ratio is to this case's
+BASE_LABEL = "dppo_tv" if HAS_VERL else "default"
 CASES = {
     "vanilla": ("vanilla", None),
     "dppo_tv": ("dppo_tv", None),
@@ -85,19 +103,49 @@ def with_nan(data, frac: float = 0.01, seed: int = 1):
     return [old, new, adv, mask]
 
 
+@dataclass
+class TokenParams(RefParams):
+    """The token loss's parameters (``TokenLossParams``) without verl's config class: the reference's fields
+    (whose defaults are ``CPPOConfig``'s) plus ``shuffle_positions``."""
+
+    shuffle_positions: bool = False
+
+
+def token_level_loss(old, new, adv, mask, setting: dict):
+    """The registered loss's work without verl: token losses and metric sums on the chosen kernel, the sums'
+    host copy, token-mean over the response tokens (verl's agg_loss with dp_size 1). A 0-dim loss."""
+    params = TokenParams(**{key: value for key, value in setting.items() if key != "kernel"})
+    if setting.get("kernel") == "triton":
+        from verl_cppo.kernels.fused_loss import fused_cppo_token_losses
+
+        pg_losses, stats = fused_cppo_token_losses(old, new, adv, mask, params)
+    else:
+        terms = cppo_token_losses(old, new, adv, mask, params)
+        pg_losses, stats = terms.pg_losses, torch_stats(terms, mask, params.ratio_cap)
+    stats.tolist()  # the metrics' device-to-host copy
+    maskf = mask.to(pg_losses.dtype)  # [B, T]
+    return (pg_losses * maskf).sum() / maskf.sum().clamp(min=1)
+
+
+def cppo_loss(old, new, adv, mask, setting: dict | None, loss_mode: str = "cppo"):
+    """The loss as verl computes it where verl is installed (its registry), else ``token_level_loss``."""
+    if not HAS_VERL:
+        return token_level_loss(old, new, adv, mask, setting)
+    cfg = actor_config("token-mean", cppo=setting, loss_mode=loss_mode)
+    loss, _ = get_policy_loss_fn(loss_mode)(
+        old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask, loss_agg_mode="token-mean", config=cfg
+    )
+    return loss
+
+
 def make_call(case: str, data):
     loss_mode, cppo = CASES[case]
     old, new, adv, mask = data
-    cfg = actor_config("token-mean", cppo=cppo, loss_mode=loss_mode)
-    fn = get_policy_loss_fn(loss_mode)
     leaf = new.clone().requires_grad_(True)
 
     def call():
         leaf.grad = None  # (outside the profiled region for the memory figure: see peak_memory)
-        loss, _ = fn(
-            old_log_prob=old, log_prob=leaf, advantages=adv, response_mask=mask, loss_agg_mode="token-mean", config=cfg
-        )
-        loss.backward()
+        cppo_loss(old, leaf, adv, mask, cppo, loss_mode).backward()
 
     call.leaf = leaf
     return call
@@ -105,7 +153,7 @@ def make_call(case: str, data):
 
 # ---------------------------------------------------------------------------------------------- checks
 def check_against_reference(device, kernels) -> None:
-    """Loss and gradient of the registered loss vs the float64 loop reference, per kernel (small rows)."""
+    """Loss and gradient of ``cppo_loss`` vs the float64 loop reference, per kernel (small rows)."""
     gen = torch.Generator().manual_seed(3)
     settings = ({}, {"delta_b_quantile": None, "delta_b": 0.015}, {"gate": "soft"}, SELECT_ALL)
     settings += ({"divergence": "binary_kl"}, {"nan": True})
@@ -115,34 +163,24 @@ def check_against_reference(device, kernels) -> None:
             old, new, adv, mask = with_nan([old, new, adv, mask], frac=0.1)
         ref_loss, ref_grad, _ = reference_loss_and_grad(old, new, adv, mask, RefParams(**setting), "token-mean")
         for kernel in kernels:
-            cfg = actor_config("token-mean", cppo={**setting, "kernel": kernel})
             leaf = new.to(device, copy=True).requires_grad_(True)
-            loss, _ = get_policy_loss_fn("cppo")(
-                old_log_prob=old.to(device),
-                log_prob=leaf,
-                advantages=adv.to(device),
-                response_mask=mask.to(device),
-                loss_agg_mode="token-mean",
-                config=cfg,
-            )
+            loss = cppo_loss(old.to(device), leaf, adv.to(device), mask.to(device), {**setting, "kernel": kernel})
             loss.backward()
             assert abs(loss.item() - ref_loss) <= 1e-12 * abs(ref_loss) + 1e-14, (kernel, setting, loss.item())
             torch.testing.assert_close(leaf.grad.cpu(), ref_grad, rtol=1e-12, atol=1e-14)
     check_shuffle()
+    path = "through verl's registry" if HAS_VERL else "token level (verl not installed)"
     print(
-        f"check: cppo {'/'.join(kernels)} loss and gradient == float64 loop reference (float64, {len(settings)} "
-        "settings incl. soft gate, binary_kl, NaN inputs; shuffle: the mask of the drawn positions)"
+        f"check: cppo {'/'.join(kernels)} {path}: loss and gradient == float64 loop reference (float64, "
+        f"{len(settings)} settings incl. soft gate, binary_kl, NaN inputs; shuffle: the mask of the drawn positions)"
     )
 
 
 def check_shuffle() -> None:
     """shuffle_positions: the torch path's mask == the loop reference's for the positions it drew."""
-    from verl_cppo.core.mask import response_lengths, shuffled_positions
-    from verl_cppo.core.token_loss import cppo_token_losses
-
     old, new, adv, mask = random_case(torch.Generator().manual_seed(4), batch=6, width=37, spread=0.4)
     torch.manual_seed(11)
-    terms = cppo_token_losses(old, new, adv, mask, CPPOConfig(shuffle_positions=True))
+    terms = cppo_token_losses(old, new, adv, mask, TokenParams(shuffle_positions=True))
     torch.manual_seed(11)  # the same draw from the global generator
     positions = shuffled_positions(response_lengths(mask), mask.shape[-1])
     assert terms.gate.masked.tolist() == reference_cppo(old, new, adv, mask, RefParams(), positions).masked
@@ -151,13 +189,11 @@ def check_shuffle() -> None:
 def check_fused_on_device(device, batch: int, width: int) -> None:
     """The compiled kernel's mask vs the loop reference (float64, exact; random and near-threshold rows), and
     vs the torch path in float32 at 64 x 8192 (tokens may differ only by rounding at the threshold)."""
-    from tests.support.reference import near_threshold_row
-    from verl_cppo.core.token_loss import cppo_token_losses
     from verl_cppo.kernels.fused_loss import fused_cppo_token_losses
 
     def fused_masked(old, new, adv, mask, setting):
         args = [t.to(device) for t in (old, new, adv, mask)]
-        flags = fused_cppo_token_losses(*args, CPPOConfig(**setting), debug=True)[2][1]
+        flags = fused_cppo_token_losses(*args, TokenParams(**setting), debug=True)[2][1]
         return (flags & 1).bool().cpu().tolist()
 
     old, new, adv, mask = make_batch(batch, width, "cpu", torch.float64, seed=5, spread=0.3)
@@ -173,8 +209,8 @@ def check_fused_on_device(device, batch: int, width: int) -> None:
         ref = reference_cppo(old_n, new_n, adv_n, mask_n, RefParams(**setting))
         assert fused_masked(old_n, new_n, adv_n, mask_n, setting) == ref.masked, setting
     old32, new32, adv32, mask32 = make_batch(64, 8192, device, torch.float32, seed=6, spread=0.3)
-    flags = fused_cppo_token_losses(old32, new32, adv32, mask32, CPPOConfig(), debug=True)[2][1]
-    torch_masked = cppo_token_losses(old32, new32, adv32, mask32, CPPOConfig()).gate.masked
+    flags = fused_cppo_token_losses(old32, new32, adv32, mask32, TokenParams(), debug=True)[2][1]
+    torch_masked = cppo_token_losses(old32, new32, adv32, mask32, TokenParams()).gate.masked
     differ = ((flags & 1).bool() != torch_masked).sum().item()
     print(
         f"check: compiled kernel on {describe(device)}: float64 masks == loop reference ({batch}x{width}, "
@@ -239,7 +275,7 @@ def time_cpu(calls: dict, rounds: int, inner: int) -> dict:
     out = {}
     for name, clocks in per_round.items():
         out[name] = {"time": min(clocks["wall"]), "cpu_time": min(clocks["cpu"])}
-        for base, key in (("dppo_tv", "ratio"), (DEFAULT, "default")):
+        for base, key in ((BASE, "ratio"), (DEFAULT, "default")):
             for clock, times in clocks.items():
                 ratios = [t / b for t, b in zip(times, per_round[base][clock])]
                 q1, median, q3 = statistics.quantiles(ratios, n=4)
@@ -256,9 +292,6 @@ def peak_memory(call, device) -> int:
         call()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import profile
-    from torch.profiler._memory_profiler import Action
-
     with profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
         call()
     live = peak = 0
@@ -279,17 +312,17 @@ def run_size(device, batch, width, cases, args, bandwidth) -> None:
     for name, call in calls.items():
         results[name]["memory"] = peak_memory(call, device)
     floor = batch * width * (4 + 4 + 4 + 1 + 4) / bandwidth  # read 3 fp32 + bool mask, write fp32 grad
-    base, default = results["dppo_tv"], results[DEFAULT]
+    base, default = results[BASE], results[DEFAULT]
     print(f"\n{batch} x {width} fp32 on {describe(device)}; bytes floor {floor * 1e3:.4f} ms")
     cpu = "cpu_time" in base
     header = (
-        f"{'case':24s} {'fwd+bwd ms':>11s} {'/ dppo_tv':>10s} {'/ default':>10s} {'/ floor':>9s} {'peak MB':>8s}"
-        f" {'/ dppo_tv':>9s}"
+        f"{'case':24s} {'fwd+bwd ms':>11s} {'/ ' + BASE_LABEL:>10s} {'/ default':>10s} {'/ floor':>9s} {'peak MB':>8s}"
+        f" {'/ ' + BASE_LABEL:>9s}"
     )
     if cpu:
         header = (
-            f"{'case':24s} {'wall ms':>8s} {'cpu ms':>8s} {'/ floor':>8s} {'peak MB':>8s} {'/ dppo_tv':>9s}"
-            f"   per-round ratio, median [IQR] of cpu time: to dppo_tv | to {DEFAULT}; wall time: to dppo_tv"
+            f"{'case':24s} {'wall ms':>8s} {'cpu ms':>8s} {'/ floor':>8s} {'peak MB':>8s} {'/ ' + BASE_LABEL:>9s}"
+            f"   per-round ratio, median [IQR] of cpu time: to {BASE} | to {DEFAULT}; wall time: to {BASE}"
         )
     print(header)
     for name, r in results.items():
@@ -313,7 +346,7 @@ def describe(device) -> str:
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sizes", default=None, help="e.g. 64x8192,16x32768 (default: by device)")
@@ -328,15 +361,24 @@ def main() -> None:
     )
     parser.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     parser.add_argument("--check-only", action="store_true", help="run the correctness checks only")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
     torch.set_num_threads(args.threads) if device == "cpu" else None
     fused = device == "cuda" and triton_installed()
-    cases = [c for c in CASES if fused or "fused" not in c]
+    cases = [c for c in CASES if (fused or "fused" not in c) and (HAS_VERL or CASES[c][0] == "cppo")]
+    if not HAS_VERL:
+        print(
+            "SKIPPED verl's vanilla and dppo_tv, and cppo through verl's registry: verl is not installed; the cppo "
+            "cases run at the token level and their ratios are to the default cppo case"
+        )
     if args.cases:
-        chosen = {"dppo_tv", DEFAULT, *(c.strip() for c in args.cases.split(","))}
+        chosen = {BASE, DEFAULT, *(c.strip() for c in args.cases.split(","))}
         unknown = chosen - set(CASES)
         if unknown:
             sys.exit(f"--cases: unknown {sorted(unknown)}; known: {list(CASES)}")

@@ -4,7 +4,7 @@
 
 Times ``--calls`` responses that need math-verify (no string match: ``3/4`` vs ``\\frac{3}{4}`` and the
 like, the work the sandbox exists for; every string distinct, so math-verify's caches never hit) three ways,
-in one run: ``_verify`` in-process on the main thread (math-verify alone, the old main-thread path),
+in one run: ``math_verify_verdict`` in-process on the main thread (math-verify alone, the old main-thread path),
 ``compute_score`` on the main thread, and ``compute_score`` from a thread pool of ``--threads`` (how verl's
 reward managers call it). The sandbox's children are started before
 timing (their start, about 0.5 s each, is paid once per scoring process). Prints mean ms per call and the
@@ -37,14 +37,14 @@ def main() -> None:
     args = parser.parse_args()
     work = [distinct(i) for i in range(args.calls)]
     responses = [(f"Answer: {a}", t) for a, t in work]
-    expected = [math_reward._verify(a, t) for a, t in PAIRS]  # warm math-verify in-process
+    expected = [math_reward.math_verify_verdict(a, t) for a, t in PAIRS]  # warm math-verify in-process
     assert expected == [True, True, True, True, False]
 
     with ThreadPoolExecutor(args.threads) as pool:  # start every child before timing
         list(pool.map(lambda r: math_reward.compute_score("x", f"Answer: {r[0]}", r[1]), PAIRS * args.threads))
 
     start = time.perf_counter()
-    direct = [math_reward._verify(a, t) for a, t in work]
+    direct = [math_reward.math_verify_verdict(a, t) for a, t in work]
     t_direct = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -60,12 +60,13 @@ def main() -> None:
     print(f"{sum(direct)} of {len(direct)} answers equivalent (distinct strings: no parse-cache hits)")
     n = args.calls
     print(f"{n} calls, {math_reward.MAX_WORKERS} sandbox children, {args.threads} caller threads")
-    print(f"in-process _verify (main thread)       {1e3 * t_direct / n:8.3f} ms/call  1.00x")
-    print(f"compute_score, main thread (sandboxed) {1e3 * t_main / n:8.3f} ms/call  {t_main / t_direct:.2f}x")
-    print(
-        f"compute_score, {args.threads} threads (sandboxed)  {1e3 * t_threads / n:8.3f} ms/call  "
-        f"{t_threads / t_direct:.2f}x  (wall time / calls)"
-    )
+    rows = [
+        ("in-process math_verify_verdict (main thread)", t_direct, ""),
+        ("compute_score, main thread (sandboxed)", t_main, ""),
+        (f"compute_score, {args.threads} threads (sandboxed)", t_threads, "  (wall time / calls)"),
+    ]
+    for label, seconds, note in rows:
+        print(f"{label:45s} {1e3 * seconds / n:8.3f} ms/call  {seconds / t_direct:.2f}x{note}")
     print(f"overhead per call, main thread: {1e3 * (t_main - t_direct) / n:.3f} ms")
 
 

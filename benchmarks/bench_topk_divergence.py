@@ -123,7 +123,7 @@ def check(variants, case, kind: str, rows: int) -> None:
 
 
 def sweep(case, repeats: int) -> None:
-    from verl_cppo.kernels.topk_divergence import row_statistics_triton
+    from verl_cppo.kernels.topk_statistics import row_statistics_triton
 
     logits, sampled, topk_ids = case[:3]
     ids = torch.cat([topk_ids, sampled[:, None]], dim=1)
@@ -135,7 +135,7 @@ def sweep(case, repeats: int) -> None:
             print(f"  BLOCK_V={block_v:5d} num_warps={warps:2d}: {sec * 1e3:7.3f} ms")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n", type=int, help="tokens (default 8192 on GPU, 1024 on CPU)")
@@ -147,7 +147,11 @@ def main() -> None:
     parser.add_argument("--check-rows", type=int, default=4, help="rows checked against the float64 reference")
     parser.add_argument("--sweep", action="store_true", help="GPU: time the kernel over BLOCK_V x num_warps")
     parser.add_argument("--skip-naive", action="store_true", help="skip the full-softmax variant ([N, V] fp32 twice)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     gpu = args.device == "cuda"
     n, v = args.n or (8192 if gpu else 1024), args.v or (151936 if gpu else 32768)
     repeats = args.repeats or (20 if gpu else 5)
@@ -168,6 +172,8 @@ def main() -> None:
         print(f"{key:8s} {sec * 1e3:9.3f} {extra / 2**20:10.1f} {sec / floor:8.2f} {sec / naive_time:8.2f}")
     row = f"{'floor':8s} {floor * 1e3:9.3f} {'':>10s} {1:8.2f} {floor / naive_time:8.2f}"
     print(f"{row}   (read at {bandwidth / 1e9:.0f} GB/s)")
+    for key, (sec, extra) in results.items():
+        print(f"RESULT variant={key} n={n} v={v} k={args.k} ms={sec * 1e3:.4f} extra_mib={extra / 2**20:.1f}")
     if gpu:
         print(f"issue anchor floor at 4.2 TB/s: {case[0].nbytes / 4.2e12 * 1e3:.3f} ms")
     if gpu and args.sweep:

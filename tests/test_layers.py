@@ -317,7 +317,7 @@ TESTED_THROUGH_MAIN_PPO = {
 }
 TESTED_BESIDE_ITS_TWIN = {
     # the Triton Top-K statistics are checked with the torch ones against the same float64 reference
-    "verl_cppo.kernels.topk_divergence": "tests/core/test_topk_divergence.py",
+    "verl_cppo.kernels.topk_statistics": "tests/core/test_topk_divergence.py",
 }
 
 

@@ -8,7 +8,9 @@ excludes it; ``actor_rollout_ref.model.external_lib=verl_cppo`` and the ``_targe
 * when VERL_CPPO_TOPK is set (a Top-K divergence is configured, see ``verl_cppo.topk.setup``) it first
   arranges for the Top-K diffs to be applied to verl's modules;
 * it imports ``verl_cppo.loss`` (which registers the policy loss ``cppo``) and
-  ``verl_cppo.advantage.estimator`` (the advantage estimator ``cppo_grpo``);
+  ``verl_cppo.advantage.estimator`` (the advantage estimator ``cppo_grpo``); a ``cppo`` / ``cppo_grpo``
+  registered from elsewhere first keeps its name (``verl_cppo.hooks.assumptions``: the driver then refuses a
+  CPPO launch, naming the other registrant, unless VERL_CPPO_REPLACE_REGISTERED=1 lets ours replace it);
 * it installs the driver-side checks (``verl_cppo.launch.driver``), the hook that keeps ``loss_mode=cppo`` in the
   legacy trainer's bypass mode (``verl_cppo.trainer.bypass_anchor``), and the hooks that carry ``cppo_grpo``'s excluded
   groups to the loss normalisers (``verl_cppo.advantage.exclusion``) and the averaged AIME validation metric
@@ -43,8 +45,11 @@ def register() -> None:
         from verl_cppo.topk.setup import install_topk_runtime
 
         install_topk_runtime()  # Top-K divergences: patches verl's modules on import, only if VERL_CPPO_TOPK is set
-        import verl_cppo.advantage.estimator  # registers the advantage estimator "cppo_grpo"
-        import verl_cppo.loss  # noqa: F401  (registers "cppo")
+        from verl_cppo.hooks.assumptions import registering_ours
+
+        with registering_ours():  # a registrant from elsewhere keeps its name unless opted out (the driver says so)
+            import verl_cppo.advantage.estimator  # registers the advantage estimator "cppo_grpo"
+            import verl_cppo.loss  # noqa: F401  (registers "cppo")
         from verl_cppo.advantage import exclusion
         from verl_cppo.launch import driver
         from verl_cppo.trainer import bypass_anchor, val_metrics

@@ -1,7 +1,7 @@
 """verl_cppo.core.topk_divergence (through verl_cppo.kernels.topk_divergence's backend choice) against the float64
 full-vocabulary reference (tests/support/topk_reference.py), hand-computed values, the binary divergences (K =
-0), its error messages, tensor-parallel vocab shards (gloo, 2 and 4 ranks) and the Triton kernel in Triton's
-interpreter (tests/support/topk_kernel_check.py)."""
+0), its error messages, tensor-parallel vocab shards (gloo, 2 and 4 ranks) and the Triton kernel
+(verl_cppo.kernels.topk_statistics) in Triton's interpreter (tests/support/topk_kernel_check.py)."""
 
 from __future__ import annotations
 

@@ -200,3 +200,30 @@ def test_the_dry_run_with_no_arguments_prints_one_line():
 def test_verl_config_dir_is_the_dry_runs_default():
     assert dry_run.VERL_CONFIG_DIR == VERL_CONFIG_DIR
     assert textwrap.dedent(dry_run.__doc__).count("--config-path") >= 1
+
+
+@pytest.mark.parametrize("path", ["pkg://verl_cppo.math_task.reward", "packaged_file"])
+def test_rows_without_the_rewards_ground_truth_are_refused_by_both_before_ray(path, tmp_path):
+    """The math reward declares what it reads from every row (``DATA_FIELDS``); both entry points check the
+    training and validation files for it, naming the file, the rows and the key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from verl_cppo.math_task import reward as math_reward
+
+    rows = [{"prompt": "q", "reward_model": {"style": "rule", "ground_truth": str(i)}} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    rows[4]["reward_model"]["ground_truth"] = None
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "val.parquet")
+    reward = math_reward.__file__ if path == "packaged_file" else path
+    overrides = [
+        *BASE,
+        f"reward.custom_reward_function.path={reward}",
+        "reward.custom_reward_function.name=compute_score",
+        f"data.train_files={tmp_path / 'train.parquet'}",
+    ]
+    assert dry_run.dry_run([*overrides, f"data.val_files={tmp_path / 'train.parquet'}"]).errors == []
+    overrides.append(f"data.val_files={tmp_path / 'val.parquet'}")
+    message = f"data.val_files: {tmp_path / 'val.parquet'} rows 4 (1 of 6) have no reward_model.ground_truth"
+    assert message in _main_ppo_refusal(overrides)
+    assert [e for e in dry_run.dry_run(overrides).errors if message in e]

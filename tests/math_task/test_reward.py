@@ -2,6 +2,8 @@
 pool verl's reward loop calls it from (where math-verify's signal-based timeouts cannot run)."""
 
 import logging
+import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from omegaconf import OmegaConf
 
+from verl_cppo.math_task import reward as math_reward
 from verl_cppo.math_task.reward import TAIL_CHARS, compute_score, extract_answer
 
 # (response, ground truth, expected score), written by hand
@@ -53,20 +56,40 @@ def test_same_scores_on_a_worker_thread():
     assert scores == [c[2] for c in CASES]
 
 
-def test_loaded_by_verls_custom_reward_loader():
+def _copied_elsewhere(tmp_path) -> str:
+    """A user's adaptation: the packaged file copied into a folder of their own."""
+    copy = tmp_path / "my_reward" / "math_reward.py"
+    copy.parent.mkdir()
+    shutil.copy(math_reward.__file__, copy)
+    return str(copy)
+
+
+@pytest.mark.parametrize("how", ["pkg", "packaged_file", "copied_file"])
+def test_scores_the_same_however_verls_custom_reward_loader_loads_it(how, tmp_path):
+    """verl's documented forms of ``reward.custom_reward_function.path`` (``load_extern_object``; a file path is
+    loaded without a ``sys.modules`` entry), scored on the main thread and on the reward loop's thread pool,
+    math-verify cases included, with the packaged bounds."""
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
-    config = OmegaConf.create(
-        {"reward": {"custom_reward_function": {"path": "pkg://verl_cppo.math_task.reward", "name": "compute_score"}}}
-    )
+    path = {"pkg": "pkg://verl_cppo.math_task.reward", "packaged_file": math_reward.__file__}.get(how)
+    path = path or _copied_elsewhere(tmp_path)
+    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": path, "name": "compute_score"}}})
     fn = get_custom_reward_fn(config)
-    result = fn(data_source="math_dapo", solution_str="Answer: 12", ground_truth="12", extra_info={"index": 0})
-    assert result == {"score": 1.0, "acc": 1.0}
+
+    def score(case):
+        return fn(data_source="math_dapo", solution_str=case[0], ground_truth=case[1], extra_info={"index": 0})
+
+    assert [score(c)["score"] for c in CASES] == [c[2] for c in CASES]  # main thread
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assert [r["score"] for r in pool.map(score, CASES)] == [c[2] for c in CASES]
+    loaded = fn.args[0].__globals__  # the module verl loaded (a partial of verl's _call_with_kwargs)
+    sandbox = loaded["_SANDBOX"]  # built by the math-verify cases above
+    assert (sandbox.timeout_s, sandbox.memory_mb) == (math_reward.TIMEOUT_SECONDS, math_reward.MEMORY_MB)
+    assert sandbox.target.rpartition(":")[0] == os.path.abspath(loaded["__file__"])  # the child runs that file
+    sandbox.close()
 
 
 def test_missing_math_verify_is_a_clear_error(monkeypatch):
-    from verl_cppo.math_task import reward as math_reward
-
     monkeypatch.setitem(sys.modules, "math_verify", None)  # as if not installed
     monkeypatch.setattr(math_reward, "_math_verify", None)
     assert compute_score("x", "Answer: 12", "12")["score"] == 1.0  # equal strings need no math-verify
@@ -77,8 +100,6 @@ def test_missing_math_verify_is_a_clear_error(monkeypatch):
 @pytest.fixture
 def short_bounds(monkeypatch):
     """math_reward's sandbox rebuilt with a 2 s deadline (restored afterwards)."""
-    from verl_cppo.math_task import reward as math_reward
-
     monkeypatch.setattr(math_reward, "TIMEOUT_SECONDS", 2)
     monkeypatch.setattr(math_reward, "_SANDBOX", None)
     yield math_reward

@@ -16,7 +16,8 @@ recorded with, and the update goes the way the v1 trainer sends it:
      ``ppo_loss_with_topk``) with ``loss_mode=cppo``.
 Every case (comma-separated) runs in the same processes, each with a fresh worker. Rank 0 writes, per case, the
 loss and grad norm of each optimizer step, the metrics reduced the trainer's way (``reduce_metrics``), the global
-counts the loss saw on each micro-batch of each rank, and the updated full parameters (``get_per_tensor_param``).
+counts the loss saw on each micro-batch of each rank, and each optimizer step's full gradients and parameters before
+and after it (``record_optimizer_steps``).
 
 ``--plant dp_size|tokens`` plants a count error in front of the loss (dp_size 1; the rank-local token count):
 the equivalence test must then fail. Used once by hand (see ci/README.md), not in CI.
@@ -105,8 +106,50 @@ def planted_loss(loss_fn, plant: str | None):
     return wrong_count
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every rank must call it in the same order), as float32."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().float().clone()
+
+
+def record_optimizer_steps(engine) -> list[dict]:
+    """Record every optimizer step of ``engine``: the full parameters before and after it, the full gradients it
+    applies (after verl's clipping) and its hyper-parameters, each keyed by the module's parameter names.
+
+    The equivalence test compares the gradients across layouts (they are sums) and checks each layout's update
+    against a float64 replay of the optimizer rule, rather than comparing weights after AdamW steps, where
+    g / sqrt(v) turns a rounding-level gradient entry into an update of up to ~lr. The test's replay is of
+    ``torch.optim.AdamW``; any other optimizer is refused here, where the assumption is made.
+    """
+    optimizer = engine.optimizer
+    if type(optimizer) is not torch.optim.AdamW:
+        raise TypeError(f"the update replay assumes torch.optim.AdamW, verl built {type(optimizer).__name__}")
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    steps: list[dict] = []
+
+    def parameters():
+        return [(names[id(p)], p, group) for group in optimizer.param_groups for p in group["params"]]
+
+    def before(opt, args, kwargs):
+        record = {"grads": {}, "before": {}, "hyper": {}}
+        for name, p, group in parameters():
+            if group["amsgrad"] or group["maximize"]:
+                raise ValueError(f"the update replay assumes amsgrad=maximize=False, group of {name}: {group}")
+            record["grads"][name] = _full(p.grad)
+            record["before"][name] = _full(p)
+            record["hyper"][name] = {k: float(group[k]) for k in ("lr", "eps", "weight_decay")}
+            record["hyper"][name]["betas"] = tuple(float(b) for b in group["betas"])
+        steps.append(record)
+
+    def after(opt, args, kwargs):
+        steps[-1]["after"] = {name: _full(p) for name, p, _ in parameters()}
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
+    return steps
+
+
 def run_case(case: str, record: dict, model_dir: str, sp: int, plant: str | None, rank: int, world: int):
-    """One actor update of ``case`` through a fresh ``TrainingWorker``; rank 0 returns (result, full params)."""
+    """One actor update of ``case`` through a fresh ``TrainingWorker``; rank 0 returns (result, optimizer steps)."""
     from verl.single_controller.base.decorator import _split_args_kwargs_data_proto
     from verl.utils import tensordict_utils as tu
     from verl.utils.metric import reduce_metrics
@@ -147,6 +190,7 @@ def run_case(case: str, record: dict, model_dir: str, sp: int, plant: str | None
         policy_loss=CPPOPolicyLossConfig(loss_mode="cppo", cppo=cppo),
     )  # fmt: skip
     worker = training_worker(model_config, engine_config, optim_config, actor_config)
+    optimizer_steps = record_optimizer_steps(worker.engine)
     loss_fn = ppo_loss_with_topk if case == "topk_tv" else ppo_loss
     seen: list[dict] = []  # the global counts verl hands the loss, per micro-batch
 
@@ -175,8 +219,6 @@ def run_case(case: str, record: dict, model_dir: str, sp: int, plant: str | None
     local = chunks[dp_rank].clone().unlock_()  # what the Ray call delivers: this rank's own unlocked copy
     output = worker.train_mini_batch(local)
 
-    params, _ = worker.engine.get_per_tensor_param()  # a collective under FSDP: every rank iterates
-    named = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().clone() for name, t in params}
     gathered: list = [None] * world
     dist.all_gather_object(gathered, seen)
     if rank != 0:
@@ -191,7 +233,7 @@ def run_case(case: str, record: dict, model_dir: str, sp: int, plant: str | None
         "counts": gathered,  # per rank, per micro-batch: what verl handed the loss
         "estimator_excluded": int((~exclusion.keep).sum()),
     }
-    return result, named
+    return result, optimizer_steps
 
 
 def main() -> None:
@@ -229,11 +271,11 @@ def main() -> None:
     model.save_pretrained(model_dir)
     tiny_task.build_tokenizer().save_pretrained(model_dir)
 
-    results, params = {}, {}
+    results, steps = {}, {}
     for case in args.cases.split(","):
-        results[case], params[case] = run_case(case, record, model_dir, args.sp, args.plant, rank, world)
+        results[case], steps[case] = run_case(case, record, model_dir, args.sp, args.plant, rank, world)
     if rank == 0:
-        torch.save({"results": results, "params": params}, args.out)
+        torch.save({"results": results, "optimizer_steps": steps}, args.out)
     dist.barrier()
     dist.destroy_process_group()
 

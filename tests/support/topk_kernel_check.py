@@ -18,7 +18,7 @@ import torch
 from tests.support.topk_reference import random_topk_case, reference_topk_divergence
 from verl_cppo.core.topk_divergence import torch_row_statistics
 from verl_cppo.kernels import topk_divergence
-from verl_cppo.kernels.topk_divergence import row_statistics_triton
+from verl_cppo.kernels.topk_statistics import row_statistics_triton
 
 
 def _log_softmax_and_other(stats, held):
@@ -82,10 +82,14 @@ def check_divergence(device: str, n: int, v: int, k: int, dtype) -> float:
     return worst
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     dev = args.device
     worst = 0.0
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -12,7 +12,7 @@ e_a = exp(z_a - c) exactly as summed into s (RowStatistics), so that pi's "other
 cancels exactly; everything after that works on [N, K+1] tensors in fp64. Two backends compute them:
   torch   chunks of rows upcast to fp32 (fp64 for fp64 logits); extra memory one chunk, CHUNK_BYTES. It
           sums the terms outside the ids directly and adds the ids' terms in fp64: the same exact other mass.
-  triton  ``verl_cppo.kernels.topk_divergence``: one program per row reads the logits once and gathers the
+  triton  ``verl_cppo.kernels.topk_statistics``: one program per row reads the logits once and gathers the
           K+1 logits; extra memory O(N * K).
 Under Megatron tensor parallelism each rank holds a vocab shard; the statistics combine with one MAX
 all-reduce of [N, K+2] and one SUM all-reduce of [N, 2K+3] values (the pattern of Megatron's vocab-parallel

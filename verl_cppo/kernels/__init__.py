@@ -4,7 +4,7 @@ This package imports only torch and ``verl_cppo.core`` (never verl). Each kernel
 import time: import one only after ``triton_available()``; the pure-torch code in core is each kernel's
 reference and fallback.
 
-``topk_divergence.py``: the row statistics of the Top-K divergences (``verl_cppo.core.topk_divergence``);
+``topk_statistics.py``: the row statistics of the Top-K divergences (``verl_cppo.core.topk_divergence``);
 ``topk_divergence()`` below picks that kernel or the torch pass (``backend``).
 ``cppo_triton.py`` + ``fused_loss.py``: the whole CPPO loss rule (divergence, position weights, prefix scan,
 per-row quantile by selection, gate, loss coefficient, metric sums) as one program per response, launched
@@ -93,7 +93,7 @@ def topk_divergence(logits: torch.Tensor, *args, backend: Backend = "auto", **kw
     TRITON_INTERPRET=1, Triton's interpreter: slow, for tests). Other arguments as the core function."""
     row_statistics = None
     if _topk_uses_triton(logits, backend):
-        from verl_cppo.kernels.topk_divergence import row_statistics_triton
+        from verl_cppo.kernels.topk_statistics import row_statistics_triton
 
         row_statistics = row_statistics_triton
     return _topk.topk_divergence(logits, *args, row_statistics=row_statistics, **kwargs)

@@ -17,7 +17,10 @@ an error, a warning or a note); ``problems`` runs them all, and ``validate`` log
   from verl's defaults, are refused naming the key (a silent no-op otherwise);
 * ``check_topk_config``: a Top-K divergence the launch can serve;
 * ``_cppo_grpo``: the estimator's node is valid and a group holds more than one response;
-* ``verl_cppo.launch.verl_checks``: the workers' configs, the names verl looks up late, the GPU layout.
+* ``verl_cppo.launch.verl_checks``: the workers' configs, the names verl looks up late, the GPU layout;
+* ``_verl_assumptions`` (first): every assumption the plugin makes about verl's internals holds
+  (``verl_cppo.hooks.assumptions``: its registrations are its own, verl's config classes lack its nodes, the
+  batch carries its columns, each hooked function has the parameters it relies on).
 
 Then ``verl_cppo.topk.setup.propagate_topk`` exports K to every Ray process when a Top-K divergence is set.
 
@@ -53,10 +56,11 @@ from verl_cppo.config_paths import (
     configured_topk,
     uses_the_plugin,
 )
+from verl_cppo.hooks import assumptions
 from verl_cppo.launch.unread_settings import ignored_clip_settings, ignored_rollout_correction
 from verl_cppo.launch.verl_checks import Problem, launch_layout, registered_names, worker_configs
 from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS
-from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, propagate_topk
+from verl_cppo.topk.setup import VLLM_DEFAULT_MAX_LOGPROBS, export_to_ray_job, propagate_topk
 
 __all__ = [
     "STRICT_ANCHOR_ENV",
@@ -263,7 +267,18 @@ def _cppo_grpo(config: Any) -> list[Problem]:
     return found
 
 
+def _verl_assumptions(config: Any) -> list[Problem]:
+    """What the plugin assumes of verl (``verl_cppo.hooks.assumptions``); a replaced registrant is a warning, and
+    the opt-in that replaced it reaches every Ray process."""
+    found = [Problem(message) for message in assumptions.violations(config)]
+    for registry, other in assumptions.replaced_registrants().items():
+        found.append(Problem(f"verl-cppo's {registry} replaced {other} ({assumptions.REPLACE_ENV}=1)", "warning"))
+        export_to_ray_job(config, assumptions.REPLACE_ENV, "1")
+    return found
+
+
 CHECKS = (
+    _verl_assumptions,
     _settings_nodes,
     _anchoring,
     _legacy_trainer_topk,

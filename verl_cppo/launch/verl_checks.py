@@ -21,6 +21,7 @@ A ``note`` is information only (the dry run prints it, ``main_ppo`` logs it at D
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
 import os
@@ -30,6 +31,7 @@ from typing import Any, Literal
 from omegaconf import OmegaConf, open_dict
 
 from verl_cppo.config_paths import POLICY_LOSS
+from verl_cppo.launch.data_check import missing_fields
 
 __all__ = ["LAYOUT_SIZES", "Problem", "launch_layout", "registered_names", "worker_configs"]
 
@@ -140,14 +142,35 @@ def _reward_function(config: Any, working_dir: str | None) -> list[Problem]:
             config.reward.custom_reward_function.path = path
     if fn is None:
         return problems
+    problems = _reward_data(config, fn, key)
     module = str(path).removeprefix("pkg://")
     if module in REWARD_NEEDS:
         needed, install = REWARD_NEEDS[module]
         try:
             importlib.import_module(needed)
         except ImportError as exc:
-            return [_error(f"{key}.path={path} needs {needed}, which does not import here ({exc}): {install}")]
-    return [_note(f"reward function: {path}:{node.get('name')}")]
+            missing = f"{key}.path={path} needs {needed}, which does not import here ({exc}): {install}"
+            return [*problems, _error(missing)]
+    return [*problems, _note(f"reward function: {path}:{node.get('name')}")]
+
+
+def _reward_data(config: Any, fn: Any, key: str) -> list[Problem]:
+    """The data files hold what the loaded reward declares it reads from every row (its module's
+    ``DATA_FIELDS``; ``verl_cppo.launch.data_check``)."""
+    # verl 0.9.1's get_custom_reward_fn returns partial(_call_with_kwargs, <the loaded function>, kwargs)
+    raw = fn.args[0] if isinstance(fn, functools.partial) and fn.args and callable(fn.args[0]) else None
+    if raw is None:
+        return [Problem(f"{key}: verl returned {fn!r}, not the expected partial; data fields not checked", "warning")]
+    fields = getattr(raw, "__globals__", {}).get("DATA_FIELDS")
+    if not fields:
+        return []
+    found = []
+    for data_key in ("train_files", "val_files"):
+        files = (config.get("data") or {}).get(data_key) or []
+        files = [files] if isinstance(files, str) else list(files)
+        errors, notes = missing_fields(files, fields, f"data.{data_key}")
+        found += [Problem(e) for e in errors] + [_note(n) for n in notes]
+    return found
 
 
 def registered_names(config: Any, working_dir: str | None = None) -> list[Problem]:

@@ -24,7 +24,8 @@ Design:
   longer than ``MAX_GROUND_TRUTH_CHARS``) is compared as a string only.
 * Bad arguments are errors, not scores: a ``solution_str`` that is not a string or a ``ground_truth`` that
   is None (a dataset row without ``reward_model.ground_truth``) raise a ``TypeError`` / ``ValueError``
-  naming the argument; scoring such a row 0 would silently drop its prompt from training.
+  naming the argument; scoring such a row 0 would silently drop its prompt from training. The driver checks
+  the data files for ``DATA_FIELDS`` before Ray starts, so this error is the last guard, not the first.
 * Score 1.0 for a correct answer, 0.0 otherwise (the paper's grader; no format penalty).
 
 math-verify is verl's ``math`` extra; it is imported on first use, with an error that says how to install it.
@@ -39,6 +40,7 @@ import threading
 from typing import Any
 
 __all__ = [
+    "DATA_FIELDS",
     "MAX_ANSWER_CHARS",
     "MAX_GROUND_TRUTH_CHARS",
     "MEMORY_MB",
@@ -47,6 +49,7 @@ __all__ = [
     "compute_score",
     "extract_answer",
     "is_equivalent",
+    "math_verify_verdict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,10 @@ TIMEOUT_SECONDS = 5
 
 MEMORY_MB = 512
 """Address space a math-verify child may grow by beyond its size after importing math-verify."""
+
+DATA_FIELDS = {"reward_model.ground_truth": "string"}
+"""What ``compute_score`` reads from every dataset row: the driver checks ``data.train_files`` and
+``data.val_files`` for it before Ray starts (``verl_cppo.launch.data_check``; keep it true in a copy you adapt)."""
 
 MAX_WORKERS = min(4, os.cpu_count() or 1)
 """math-verify child processes per process that scores (started on demand)."""
@@ -138,8 +145,9 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+|\\[,!; ]|\\left|\\right", "", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
 
 
-def _verify(answer: str, ground_truth: str) -> bool:
-    """math-verify's verdict, run inside a sandbox child (its main thread: math-verify's own timeouts apply)."""
+def math_verify_verdict(answer: str, ground_truth: str) -> bool:
+    """math-verify's verdict, unbounded: ``is_equivalent`` runs it inside a sandbox child (its main thread, where
+    math-verify's own timeouts apply); calling it directly is the in-process baseline of the sandbox's cost."""
     mv = _load_math_verify()
     latex_only = [mv.LatexExtractionConfig()]
     latex_or_expr = [mv.LatexExtractionConfig(), mv.ExprExtractionConfig()]
@@ -152,7 +160,7 @@ def _verify(answer: str, ground_truth: str) -> bool:
 
 def _warmup() -> None:
     """Load math-verify and sympy in a child before its memory limit is set."""
-    _verify("\\frac{1}{2}", "0.5")
+    math_verify_verdict("\\frac{1}{2}", "0.5")
 
 
 _SANDBOX = None
@@ -165,7 +173,7 @@ def _sandbox():
         if _SANDBOX is None:
             from verl_cppo.math_task.sandbox import Sandbox
 
-            _SANDBOX = Sandbox(_verify, TIMEOUT_SECONDS, MEMORY_MB, MAX_WORKERS, warmup=_warmup)
+            _SANDBOX = Sandbox(math_verify_verdict, TIMEOUT_SECONDS, MEMORY_MB, MAX_WORKERS, warmup=_warmup)
         return _SANDBOX
 
 

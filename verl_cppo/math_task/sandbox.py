@@ -5,8 +5,8 @@ Ray actor), where ``signal.alarm`` timeouts cannot run, and math parsing of a ho
 minutes or grow to gigabytes (``9^{9^{9^{9}}}``). A thread cannot be stopped; a process can. So:
 
 * A ``Sandbox`` keeps up to ``max_workers`` persistent child processes (a fresh interpreter each, started
-  on first use, never forked from a threaded parent). A child loads this file and the function's module
-  *by path*, not as ``verl_cppo`` modules (importing the package imports verl: seconds per start), so the
+  on first use, never forked from a threaded parent). A child loads this file and the file that defines the
+  function *by path*, not as ``verl_cppo`` modules (importing the package imports verl: seconds per start), so the
   function's module must need only the standard library and third-party packages. It runs ``warmup``
   once, then limits its own address space (``RLIMIT_AS``: what it uses then plus ``memory_mb``) and serves
   calls over its stdin / stdout (``multiprocessing.connection`` framing).
@@ -83,11 +83,17 @@ class _Child:
 
 
 def _spec(function: Callable | None) -> str | None:
-    """``"<file of its module>:<name>"`` for a module-level function."""
+    """``"<file that defines it>:<name>"`` for a module-level function.
+
+    The file comes from the function's code object, not from ``sys.modules``: verl loads a reward given as a
+    file path (``load_extern_object``) without registering its module there, and a user's copy of a reward
+    file lives wherever they put it; either way the child loads the same file the caller's function came from.
+    """
     if function is None:
         return None
-    path = getattr(sys.modules.get(function.__module__), "__file__", None)
-    if path is None or "." in function.__qualname__:
+    code = getattr(function, "__code__", None)
+    path = code.co_filename if code is not None else None
+    if path is None or not os.path.isfile(path) or "." in function.__qualname__:
         raise ValueError(f"Sandbox runs module-level functions of a file, not {function!r}")
     return f"{os.path.abspath(path)}:{function.__name__}"
 

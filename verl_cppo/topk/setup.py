@@ -34,6 +34,7 @@ __all__ = [
     "TOPK_DIFFS",
     "TOPK_ROLLOUTS",
     "VLLM_ARRAYS_HOOK",
+    "export_to_ray_job",
     "install_topk_runtime",
     "propagate_topk",
     "vllm_arrays_wrapper",
@@ -48,20 +49,27 @@ VLLM_DEFAULT_MAX_LOGPROBS = 20
 """vLLM's ModelConfig.max_logprobs default: a request for more top log-probs is rejected."""
 
 
-def propagate_topk(config: Any) -> int:
-    """Export VERL_CPPO_TOPK=K to this process and to the Ray job's runtime env (no-op without Top-K)."""
-    k = configured_topk(config)
-    if k == 0:
-        return 0
+def export_to_ray_job(config: Any, name: str, value: str) -> None:
+    """Set environment variable ``name`` in this process and in ``ray_kwargs.ray_init.runtime_env.env_vars``,
+    the Ray job's runtime environment that verl's ``run_ppo`` passes to ``ray.init``: every process of the job
+    (TaskRunner, agent-loop workers, rollout servers, actor workers) starts with it."""
     from omegaconf import OmegaConf
 
-    os.environ[ENV_TOPK] = str(k)
+    os.environ[name] = value
     keys = ["ray_kwargs", "ray_init", "runtime_env", "env_vars"]
     for depth in range(1, len(keys) + 1):  # a null node on the way (e.g. runtime_env: null) becomes {}
         node = ".".join(keys[:depth])
         if OmegaConf.select(config, node) is None:
             OmegaConf.update(config, node, {}, force_add=True)
-    OmegaConf.update(config, f"{node}.{ENV_TOPK}", str(k), force_add=True)
+    OmegaConf.update(config, f"{node}.{name}", value, force_add=True)
+
+
+def propagate_topk(config: Any) -> int:
+    """Export VERL_CPPO_TOPK=K to this process and to the Ray job's runtime env (no-op without Top-K)."""
+    k = configured_topk(config)
+    if k == 0:
+        return 0
+    export_to_ray_job(config, ENV_TOPK, str(k))
     logger.info("verl-cppo: Top-K divergence with K=%d; %s=%d exported to the Ray job's runtime env", k, ENV_TOPK, k)
     return k
 
@@ -71,7 +79,8 @@ VLLM_ARRAYS_HOOK = "topk_vllm_arrays"
 
 
 def vllm_arrays_wrapper(original):
-    """The ``make_wrapper`` of the ``VLLM_ARRAYS_HOOK`` wrap, for callers that install it in their own process."""
+    """The ``hooks.wrap`` wrapper of vLLM's ``LogprobsProcessor.from_new_request`` that keeps mu's top-K as arrays
+    (``verl_cppo.topk.vllm_arrays``, imported only when vLLM's frontend is)."""
     from verl_cppo.topk.vllm_arrays import wrap_from_new_request
 
     return wrap_from_new_request(original)
