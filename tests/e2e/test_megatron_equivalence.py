@@ -48,15 +48,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 import torch
 
-from tests.support import REPO_ROOT
+from tests.support import rank_processes
 from tests.support.multirank_update import RECORD
 
 pytestmark = pytest.mark.slow
@@ -64,8 +62,6 @@ pytestmark = pytest.mark.slow
 CASES = ("cppo", "topk_tv", "cppo_grpo")
 LAYOUTS = {"tp2": (2, 1), "cp2": (1, 2), "tp2_cp2": (2, 2)}  # name: (tp, cp)
 RUN_TIMEOUT_S = 600  # all four layouts together
-SWITCH = {"VERL_CPPO_CPU_TESTING": "1", "VERL_USE_EXTERNAL_MODULES": "verl_cppo.testing.register"}
-QUIET = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 U = 2.0**-24  # float32 unit roundoff
 RTOL, ATOL = 1e-5, 1e-6
 ADAM_ROUNDINGS = 12  # the AdamW replay's bound, in units of u (module docstring)
@@ -73,44 +69,9 @@ MICRO_BATCHES = 8  # 4 micro-batches of 4 responses per epoch, 2 epochs, DP = 1
 
 
 def start_layout(tp: int, cp: int, out_dir: str, plant: str | None = None) -> dict:
-    """Start tp * cp ranks of the update script (gloo, FileStore); ``finish_layout`` waits for them."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_USE_EXTERNAL", "VERL_CPPO", "VERL_PLAT"))}
-    world, tag = tp * cp, f"tp{tp}_cp{cp}"
-    out, store = os.path.join(out_dir, f"{tag}.pt"), os.path.join(out_dir, f"store_{tag}")
-    if os.path.exists(store):  # a FileStore of an earlier run in MEGATRON_KEEP_DIR points at dead addresses
-        os.remove(store)
-    command = [sys.executable, "-m", "tests.support.megatron_update", out, store, ",".join(CASES), str(tp), str(cp)]
-    command += ["--plant", plant] if plant else []
-    procs, logs = [], []
-    for rank in range(world):
-        env = {**base, **SWITCH, **QUIET, "PYTHONPATH": REPO_ROOT, "RANK": str(rank), "WORLD_SIZE": str(world)}
-        env.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-        log = open(os.path.join(out_dir, f"{tag}_rank{rank}.log"), "w+")
-        procs.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-        logs.append(log)
-    return {"tag": tag, "procs": procs, "logs": logs, "out": out}
-
-
-def finish_layout(run: dict, deadline: float) -> dict:
-    """Wait for a started layout until ``deadline`` (time.monotonic), kill what is left, load rank 0's file."""
-    procs, tag = run["procs"], run["tag"]
-    try:
-        codes = [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in procs]
-    except subprocess.TimeoutExpired:
-        codes = None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    tails = []
-    for rank, log in enumerate(run["logs"]):
-        log.seek(0)
-        tails.append(f"--- rank {rank} ---\n" + log.read()[-3000:])
-        log.close()
-    assert codes is not None, f"{tag} timed out after {RUN_TIMEOUT_S} s\n" + "\n".join(tails)
-    assert codes == [0] * len(procs), f"{tag} exit codes {codes}\n" + "\n".join(tails)
-    return torch.load(run["out"], weights_only=False)
+    """Start tp * cp ranks of the update script (gloo, FileStore); ``rank_processes.finish`` waits for them."""
+    args = [",".join(CASES), str(tp), str(cp), *(["--plant", plant] if plant else [])]
+    return rank_processes.start("tests.support.megatron_update", args, tp * cp, out_dir, f"tp{tp}_cp{cp}")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +89,7 @@ def runs():
         result = {}
         try:
             for name, run in started.items():
-                result[name] = finish_layout(run, deadline)
+                result[name] = rank_processes.finish(run, deadline)
         finally:
             for run in started.values():  # a failed layout must not leave the others running
                 for p in run["procs"]:

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
+import time
 
 import pytest
 import torch
 
-from tests.support import REPO_ROOT
+from tests.support import rank_processes
 from tests.support.adamw_reference import UNIT_ROUNDOFF, replay_adamw
 from tests.support.multirank_update import RECORD
 from verl_cppo.testing import tiny_task
@@ -42,8 +41,6 @@ pytestmark = pytest.mark.slow
 CASES = ("cppo", "topk_tv", "cppo_grpo")
 LAYOUTS = {"dp2": (2, 1), "sp2": (2, 2)}  # name: (world, ulysses sp)
 RUN_TIMEOUT_S = 420
-SWITCH = {"VERL_CPPO_CPU_TESTING": "1", "VERL_USE_EXTERNAL_MODULES": "verl_cppo.testing.register"}
-QUIET = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 # Tolerances, derived (u = 2^-24, float32): DP and SP change only the order of sums. Reordering a float32 sum
 # of n terms moves it by at most 2 n u sum|terms|; the batch holds 264 tokens, so a token sum moves by at most
 # 3.1e-5 of its absolute sum, doubled for the rounding-level differences of the per-token log-probs themselves.
@@ -65,35 +62,10 @@ GRAD_RTOL = 1e-3
 
 
 def run_layout(world: int, sp: int, out_dir: str, plant: str | None = None) -> dict:
-    """Start `world` ranks of the update script (gloo, FileStore), wait at most RUN_TIMEOUT_S, load rank 0's file."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_USE_EXTERNAL", "VERL_CPPO", "VERL_PLAT"))}
-    out, store = os.path.join(out_dir, f"w{world}_sp{sp}.pt"), os.path.join(out_dir, f"store_w{world}_sp{sp}")
-    command = [sys.executable, "-m", "tests.support.multirank_update", out, store, ",".join(CASES), str(sp)]
-    command += ["--plant", plant] if plant else []
-    procs, logs = [], []
-    for rank in range(world):
-        env = {**base, **SWITCH, **QUIET, "PYTHONPATH": REPO_ROOT, "RANK": str(rank), "WORLD_SIZE": str(world)}
-        env.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-        log = open(os.path.join(out_dir, f"w{world}_sp{sp}_rank{rank}.log"), "w+")
-        procs.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-        logs.append(log)
-    try:
-        codes = [p.wait(timeout=RUN_TIMEOUT_S) for p in procs]
-    except subprocess.TimeoutExpired:
-        codes = None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    tails = []
-    for rank, log in enumerate(logs):
-        log.seek(0)
-        tails.append(f"--- rank {rank} ---\n" + log.read()[-3000:])
-        log.close()
-    assert codes is not None, f"world={world} sp={sp} timed out after {RUN_TIMEOUT_S} s\n" + "\n".join(tails)
-    assert codes == [0] * world, f"world={world} sp={sp} exit codes {codes}\n" + "\n".join(tails)
-    return torch.load(out)
+    """Run `world` ranks of the update script (gloo, FileStore) for at most RUN_TIMEOUT_S; rank 0's file."""
+    args = [",".join(CASES), str(sp), *(["--plant", plant] if plant else [])]
+    run = rank_processes.start("tests.support.multirank_update", args, world, out_dir, f"w{world}_sp{sp}")
+    return rank_processes.finish(run, time.monotonic() + RUN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tests.support.multirank_update import EPOCHS, MICRO_BATCH, RECORD, recorded_batch
+from tests.support.multirank_update import MICRO_BATCH, RECORD, assign_update_fields, recorded_batch
 
 COLLECTIVE_TIMEOUT_S = 300  # 9 processes share 2 cores in the test: a rank may wait long for the others
 TEST_HOOK = "megatron_equivalence_probe"
@@ -258,19 +258,7 @@ def run_case(
     )  # fmt: skip
     worker = training_worker(model_config, engine_config, optim_config, actor_config)
     worker.set_loss_fn(partial(ppo_loss_with_topk if case == "topk_tv" else ppo_loss, config=actor_config))
-    tu.assign_non_tensor(
-        data,
-        calculate_entropy=False,
-        distillation_use_topk=case == "topk_tv",
-        distillation_only=False,
-        global_batch_size=batch,
-        mini_batch_size=batch,
-        epochs=EPOCHS,
-        seed=42,
-        dataloader_kwargs={"shuffle": False},
-        compute_loss=True,
-        temperature=1.0,
-    )  # fmt: skip  (the v1 trainer's _update_actor fields, as tests/support/multirank_update.py sends them)
+    assign_update_fields(data, case)  # as tests/support/multirank_update.py sends them
     dp_size, dp_rank = worker.engine.get_data_parallel_size(), worker.engine.get_data_parallel_rank()
     (chunks,), _ = _split_args_kwargs_data_proto(dp_size, data)
     local = chunks[dp_rank].clone().unlock_()

@@ -106,6 +106,27 @@ def planted_loss(loss_fn, plant: str | None):
     return wrong_count
 
 
+def assign_update_fields(data, case: str) -> None:
+    """The v1 trainer's ``_update_actor`` fields on the batch: one mini-batch = the whole recorded batch, two
+    epochs, no shuffle; the Top-K case asks the engine for pi's logits (``distillation_use_topk``)."""
+    from verl.utils import tensordict_utils as tu
+
+    batch = data.shape[0]
+    tu.assign_non_tensor(
+        data,
+        calculate_entropy=False,
+        distillation_use_topk=case == "topk_tv",
+        distillation_only=False,
+        global_batch_size=batch,
+        mini_batch_size=batch,
+        epochs=EPOCHS,
+        seed=42,
+        dataloader_kwargs={"shuffle": False},
+        compute_loss=True,
+        temperature=1.0,
+    )  # fmt: skip
+
+
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2 shard (a collective: every rank must call it in the same order), as float32."""
     return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().float().clone()
@@ -201,19 +222,7 @@ def run_case(case: str, record: dict, model_dir: str, sp: int, plant: str | None
 
     worker.set_loss_fn(partial(planted_loss(observed, plant), config=actor_config))
 
-    tu.assign_non_tensor(
-        data,
-        calculate_entropy=False,
-        distillation_use_topk=case == "topk_tv",
-        distillation_only=False,
-        global_batch_size=batch,
-        mini_batch_size=batch,
-        epochs=EPOCHS,
-        seed=42,
-        dataloader_kwargs={"shuffle": False},
-        compute_loss=True,
-        temperature=1.0,
-    )  # fmt: skip  (the v1 trainer's _update_actor fields; one mini-batch = the whole recorded batch, two epochs)
+    assign_update_fields(data, case)
     dp_size, dp_rank = worker.engine.get_data_parallel_size(), worker.engine.get_data_parallel_rank()
     (chunks,), _ = _split_args_kwargs_data_proto(dp_size, data)
     local = chunks[dp_rank].clone().unlock_()  # what the Ray call delivers: this rank's own unlocked copy
