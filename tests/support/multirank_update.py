@@ -41,6 +41,26 @@ RECORD = os.path.join(os.path.dirname(__file__), "data", "multirank_rollout.json
 COLLECTIVE_TIMEOUT_S = 120
 EPOCHS = 2  # the second pass over the batch sees pi moved away from mu: CPPO masks tokens there
 MICRO_BATCH = 4  # per GPU: the recorded 16 responses are 4 micro-batches on one rank, 2 per rank on two DP ranks
+# The equivalence tests' tolerances (FSDP: tests/e2e/test_multirank_equivalence.py, Megatron:
+# tests/e2e/test_megatron_equivalence.py), derived (u = 2^-24, float32): the layouts change only the order of
+# sums. Reordering a float32 sum of n terms moves it by at most 2 n u sum|terms|; the batch holds 264 tokens, so a
+# token sum moves by at most 3.1e-5 of its absolute sum, doubled for the rounding-level differences of the
+# per-token log-probs themselves.
+with open(RECORD) as _f:
+    TOKENS = sum(len(r["prompt"]) + len(r["response"]) for r in json.load(_f)["rows"])  # 264
+SUM_RTOL = 4 * TOKENS * 2.0**-24  # 6.3e-5
+# * every actor/cppo_* metric is a mean, share or max of non-negative per-token values: its absolute sum is the
+#   value itself, so |a - b| <= SUM_RTOL |b|. A count moves only if a token's divergence lies within rounding of
+#   its threshold (a jump of 1/264, refused: at ~1e-7 per value that is far under 1e-3 per run);
+# * the loss sums signed terms A rho (GRPO advantages of groups of 4, std-normalised: |A| <= 3 / sqrt(4) = 1.5),
+#   so its absolute sum is at most 1.5 rho_max (the one-rank run's own metric): |a - b| <= SUM_RTOL 1.5 rho_max;
+# * the gradient norm: | |g_m| - |g_1| | <= |g_m - g_1| <= GRAD_RTOL |g_1| by the per-tensor gradient bound below.
+# Gradients, per tensor in the 2-norm. DP, SP, TP and CP change only the order in which each gradient entry's float32
+# terms are added; reordering a sum of n terms moves it by at most 2 n u sum|terms| (u = 2^-24). Along this
+# backward a weight entry sums the batch's 264 tokens after about ten chained inner products of at most 128
+# terms: n <= ~1,600, 2 n u = 1.9e-4. The tensor's norm stands in for sum|terms| (entries whose terms cancel weigh
+# little in the norm): a factor of 5 covers that, so 1e-3. The planted count errors move gradients by >= 50%.
+GRAD_RTOL = 1e-3
 
 
 def _nested(rows: list[torch.Tensor]) -> torch.Tensor:
