@@ -34,6 +34,8 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from verl_cppo.config_paths import config_value
+
 __all__ = [
     "FEATURES",
     "REPLACE_ENV",
@@ -131,22 +133,15 @@ SIGNATURES = (
 """Every signature assumption (tests/hooks/test_assumptions.py keeps it covering every ``hooks.wrap`` target)."""
 
 
-def _setting(config: Mapping, dotted: str):
-    node = config
-    for key in dotted.split("."):
-        node = node.get(key) if isinstance(node, Mapping) else None
-    return node
-
-
 FEATURES = {
     "always": lambda config: True,
     "shard_local": lambda config: (
-        "verl_cppo.megatron_shard_local" in str(_setting(config, "actor_rollout_ref.model.external_lib") or "")
+        "verl_cppo.megatron_shard_local" in str(config_value(config, "actor_rollout_ref.model.external_lib") or "")
     ),
     "topk": lambda config: str(
-        _setting(config, "actor_rollout_ref.actor.policy_loss.cppo.divergence") or ""
+        config_value(config, "actor_rollout_ref.actor.policy_loss.cppo.divergence") or ""
     ).startswith("topk"),
-    "checkpoints": lambda config: "verl_cppo" in str(_setting(config, "trainer.checkpoint_callback_class") or ""),
+    "checkpoints": lambda config: "verl_cppo" in str(config_value(config, "trainer.checkpoint_callback_class") or ""),
 }
 """Which launches use a feature whose signatures are checked (every feature when no config is given)."""
 
