@@ -63,6 +63,24 @@ SUM_RTOL = 4 * TOKENS * 2.0**-24  # 6.3e-5
 GRAD_RTOL = 1e-3
 
 
+def close(a: float, b: float, scale: float | None = None, rtol: float = SUM_RTOL) -> bool:
+    """|a - b| within ``rtol`` of ``scale`` (the absolute sum behind b; b itself for non-negative terms)."""
+    return abs(a - b) <= rtol * (abs(b) if scale is None else scale)
+
+
+def assert_cppo_metrics_match(one: dict, many: dict, case: str, layout: str) -> None:
+    """Every ``actor/cppo_*`` metric of a multi-rank run within ``SUM_RTOL`` of the one-rank run's (they are
+    means, shares or maxima of non-negative per-token values), over a batch that masks tokens."""
+    assert one["actor/cppo_masked_frac"] > 0.05  # the comparison covers masked tokens
+    if case == "topk_tv":
+        assert one["actor/cppo_topk_coverage"] == 1.0
+    assert set(many) == set(one)
+    cppo = [k for k in one if k.startswith("actor/cppo_")]
+    assert len(cppo) >= 10
+    wrong = {k: (many[k], one[k]) for k in cppo if not close(many[k], one[k])}
+    assert not wrong, f"{layout} CPPO metrics differ from one rank: {wrong}"
+
+
 def _nested(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
 
