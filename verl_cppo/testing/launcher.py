@@ -232,17 +232,16 @@ def megatron_actor_overrides(seed: int, *, tp: int = 1, cp: int = 1) -> list[str
     (``PROVEN_EXTERNAL_LIB``; binary TV only: the driver refuses Top-K with it), TP = ``tp`` and CP = ``cp``."""
     from verl_cppo.testing.cpu_megatron import OVERRIDE_TRANSFORMER_CONFIG, PROVEN_ENGINE, PROVEN_EXTERNAL_LIB
 
-    def value(v: object) -> object:
-        return "null" if v is None else v
-
     megatron = "actor_rollout_ref.actor.megatron"
-    engine = {k: v for k, v in PROVEN_ENGINE.items() if k not in ("strategy", "use_remove_padding")}
+    engine = {
+        k: "null" if v is None else v for k, v in PROVEN_ENGINE.items() if k not in ("strategy", "use_remove_padding")
+    }
     return [
         "model_engine=megatron",  # verl's megatron_actor / megatron_ref / megatron_critic configs
         "actor_rollout_ref.model.use_remove_padding=True",  # PROVEN_ENGINE's THD packing, read from the model
         f"actor_rollout_ref.model.external_lib={PROVEN_EXTERNAL_LIB}",
         # "++": fields of McoreEngineConfig that megatron.yaml may not list
-        *(f"++{megatron}.{k}={value(v)}" for k, v in engine.items()),
+        *(f"++{megatron}.{k}={v}" for k, v in engine.items()),
         f"{megatron}.dtype=float32",
         f"{megatron}.sequence_parallel=False",
         f"{megatron}.tensor_model_parallel_size={tp}",
