@@ -135,7 +135,7 @@ def test_section_2_hooks_still_wrap_the_patched_modules(probes):
 
 
 def test_the_legacy_agent_loop_is_wrapped_only_in_topk_processes(probes):
-    """The DataProto agent loop's two Top-K hooks (verl_cppo.topk.setup.LEGACY_AGENT_LOOP_HOOKS)."""
+    """The DataProto agent loop's two Top-K hooks (verl_cppo.topk.setup.LEGACY_TRAJECTORY_HOOK, LEGACY_BATCH_HOOK)."""
     on, off = probes
     assert "legacy agent loop hooks topk_legacy_trajectory topk_legacy_batch" in on.stdout
     assert "legacy agent loop hooks None None" in off.stdout

@@ -12,7 +12,7 @@ The user selects ``actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv``
 2. each process (``verl_cppo.plugin``, during ``import verl``): ``install_topk_runtime`` applies the Top-K diffs
    of ``verl_cppo/hooks/import_time_diffs`` to the verl modules when they are imported, wraps vLLM's
    ``LogprobsProcessor.from_new_request`` (``verl_cppo.topk.vllm_arrays``) and the legacy trainer's DataProto
-   agent loop (``LEGACY_AGENT_LOOP_HOOKS``), only when VERL_CPPO_TOPK is set.
+   agent loop (``LEGACY_TRAJECTORY_HOOK``, ``LEGACY_BATCH_HOOK``), only when VERL_CPPO_TOPK is set.
 
 The rollouts that serve mu's top-K are ``verl_cppo.topk.rollout.TOPK_ROLLOUTS`` (verl's vllm and sglang
 servers with the diffs).
@@ -33,7 +33,8 @@ from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS, padded_topk_postproc
 __all__ = [
     "AGENT_LOOP",
     "ENV_TOPK",
-    "LEGACY_AGENT_LOOP_HOOKS",
+    "LEGACY_BATCH_HOOK",
+    "LEGACY_TRAJECTORY_HOOK",
     "TOPK_DIFFS",
     "TOPK_ROLLOUTS",
     "VLLM_ARRAYS_HOOK",
@@ -79,14 +80,14 @@ def propagate_topk(config: Any) -> int:
 
 AGENT_LOOP = "verl.experimental.agent_loop.agent_loop"
 
-LEGACY_AGENT_LOOP_HOOKS = {
-    "AgentLoopWorker._agent_loop_postprocess": ("topk_legacy_trajectory", padded_topk_postprocess),
-    "AgentLoopWorker._postprocess": ("topk_legacy_batch", topk_into_batch),
-}
-"""Hook name and wrapper per method of the legacy trainer's DataProto agent loop (``trainer.use_v1=False``): each
-trajectory's padded top-K rows, then the batch's ``[B, response_length, K]`` fields (``verl_cppo.topk.rollout``).
-``AgentLoopWorkerTQ`` (v1) overrides the first and never calls the second: its record gets the fields through
-``topk_agent_loop.diff``."""
+LEGACY_TRAJECTORY_HOOK = "topk_legacy_trajectory"
+"""Hook name of the ``AgentLoopWorker._agent_loop_postprocess`` wrapper (legacy trainer, ``trainer.use_v1=False``):
+each trajectory's top-K rows padded to the response length (``verl_cppo.topk.rollout.padded_topk_postprocess``).
+``AgentLoopWorkerTQ`` (v1) overrides the method: its record gets the fields through ``topk_agent_loop.diff``."""
+
+LEGACY_BATCH_HOOK = "topk_legacy_batch"
+"""Hook name of the ``AgentLoopWorker._postprocess`` wrapper (legacy trainer): the trajectories' rows into the
+``DataProto`` batch as ``[B, response_length, K]`` (``verl_cppo.topk.rollout.topk_into_batch``)."""
 
 VLLM_ARRAYS_HOOK = "topk_vllm_arrays"
 """Hook name of the ``LogprobsProcessor.from_new_request`` wrapper (``verl_cppo.topk.vllm_arrays``)."""
@@ -110,6 +111,8 @@ def install_topk_runtime() -> list[str]:
     hooks.wrap(
         "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
     )
-    for attribute, (name, make_wrapper) in LEGACY_AGENT_LOOP_HOOKS.items():
-        hooks.wrap(AGENT_LOOP, attribute, make_wrapper, name=name)
+    hooks.wrap(
+        AGENT_LOOP, "AgentLoopWorker._agent_loop_postprocess", padded_topk_postprocess, name=LEGACY_TRAJECTORY_HOOK
+    )
+    hooks.wrap(AGENT_LOOP, "AgentLoopWorker._postprocess", topk_into_batch, name=LEGACY_BATCH_HOOK)
     return hooks.apply_diffs(TOPK_DIFFS)
