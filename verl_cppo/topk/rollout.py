@@ -254,9 +254,9 @@ def padded_topk_postprocess(original):
             length = fields[TOPK_IDS].shape[0]
             if length > width:
                 raise ValueError(f"rollout top-K has {length} rows for a response padded to {width} tokens")
-            ids[:length], lps[:length] = fields[TOPK_IDS].numpy(), fields[TOPK_LOG_PROBS].numpy()
-            padded.extra_fields[TOPK_IDS] = torch.from_numpy(ids)[None]
-            padded.extra_fields[TOPK_LOG_PROBS] = torch.from_numpy(lps)[None]
+            ids[:length], lps[:length] = fields[TOPK_IDS].numpy(), fields[TOPK_LOG_PROBS].numpy()  # [W, K] each
+            padded.extra_fields[TOPK_IDS] = torch.from_numpy(ids)[None]  # [1, W, K] int32
+            padded.extra_fields[TOPK_LOG_PROBS] = torch.from_numpy(lps)[None]  # [1, W, K] float32
         return padded
 
     return postprocess
