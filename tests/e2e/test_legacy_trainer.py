@@ -11,6 +11,11 @@ both with the ``cppo_grpo`` estimator), with ``verl_cppo.testing.loss_probe`` re
   recomputation (none ran), while the policy moved within the step (old != current);
 * ``cppo_grpo``'s excluded responses leave the sequence count the loss divides by, on the legacy path too
   (probe: global_batch_size + excluded responses = the mini-batch's 64 responses).
+
+And the Top-K divergence on the legacy trainer (its own run): mu's top-K from the live vLLM server through the
+DataProto agent loop (``verl_cppo.topk.rollout``'s two wrappers) and the legacy ``_update_actor``
+(``topk_actor_update.diff``) into the FSDP2 engine hook; with one update per step pi = mu, so D < 1e-4 at every
+step and coverage 1, as the v1 trainer's test (tests/testing/test_vllm_cpu.py) requires.
 """
 
 import pytest
@@ -80,3 +85,28 @@ def test_cppo_grpo_exclusion_reaches_the_loss_normaliser(legacy):
         for row in rows:
             kept = row["actor/probe_global_batch_size"]
             assert kept + row["actor/probe_zeroed_rows"] == MINI_BATCH_RESPONSES, (arm, row)
+
+
+def test_topk_tv_on_the_legacy_trainer_through_the_live_vllm_server(tmp_path):
+    """pi = mu (one update per step: the mini-batch is the step's 32 prompts): Top-K TV ~ float rounding at every
+    step (a token read against another token's top-K, or a shifted row, gives D ~ 0.1), every token with its
+    top-K, the rollout's log-probs as the anchor (no recompute)."""
+    task = tiny_task.build(str(tmp_path / "task"), seed=0, head_dim=32)
+    overrides = [
+        *launcher.tiny_task_overrides(task, steps=STEPS),
+        *launcher.ARMS["cppo_topk_tv"].overrides,
+        "actor_rollout_ref.actor.ppo_mini_batch_size=32",
+        *LEGACY_OVERRIDES,
+    ]
+    run = launcher.run_main_ppo(str(tmp_path / "topk"), overrides, steps=STEPS, label="legacy_topk", timeout_s=540)
+    log = open(run.log_path, errors="replace").read()
+    assert run.exit_code == 0 and len(run.rows) == STEPS, f"exit {run.exit_code}\n{log[-4000:]}"
+    assert "Legacy trainer `main_ppo_v0.py` is deprecated" in log  # verl's legacy TaskRunner ran, not v1's
+    assert [r["step"] for r in run.rows] == list(range(1, STEPS + 1))
+    for row in run.rows:
+        print("legacy_topk", row["step"], {k: v for k, v in row.items() if "cppo_" in k})
+        assert row["actor/cppo_nonfinite_frac"] == 0.0, row
+        assert row["actor/cppo_topk_coverage"] == 1.0, row
+        assert 0.0 <= row["actor/cppo_div_mean"] < 1e-4, row
+        assert row["actor/cppo_masked_frac"] == 0.0, row
+        assert "timing_s/old_log_prob" not in row, row  # bypass mode: mu is the anchor, nothing recomputed

@@ -152,3 +152,27 @@ def test_a_features_signatures_are_checked_only_for_a_launch_that_uses_it(monkey
     shard_local = {"actor_rollout_ref": {"model": {"external_lib": "verl_cppo.megatron_shard_local"}}}
     assert [v for v in assumptions.violations(shard_local) if message in v and "no ['cp_layout']" in v]
     assert [v for v in assumptions.violations() if message in v]  # no config: every feature is checked
+
+
+def test_a_topk_diff_that_no_longer_applies_is_a_named_error_of_a_topk_launch(monkeypatch, tmp_path):
+    """verl's own ray_trainer.py with the line the legacy actor-update hunk replaces changed: the dry run of a Top-K
+    launch names the diff, the file and the hunk (before Ray starts, instead of a PatchError in a Ray worker);
+    a launch without a Top-K divergence does not apply the diffs and is not refused."""
+    module = "verl.trainer.ppo.ray_trainer"
+    changed = tmp_path / "ray_trainer.py"
+    source = open(assumptions._module_file(module)).read()
+    line = "            distillation_use_topk=distillation_use_topk,\n"
+    assert source.count(line) == 1
+    changed.write_text(source.replace(line, "            distillation_use_topk=bool(distillation_use_topk),\n"))
+    original = assumptions._module_file
+    monkeypatch.setattr(assumptions, "_module_file", lambda m: str(changed) if m == module else original(m))
+    topk = [
+        *CPPO_LAUNCH,
+        "actor_rollout_ref.rollout.name=vllm",
+        "+actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv",
+    ]
+    errors, _ = _errors_and_warnings(topk)
+    message = f"verl-cppo assumes its diff topk_actor_update.diff applies to {changed}: topk_actor_update.diff: hunk @@"
+    assert [e for e in errors if message in e and "does not apply" in e and "supports verl 0.9.1" in e], errors
+    errors, warnings = _errors_and_warnings(CPPO_LAUNCH)
+    assert errors == [] and not [w for w in warnings if "topk_actor_update.diff" in w]

@@ -50,14 +50,14 @@ def test_legacy_trainer_with_bypass_is_clean(engine):
     assert _check(engine, CPPO, BYPASS, "trainer.use_v1=false") == ([], [])
 
 
-def test_topk_divergence_on_the_legacy_trainer_is_refused():
+def test_topk_divergence_is_accepted_on_either_trainer():
+    """mu's top-K travels the v1 TransferQueue record and the legacy trainer's DataProto batch alike."""
     topk = [CPPO, BYPASS, CPPO_TARGET, "+actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv"]
     topk.append("actor_rollout_ref.rollout.name=vllm")
     assert _check("dp", *topk) == ([], [])
-    errors, _ = _check("dp", *topk, "trainer.use_v1=false")
-    assert len(errors) == 1, errors
-    assert "cppo.divergence=topk_tv with trainer.use_v1=False" in errors[0]
-    assert "the legacy trainer's DataProto agent loop and actor update carry neither" in errors[0]
+    assert _check("dp", *topk, "trainer.use_v1=false") == ([], [])
+    errors, _ = _check("dp", *topk, "trainer.use_v1=false", "algorithm.rollout_correction.bypass_mode=false")
+    assert errors and "bypass" in errors[0]  # the anchoring rule is the same on both trainers
 
 
 def test_bypass_without_rollout_log_probs_is_an_error():

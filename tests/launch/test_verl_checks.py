@@ -118,6 +118,20 @@ def test_a_topk_launch_without_bypass_gets_one_message_for_the_one_key():
     assert report.warnings == []
 
 
+def test_both_accept_a_topk_divergence_on_the_legacy_trainer_and_export_k(monkeypatch):
+    """trainer.use_v1=False: mu's top-K travels the DataProto batch (verl_cppo.topk.rollout), so neither refuses."""
+    from verl_cppo.topk.setup import ENV_TOPK
+
+    monkeypatch.delenv(ENV_TOPK, raising=False)  # both export K to this process; restored after the test
+    overrides = [*BASE, TOPK, f"+{LOSS}.cppo.topk=4", "trainer.use_v1=False"]
+    report = dry_run.dry_run(overrides)
+    assert report.errors == [] and report.warnings == [], report.errors
+    assert report.config.ray_kwargs.ray_init.runtime_env.env_vars[ENV_TOPK] == "4"
+    config = dry_run.compose_config(overrides)
+    main_ppo.validate_config(config, use_reference_policy=False, use_critic=False)  # the wrapped driver: no raise
+    assert config.trainer.use_v1 is False and config.ray_kwargs.ray_init.runtime_env.env_vars[ENV_TOPK] == "4"
+
+
 def test_without_bypass_both_warn_and_strict_anchor_makes_both_refuse(monkeypatch, caplog):
     overrides = [*MICRO_BATCHES, CPPO, "algorithm.adv_estimator=grpo"]
     main_ppo.validate_config(dry_run.compose_config(overrides), use_reference_policy=False, use_critic=False)

@@ -111,3 +111,45 @@ def pi_log_probs_nested(data, pi_logits: torch.Tensor) -> tuple[torch.Tensor, to
     values = torch.log_softmax(pi_logits, -1).gather(-1, labels[:, None]).squeeze(-1)
     values = values.detach().clone().requires_grad_(True)
     return torch.nested.nested_tensor_from_jagged(values, offsets=offsets), values
+
+
+def legacy_micro_batch(data):
+    """The same micro-batch as the legacy trainer's actor update hands it to the engine: the DataProto batch's
+    left-padded prompts and right-padded response fields (pads: id 0, top-K id -1, log-prob 0), put through verl's
+    own ``left_right_2_no_padding`` (which packs only ``input_ids`` / ``position_ids``)."""
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    prompts = [p for p in data["prompts"].unbind()]
+    responses = [r for r in data["responses"].unbind()]
+    batch, p_max, r_max = len(prompts), max(len(p) for p in prompts), max(len(r) for r in responses)
+
+    def right(key, value=0):
+        rows = data[key].unbind()
+        out = torch.full((batch, r_max, *rows[0].shape[1:]), value, dtype=rows[0].dtype)
+        for b, row in enumerate(rows):
+            out[b, : len(row)] = row
+        return out
+
+    left_prompts = torch.zeros(batch, p_max, dtype=torch.long)
+    attention_mask = torch.zeros(batch, p_max + r_max, dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        left_prompts[b, p_max - len(p) :] = p
+        attention_mask[b, p_max - len(p) : p_max + len(r)] = 1
+    padded = {key: right(key) for key in ("responses", "response_mask", "rollout_log_probs", "old_log_probs")}
+    padded["advantages"] = right("advantages")
+    padded["rollout_topk_ids"] = right("rollout_topk_ids", -1)
+    padded["rollout_topk_log_probs"] = right("rollout_topk_log_probs")
+    td = TensorDict(
+        {
+            **padded,
+            "prompts": left_prompts,
+            "input_ids": torch.cat([left_prompts, padded["responses"]], dim=1),
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
+        },
+        batch_size=[batch],
+    )
+    td = left_right_2_no_padding(td)
+    global_info = {key: data[key] for key in ("dp_size", "batch_num_tokens", "global_batch_size")}
+    tu.assign_non_tensor(td, **global_info)
+    return td

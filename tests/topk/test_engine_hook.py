@@ -11,7 +11,13 @@ from verl.workers.utils.losses import ppo_loss
 
 from tests.support.float32_bounds import UNIT_ROUNDOFF
 from tests.support.reference import RefParams, reference_loss_and_grad
-from tests.support.topk_batches import pi_log_probs_nested, ref_divergence_bounds, ref_divergences, topk_micro_batch
+from tests.support.topk_batches import (
+    legacy_micro_batch,
+    pi_log_probs_nested,
+    ref_divergence_bounds,
+    ref_divergences,
+    topk_micro_batch,
+)
 from tests.support.verl_inputs import AGG_MODES, actor_config
 from verl_cppo.loss import METRIC_KEYS
 from verl_cppo.topk.channel import TopKDataMissing
@@ -128,6 +134,43 @@ def test_topk_coverage_counts_tokens_without_a_full_row(gen):
     log_probs, _ = pi_log_probs_nested(data, pi_logits)
     _, metrics = ppo_loss_with_topk(cfg, {"log_probs": log_probs, TOPK_DIV_KEY: _hook(cfg, data, pi_logits)}, data)
     assert metrics[TOPK_COVERAGE_METRIC].values[0] == pytest.approx(1 - 3 / sum(RESPONSES))
+
+
+@pytest.mark.parametrize("kind", ["tv", "kl"])
+def test_the_legacy_trainers_padded_batch_gives_the_same_d_loss_and_coverage(kind, gen):
+    """The legacy trainer's micro-batch (padded response fields, verl's left_right_2_no_padding) against the v1
+    trainer's nested one of the same responses: the same operations on the same values, so equal bit for bit."""
+    data, pi_logits, ref = topk_micro_batch(gen, PROMPTS, RESPONSES)
+    data["rollout_topk_ids"].values()[3] = -1  # one token without its row: coverage < 1 in both layouts
+    legacy = legacy_micro_batch(data)
+    assert not legacy["responses"].is_nested and legacy["rollout_topk_ids"].shape == (4, max(RESPONSES), 5)
+    assert torch.equal(legacy["input_ids"].offsets(), data["input_ids"].offsets())  # the same packed stream
+    cfg = actor_config(cppo={"divergence": f"topk_{kind}", "topk": 5})
+    div_v1, div_legacy = _hook(cfg, data, pi_logits), _hook(cfg, legacy, pi_logits)
+    assert torch.equal(div_legacy.values(), div_v1.values())
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    rows, expected = no_padding_2_padding(div_legacy, legacy), ref_divergences(ref, kind)
+    bound = 2 * ref_divergence_bounds(ref, kind, expected)  # as in the first test: the float32 D's bound
+    full = torch.ones_like(bound, dtype=torch.bool)
+    full[0, 3] = False  # the emptied row: D spans {sampled, other} only, not the reference's top-K
+    assert ((rows.double() - expected).abs() <= bound)[full].all() and rows[3, RESPONSES[3] :].eq(0).all()
+    log_probs, _ = pi_log_probs_nested(data, pi_logits)
+    loss_v1, metrics_v1 = ppo_loss_with_topk(cfg, {"log_probs": log_probs, TOPK_DIV_KEY: div_v1}, data)
+    loss_legacy, metrics_legacy = ppo_loss_with_topk(cfg, {"log_probs": log_probs, TOPK_DIV_KEY: div_legacy}, legacy)
+    assert loss_legacy.item() == loss_v1.item()
+    for key in (TOPK_COVERAGE_METRIC, "actor/cppo_div_mean", "actor/cppo_masked_frac"):
+        assert metrics_legacy[key].values == metrics_v1[key].values, key
+    assert metrics_legacy[TOPK_COVERAGE_METRIC].values[0] == pytest.approx(1 - 1 / sum(RESPONSES))
+
+
+def test_a_padded_field_shorter_than_its_responses_is_refused(gen):
+    data, pi_logits, _ = topk_micro_batch(gen, PROMPTS, RESPONSES)
+    legacy = legacy_micro_batch(data)
+    legacy["rollout_topk_log_probs"] = legacy["rollout_topk_log_probs"][:, :-1]
+    cfg = actor_config(cppo={"divergence": "topk_tv", "topk": 5})
+    with pytest.raises(ValueError, match=r"rollout_topk_log_probs has shape \(4, 8, 5\), responses \[6, 9, 1, 7\]"):
+        ppo_loss_with_topk(cfg, student_logits=pi_logits.float()[None], data=legacy)
 
 
 def test_topk_divergence_keyword_equals_the_engine_channel(gen):

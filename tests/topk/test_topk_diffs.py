@@ -25,6 +25,7 @@ PATCHED = {
     "verl.trainer.ppo.v1.agent_loop_tq": "response_topk_fields",
     "verl.trainer.ppo.padding_utils": "pad_topk_fields",
     "verl.trainer.ppo.v1.trainer_base": "rollout_topk() > 0",
+    "verl.trainer.ppo.ray_trainer": "rollout_topk() > 0",
     "verl.workers.engine_workers": "ppo_loss_with_topk",
 }
 
@@ -101,6 +102,9 @@ _PROBE = textwrap.dedent("""\
     import verl.workers.engine_workers as ew, verl.trainer.ppo.v1.trainer_base as tb
     print("cppo_grpo hooks", hasattr(ew.TrainingWorker.train_batch, "__verl_cppo_hook__"),
           hasattr(tb.PPOTrainer._compute_advantage, "__verl_cppo_hook__"))
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker as W
+    print("legacy agent loop hooks", getattr(W._agent_loop_postprocess, "__verl_cppo_hook__", None),
+          getattr(W._postprocess, "__verl_cppo_hook__", None))
     if "VERL_CPPO_TOPK" not in os.environ:  # a patched module imported before the finder: refused loudly
         os.environ["VERL_CPPO_TOPK"] = "4"
         from verl_cppo.topk.setup import install_topk_runtime
@@ -121,13 +125,20 @@ def test_patched_only_in_topk_processes(probes):
     assert [line for line in on.stdout.splitlines() if line.startswith("verl.")] == [
         f"{m} True" for m in PATCHED if not m.endswith(("vllm_async_server", "async_sglang_server"))
     ]
-    assert len([line for line in off.stdout.splitlines() if line.startswith("verl.") and line.endswith(" False")]) == 6
+    assert len([line for line in off.stdout.splitlines() if line.startswith("verl.") and line.endswith(" False")]) == 7
 
 
 def test_section_2_hooks_still_wrap_the_patched_modules(probes):
     """The cppo_grpo exclusion hooks wrap functions of two modules the Top-K diffs patch (patches/README.md)."""
     on, _ = probes
     assert "cppo_grpo hooks True True" in on.stdout
+
+
+def test_the_legacy_agent_loop_is_wrapped_only_in_topk_processes(probes):
+    """The DataProto agent loop's two Top-K hooks (verl_cppo.topk.setup.LEGACY_TRAJECTORY_HOOK, LEGACY_BATCH_HOOK)."""
+    on, off = probes
+    assert "legacy agent loop hooks topk_legacy_trajectory topk_legacy_batch" in on.stdout
+    assert "legacy agent loop hooks None None" in off.stdout
 
 
 def test_patched_padding_template_gives_empty_rows(probes):

@@ -1,6 +1,6 @@
 """What verl-cppo assumes about verl 0.9.1, read at load and checked by the driver before Ray starts.
 
-The plugin reaches into verl in four ways. A newer verl can break each, some of them silently, so each is an
+The plugin reaches into verl in five ways. A newer verl can break each, some of them silently, so each is an
 explicit, checked assumption rather than a hope:
 
 1. **Registrations.** ``cppo`` (policy loss) and ``cppo_grpo`` (advantage estimator) are ours alone. verl's
@@ -19,6 +19,9 @@ explicit, checked assumption rather than a hope:
    They are read from verl's source (``ast``), not imported: the driver need not import the Megatron engine.
    A function of an optional feature (the shard-local Megatron loss, Top-K, the checkpoint callback) is
    checked only for a launch that uses it (``FEATURES``).
+5. **Diffs.** Every import-time diff (``verl_cppo/hooks/import_time_diffs``, named ``<feature>_*.diff``) applies to
+   the installed verl's source, for a launch that uses its feature: otherwise the first Ray process that imports
+   a patched module would raise ``PatchError``, after Ray started.
 
 ``violations()`` returns one message per broken assumption, naming it, what was found, and the verl version
 this package supports; the driver reports them (errors for a launch that uses the plugin, warnings for a
@@ -35,6 +38,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from verl_cppo.config_paths import config_value
+from verl_cppo.hooks.diffs import PATCH_DIR, PatchError, apply_diff, parse_diff
 
 __all__ = [
     "FEATURES",
@@ -122,6 +126,20 @@ SIGNATURES = (
         "shard_local",
     ),
     Signature("verl.models.mcore.model_forward", "postprocess_thd_engine", (), "the Megatron CP loss", "shard_local"),
+    Signature(
+        "verl.experimental.agent_loop.agent_loop",
+        "AgentLoopWorker._agent_loop_postprocess",
+        ("self", "output", "validate"),
+        "mu's top-K into the legacy trainer's batch (verl_cppo.topk.rollout.padded_topk_postprocess)",
+        "topk",
+    ),
+    Signature(
+        "verl.experimental.agent_loop.agent_loop",
+        "AgentLoopWorker._postprocess",
+        ("self", "inputs"),
+        "mu's top-K into the legacy trainer's batch (verl_cppo.topk.rollout.topk_into_batch)",
+        "topk",
+    ),
     Signature(
         "vllm.v1.engine.logprobs",
         "LogprobsProcessor.from_new_request",
@@ -293,6 +311,25 @@ def _signature_violations(config: Mapping | None) -> list[str]:
     return found
 
 
+def _diff_violations(config: Mapping | None) -> list[str]:
+    found = []
+    for path in sorted(PATCH_DIR.glob("*.diff")):
+        feature = path.name.split("_", 1)[0]
+        if config is not None and not FEATURES.get(feature, FEATURES["always"])(config):
+            continue
+        for patch in parse_diff(path.read_text(encoding="utf-8"), path.name):
+            source = _module_file(patch.module)
+            if source is None:
+                found.append(f"verl-cppo assumes {patch.module} exists (its diff {path.name}); it is not installed")
+                continue
+            try:
+                with open(source, encoding="utf-8") as f:
+                    apply_diff(f.read(), patch)
+            except PatchError as error:
+                found.append(f"verl-cppo assumes its diff {path.name} applies to {source}: {error}")
+    return found
+
+
 def violations(config: Mapping | None = None) -> list[str]:
     """Every broken assumption (for the composed trainer ``config``, where one depends on it), one message
     each, ending with the supported and the installed verl."""
@@ -303,6 +340,7 @@ def violations(config: Mapping | None = None) -> list[str]:
         *_config_field_violations(),
         *_column_violations(config),
         *_signature_violations(config),
+        *_diff_violations(config),
     ]
     version = getattr(verl, "__version__", "?")
     return [f"{message} [verl-cppo supports verl {SUPPORTED_VERL}; installed: verl {version}]" for message in found]

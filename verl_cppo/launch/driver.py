@@ -12,7 +12,7 @@ an error, a warning or a note); ``problems`` runs them all, and ``validate`` log
 * ``_settings_nodes``: a ``cppo`` / ``cppo_grpo`` node whose selector picks another method (``loss_mode`` left
   at vanilla, or mistyped ``CPPO``) or whose ``_target_`` is a foreign class would have every setting dropped:
   refused, naming the selector and the keys set. Nodes are read through ``verl_cppo.config_paths``;
-* ``_anchoring`` and ``_legacy_trainer_topk``: ``loss_mode=cppo`` must see the rollout policy, see below;
+* ``_anchoring``: ``loss_mode=cppo`` must see the rollout policy, see below;
 * ``verl_cppo.launch.unread_settings``: verl settings that cppo / cppo_grpo do not read (one table), set by the
   user, are refused naming the key to use instead (a silent no-op otherwise);
 * ``check_topk_config``: a Top-K divergence the launch can serve;
@@ -29,9 +29,10 @@ verl 0.9.1 hands the loss mu as ``old_log_prob`` under ``algorithm.rollout_corre
 either trainer (``verl_cppo.trainer.bypass_anchor`` keeps ``loss_mode=cppo`` on the legacy one). Bypass off makes
 ``old_log_prob`` the actor's recomputed pi_old (a known collapse mode, DPPO paper section 5.2): a prominent
 warning, so that ``loss_mode=cppo`` alone still runs, and an error with a Top-K divergence or
-``VERL_CPPO_STRICT_ANCHOR=1``. Errors: a Top-K divergence with ``trainer.use_v1=False`` (its data travels only
-the v1 path), bypass without ``rollout.calculate_log_probs``, torchtitan / automodel with context parallelism
-(shard-local rows, on which a row's prefix sum is not the response's).
+``VERL_CPPO_STRICT_ANCHOR=1``. Errors: bypass without ``rollout.calculate_log_probs``, torchtitan / automodel with
+context parallelism (shard-local rows, on which a row's prefix sum is not the response's). A Top-K divergence runs
+under either trainer (mu's top-K travels the v1 TransferQueue record or the legacy trainer's DataProto batch,
+``verl_cppo.topk.rollout``).
 """
 
 from __future__ import annotations
@@ -184,23 +185,6 @@ def _anchoring(config: Any) -> list[Problem]:
     return found
 
 
-def _legacy_trainer_topk(config: Any) -> list[Problem]:
-    """A Top-K divergence under verl's legacy trainer (``trainer.use_v1=False``). Its bypass mode anchors CPPO
-    on mu (``verl_cppo.trainer.bypass_anchor``) and ``cppo_grpo`` excludes groups there too; mu's top-K travels only the
-    v1 path (the TransferQueue agent loop stores it, the v1 actor update asks the engine for pi's logits)."""
-    if config_value(config, "trainer.use_v1", True) or configured_topk(config) == 0:
-        return []
-    divergence = config_value(config, f"{POLICY_LOSS}.cppo.divergence")
-    return [
-        Problem(
-            f"cppo.divergence={divergence} with trainer.use_v1=False: mu's top-K reaches the loss only through the "
-            "v1 trainer (the TransferQueue agent loop stores it, the v1 actor update asks the engine for pi's "
-            "logits); the legacy trainer's DataProto agent loop and actor update carry neither. Use "
-            "trainer.use_v1=True or a binary divergence (binary_tv)"
-        )
-    ]
-
-
 def check_topk_config(config: Any) -> list[Problem]:
     """A Top-K divergence the launch cannot serve (nothing when none is configured)."""
     k = configured_topk(config)
@@ -281,7 +265,6 @@ CHECKS = (
     _verl_assumptions,
     _settings_nodes,
     _anchoring,
-    _legacy_trainer_topk,
     ignored_settings,
     ignored_rollout_correction,
     check_topk_config,

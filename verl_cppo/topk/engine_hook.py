@@ -23,6 +23,10 @@ loss function ``ppo_loss_with_topk``, which answers both calls:
   single-turn rollouts; below 1 means top-K entries were lost on the way: D of such a token spans fewer ids,
   down to {sampled, other}, the binary divergence, when its whole row is missing).
 
+Both trainers' micro-batches are read: the v1 trainer's response fields are nested (one row per response token),
+the legacy trainer's are right-padded ``[B, R_max, ...]`` (``left_right_2_no_padding`` packs only ``input_ids`` and
+``position_ids``); ``response_rows`` takes each response's R_b rows either way, R_b by verl's own rule.
+
 The hook output is built under ``no_grad``: D only selects tokens, it carries no gradient.
 """
 
@@ -48,6 +52,8 @@ __all__ = [
     "TOPK_DIV_KEY",
     "full_sequence_topk_inputs",
     "ppo_loss_with_topk",
+    "response_lengths",
+    "response_rows",
     "shard_topk_divergence",
 ]
 
@@ -71,7 +77,7 @@ def ppo_loss_with_topk(
     rows = no_padding_2_padding(div, data)  # [B, T] exactly as ppo_loss aligns log_probs
     with topk_divergence_channel(rows):
         loss, metrics = ppo_loss(config, model_output, data, dp_group)
-    topk_ids = data[TOPK_IDS].values()  # [sum R, K]
+    topk_ids = response_rows(data, TOPK_IDS)  # [sum R, K]
     coverage = (topk_ids >= 0).all(-1).float().mean() if topk_ids.shape[0] else topk_ids.new_ones((), dtype=torch.float)
     metrics[TOPK_COVERAGE_METRIC] = Metric(value=coverage, aggregation=AggregationType.MEAN)
     return loss, metrics
@@ -79,6 +85,30 @@ def ppo_loss_with_topk(
 
 def _nested(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return torch.nested.nested_tensor_from_jagged(values, offsets=offsets)
+
+
+def response_lengths(data: Any) -> torch.Tensor:
+    """R_b, the response length of each sequence [B], by verl's rule (``no_padding_2_padding``): the nested
+    ``responses``' lengths (v1 trainer), or the response part of ``attention_mask`` (the legacy trainer's
+    ``left_right_2_no_padding`` leaves ``prompts`` / ``responses`` left / right padded)."""
+    responses = data["responses"]
+    if responses.is_nested:
+        return responses.offsets().diff()
+    return data["attention_mask"][:, data["prompts"].shape[1] :].sum(dim=1)
+
+
+def response_rows(data: Any, key: str) -> torch.Tensor:
+    """The response-token rows of ``data[key]``, packed [sum R, ...]: the values of a nested field (v1 trainer), the
+    first R_b rows of each sequence of a right-padded [B, R_max, ...] field (legacy trainer)."""
+    field, lens = data[key], response_lengths(data)
+    if field.is_nested:
+        if not torch.equal(field.offsets().diff(), lens):
+            raise ValueError(f"{key} has {field.offsets().diff().tolist()} rows, responses {lens.tolist()}")
+        return field.values()
+    if field.shape[0] != lens.numel() or (lens.numel() and field.shape[1] < int(lens.max())):
+        raise ValueError(f"{key} has shape {tuple(field.shape)}, responses {lens.tolist()} tokens (right-padded)")
+    keep = torch.arange(field.shape[1], device=field.device)[None, :] < lens.to(field.device)[:, None]  # [B, R_max]
+    return field[keep]
 
 
 def full_sequence_topk_inputs(data: Any) -> dict[str, torch.Tensor]:
@@ -95,26 +125,22 @@ def full_sequence_topk_inputs(data: Any) -> dict[str, torch.Tensor]:
             f"top-K (was {ENV_TOPK} set in every process, i.e. the job launched through verl's main_ppo with "
             "verl-cppo installed?) or actor_rollout_ref.rollout.calculate_log_probs=False"
         )
-    input_ids, responses = data["input_ids"], data["responses"]
-    topk_ids, topk_lps, mu_lp = data[TOPK_IDS], data[TOPK_LOG_PROBS], data["rollout_log_probs"]
+    input_ids = data["input_ids"]
     offsets = input_ids.offsets()  # [B+1]
-    resp_lens = responses.offsets().diff()
-    for name, field in ((TOPK_IDS, topk_ids), (TOPK_LOG_PROBS, topk_lps), ("rollout_log_probs", mu_lp)):
-        if not torch.equal(field.offsets().diff(), resp_lens):
-            raise ValueError(f"{name} has {field.offsets().diff().tolist()} rows, responses {resp_lens.tolist()}")
-    nnz, k, device = int(offsets[-1]), topk_ids.shape[-1], input_ids.values().device
+    resp_lens = response_lengths(data)  # [B]
+    nnz, k, device = int(offsets[-1]), data[TOPK_IDS].shape[-1], input_ids.values().device
     # packed row of response token t of sequence b: offsets[b] + P_b - 1 + t = offsets[b+1] - R_b - 1 + t
     first = torch.repeat_interleave(offsets[1:] - resp_lens - 1, resp_lens)  # [sum R]
-    starts = torch.repeat_interleave(responses.offsets()[:-1], resp_lens)
+    starts = torch.repeat_interleave(resp_lens.cumsum(0) - resp_lens, resp_lens)  # [sum R]
     rows = first + torch.arange(first.numel(), device=device) - starts  # [sum R]
     sampled = torch.zeros(nnz, dtype=torch.long, device=device)
-    sampled[rows] = responses.values().long()
+    sampled[rows] = response_rows(data, "responses").long()
     ids = torch.full((nnz, k), -1, dtype=torch.long, device=device)
-    ids[rows] = topk_ids.values().long()
+    ids[rows] = response_rows(data, TOPK_IDS).long()
     lps = torch.zeros((nnz, k), dtype=torch.float32, device=device)
-    lps[rows] = topk_lps.values().float()
+    lps[rows] = response_rows(data, TOPK_LOG_PROBS).float()
     mu_sampled = torch.zeros(nnz, dtype=torch.float32, device=device)
-    mu_sampled[rows] = mu_lp.values().float()
+    mu_sampled[rows] = response_rows(data, "rollout_log_probs").float()
     is_response = torch.zeros(nnz, dtype=torch.bool, device=device)
     is_response[rows] = True
     fields = {"sampled": sampled, "ids": ids, "lps": lps, "mu_sampled": mu_sampled, "is_response": is_response}
@@ -159,7 +185,8 @@ def shard_topk_divergence(config: Any, logits: torch.Tensor, data: Any, data_for
     Args:
         config: the worker's actor config (``policy_loss.cppo.divergence`` picks tv or kl).
         logits: FSDP (1, rows, V) full vocabulary; Megatron (B, rows, V/tp) this TP rank's vocab shard.
-        data: the micro-batch (nested ``input_ids``, ``responses``, ``rollout_log_probs``, top-K fields).
+        data: the micro-batch (nested ``input_ids``; ``responses``, ``rollout_log_probs`` and the top-K fields
+            nested or right-padded).
         data_format: None for FSDP (the hook passes none), "thd" / "bshd" for Megatron.
     """
     name = cppo_config_of(config).divergence

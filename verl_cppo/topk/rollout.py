@@ -8,11 +8,15 @@ Data flow (each step names the verl 0.9.1 function that ``patches/topk_*.diff`` 
     agent-loop worker    ``LLMServerClient.generate``: pops the arrays from every server answer and records them
         with the turn's token ids (``record_generation``) in a per-trajectory ``generation_recorder``, opened by
         ``AgentLoopWorker._run_agent_loop``; the async trainers' resume loop calls it once per partial answer
-    TransferQueue put    ``AgentLoopWorkerTQ._agent_loop_postprocess``: ``response_topk_fields`` lines the
-        recorded turns up with the response (runs of response_mask = 1 are generated tokens; tool / context
+    TransferQueue put    ``AgentLoopWorkerTQ._agent_loop_postprocess`` (v1 trainer): ``response_topk_fields`` lines
+        the recorded turns up with the response (runs of response_mask = 1 are generated tokens; tool / context
         tokens and trimmed turn ends get no entry) and stores ``rollout_topk_ids`` int32 ``[T, K]`` (-1 = no
         entry) and ``rollout_topk_log_probs`` float32 ``[T, K]`` next to ``rollout_log_probs``
     batch padding        ``construct_minimal_padding_template``: synthetic no-op samples get ``[1, K]`` empty rows
+    DataProto batch      ``AgentLoopWorker._agent_loop_postprocess`` / ``_postprocess`` (legacy trainer, wrapped by
+        ``padded_topk_postprocess`` / ``topk_into_batch``): the same fields right-padded to the response length
+        like ``rollout_log_probs`` (``[1, response_length, K]``, -1 / 0 on padding), carried to ``_postprocess`` in
+        the output's ``extra_fields`` and concatenated into the batch as ``[B, response_length, K]``
 
 K reaches every process of the job through the environment variable VERL_CPPO_TOPK, set by the driver from
 ``actor_rollout_ref.actor.policy_loss.cppo.topk`` (``verl_cppo.topk.setup``). Nothing here imports vLLM or SGLang:
@@ -27,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import wraps
 from typing import Any
 
 import numpy as np
@@ -42,9 +47,11 @@ __all__ = [
     "align_response_topk",
     "generation_recorder",
     "pad_topk_fields",
+    "padded_topk_postprocess",
     "record_generation",
     "response_topk_fields",
     "rollout_topk",
+    "topk_into_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -225,3 +232,55 @@ def pad_topk_fields(sample: dict, response_length: int) -> None:
     k = sample[TOPK_IDS].shape[-1]
     sample[TOPK_IDS] = torch.full((response_length, k), -1, dtype=torch.int32)
     sample[TOPK_LOG_PROBS] = torch.zeros((response_length, k), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The legacy trainer's DataProto agent loop: the same fields, right-padded like rollout_log_probs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def padded_topk_postprocess(original):
+    """Wrapper of ``AgentLoopWorker._agent_loop_postprocess`` (one trajectory, inside its ``generation_recorder``):
+    after verl's padding, the trajectory's top-K fields right-padded to the padded response's width W go into the
+    output's ``extra_fields`` (ids int32 ``[1, W, K]`` -1 on padding, log-probs float32 ``[1, W, K]`` 0)."""
+
+    @wraps(original)
+    async def postprocess(self, output, validate, **kwargs):
+        fields = response_topk_fields(output)  # {} when off; [T, K] each
+        padded = await original(self, output, validate, **kwargs)
+        if fields:
+            width = padded.response_ids.shape[-1]
+            ids, lps = _empty(width, fields[TOPK_IDS].shape[-1])
+            length = fields[TOPK_IDS].shape[0]
+            if length > width:
+                raise ValueError(f"rollout top-K has {length} rows for a response padded to {width} tokens")
+            ids[:length], lps[:length] = fields[TOPK_IDS].numpy(), fields[TOPK_LOG_PROBS].numpy()  # [W, K] each
+            padded.extra_fields[TOPK_IDS] = torch.from_numpy(ids)[None]  # [1, W, K] int32
+            padded.extra_fields[TOPK_LOG_PROBS] = torch.from_numpy(lps)[None]  # [1, W, K] float32
+        return padded
+
+    return postprocess
+
+
+def topk_into_batch(original):
+    """Wrapper of ``AgentLoopWorker._postprocess`` (the trajectories into one ``DataProto``): moves the padded top-K
+    rows out of each output's ``extra_fields`` (verl would make them object arrays of the non-tensor batch) and
+    into the batch, ``[B, W, K]`` next to ``rollout_log_probs`` ``[B, W]``."""
+
+    @wraps(original)
+    def postprocess(self, inputs, *args, **kwargs):
+        rows = [(item.extra_fields.pop(TOPK_IDS, None), item.extra_fields.pop(TOPK_LOG_PROBS, None)) for item in inputs]
+        batch = original(self, inputs, *args, **kwargs)
+        carried = sum(ids is not None for ids, _ in rows)
+        if carried == 0:
+            return batch
+        if carried < len(rows):
+            raise RuntimeError(
+                f"rollout top-K: {len(rows) - carried} of {len(rows)} trajectories carry no top-K rows (a custom agent "
+                "loop that bypasses AgentLoopWorker._agent_loop_postprocess?)"
+            )
+        batch.batch[TOPK_IDS] = torch.cat([ids for ids, _ in rows])  # [B, W, K] int32
+        batch.batch[TOPK_LOG_PROBS] = torch.cat([lps for _, lps in rows])  # [B, W, K] float32
+        return batch
+
+    return postprocess

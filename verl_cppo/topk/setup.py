@@ -10,8 +10,9 @@ The user selects ``actor_rollout_ref.actor.policy_loss.cppo.divergence=topk_tv``
    ``run_ppo`` passes to ``ray.init``, so every process of the job (TaskRunner, agent-loop workers, rollout
    servers, actor workers) starts with it;
 2. each process (``verl_cppo.plugin``, during ``import verl``): ``install_topk_runtime`` applies the Top-K diffs
-   of ``verl_cppo/hooks/import_time_diffs`` to the verl modules when they are imported, and wraps vLLM's
-   ``LogprobsProcessor.from_new_request`` (``verl_cppo.topk.vllm_arrays``), only when VERL_CPPO_TOPK is set.
+   of ``verl_cppo/hooks/import_time_diffs`` to the verl modules when they are imported, wraps vLLM's
+   ``LogprobsProcessor.from_new_request`` (``verl_cppo.topk.vllm_arrays``) and the legacy trainer's DataProto
+   agent loop (``LEGACY_TRAJECTORY_HOOK``, ``LEGACY_BATCH_HOOK``), only when VERL_CPPO_TOPK is set.
 
 The rollouts that serve mu's top-K are ``verl_cppo.topk.rollout.TOPK_ROLLOUTS`` (verl's vllm and sglang
 servers with the diffs).
@@ -27,10 +28,13 @@ from typing import Any
 
 from verl_cppo import hooks
 from verl_cppo.config_paths import configured_topk
-from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS, rollout_topk
+from verl_cppo.topk.rollout import ENV_TOPK, TOPK_ROLLOUTS, padded_topk_postprocess, rollout_topk, topk_into_batch
 
 __all__ = [
+    "AGENT_LOOP",
     "ENV_TOPK",
+    "LEGACY_BATCH_HOOK",
+    "LEGACY_TRAJECTORY_HOOK",
     "TOPK_DIFFS",
     "TOPK_ROLLOUTS",
     "VLLM_ARRAYS_HOOK",
@@ -74,6 +78,17 @@ def propagate_topk(config: Any) -> int:
     return k
 
 
+AGENT_LOOP = "verl.experimental.agent_loop.agent_loop"
+
+LEGACY_TRAJECTORY_HOOK = "topk_legacy_trajectory"
+"""Hook name of the ``AgentLoopWorker._agent_loop_postprocess`` wrapper (legacy trainer, ``trainer.use_v1=False``):
+each trajectory's top-K rows padded to the response length (``verl_cppo.topk.rollout.padded_topk_postprocess``).
+``AgentLoopWorkerTQ`` (v1) overrides the method: its record gets the fields through ``topk_agent_loop.diff``."""
+
+LEGACY_BATCH_HOOK = "topk_legacy_batch"
+"""Hook name of the ``AgentLoopWorker._postprocess`` wrapper (legacy trainer): the trajectories' rows into the
+``DataProto`` batch as ``[B, response_length, K]`` (``verl_cppo.topk.rollout.topk_into_batch``)."""
+
 VLLM_ARRAYS_HOOK = "topk_vllm_arrays"
 """Hook name of the ``LogprobsProcessor.from_new_request`` wrapper (``verl_cppo.topk.vllm_arrays``)."""
 
@@ -96,4 +111,8 @@ def install_topk_runtime() -> list[str]:
     hooks.wrap(
         "vllm.v1.engine.logprobs", "LogprobsProcessor.from_new_request", vllm_arrays_wrapper, name=VLLM_ARRAYS_HOOK
     )
+    hooks.wrap(
+        AGENT_LOOP, "AgentLoopWorker._agent_loop_postprocess", padded_topk_postprocess, name=LEGACY_TRAJECTORY_HOOK
+    )
+    hooks.wrap(AGENT_LOOP, "AgentLoopWorker._postprocess", topk_into_batch, name=LEGACY_BATCH_HOOK)
     return hooks.apply_diffs(TOPK_DIFFS)
