@@ -60,3 +60,37 @@ def test_top_k_runs_keep_the_gathered_path(env, lib):
     """The driver refuses a Top-K divergence with the shard-local hook (D reaches the loss through verl's gathered
     outputs): the script leaves the hook out for those runs."""
     assert f"actor_rollout_ref.model.external_lib={lib}" in _overrides(MEGATRON_SCRIPT, **env)
+
+
+def test_the_cpu_main_ppo_runs_launch_the_proven_engine_path():
+    """``ci/multirank_runs.py``'s Megatron layouts (``launcher.megatron_actor_overrides`` through the tiny task's
+    command line) compose, through verl's own trainer config, to the engine of the CPU equivalence: every
+    ``PROVEN_ENGINE`` value, float32, no sequence parallelism, the CPU transformer overrides, the shard-local
+    loss, and the layout's TP / CP."""
+    from omegaconf import OmegaConf
+
+    from ci.multirank_runs import MEGATRON_LAYOUTS, layout_overrides
+    from verl_cppo.launch.dry_run import compose_config
+    from verl_cppo.testing import launcher
+    from verl_cppo.testing.cpu_megatron import OVERRIDE_TRANSFORMER_CONFIG
+
+    task = {"train": "/t/train.parquet", "val": "/t/val.parquet", "model": "/t/model"}
+    for layout, (tp, cp) in MEGATRON_LAYOUTS.items():
+        overrides = [
+            *launcher.tiny_task_overrides(task, engine="megatron"),
+            *launcher.ARMS["cppo"].overrides,
+            *layout_overrides(layout),
+        ]
+        config = compose_config(overrides)
+        actor = config.actor_rollout_ref.actor
+        engine = OmegaConf.to_container(actor.megatron, resolve=True)
+        assert actor.strategy == "megatron" and "fsdp_config" not in actor, layout
+        assert {key: engine.get(key, actor.get(key)) for key in PROVEN_ENGINE if key != "strategy"} == {
+            key: value for key, value in PROVEN_ENGINE.items() if key != "strategy"
+        }, layout
+        assert (engine["dtype"], engine["sequence_parallel"]) == ("float32", False)
+        assert (engine["tensor_model_parallel_size"], engine["context_parallel_size"]) == (tp, cp)
+        assert config.trainer.n_gpus_per_node == tp * cp
+        assert OVERRIDE_TRANSFORMER_CONFIG.items() <= engine["override_transformer_config"].items()
+        assert config.actor_rollout_ref.model.external_lib == PROVEN_EXTERNAL_LIB
+        assert config.actor_rollout_ref.model.use_remove_padding

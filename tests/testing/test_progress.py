@@ -97,6 +97,11 @@ def test_tiny_task_overrides_take_the_rank_count_seed_and_steps():
     assert len({o.split("=", 1)[0] for o in one}) == len(one)  # no key set twice
     with pytest.raises(ValueError, match="n_gpus_per_node must be >= 1, got 0"):
         launcher.tiny_task_overrides(task, n_gpus_per_node=0)
+    megatron = launcher.tiny_task_overrides(task, seed=3, steps=7, engine="megatron")
+    assert len({o.split("=", 1)[0] for o in megatron}) == len(megatron)  # no key set twice
+    assert "model_engine=megatron" in megatron and not any("fsdp_config" in o for o in megatron)
+    with pytest.raises(ValueError, match="engine must be 'fsdp2' or 'megatron', got 'fsdp'"):
+        launcher.tiny_task_overrides(task, engine="fsdp")
 
 
 def test_a_failing_main_ppo_returns_its_exit_code_log_and_worker_env(tmp_path):

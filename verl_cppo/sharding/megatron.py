@@ -49,6 +49,7 @@ __all__ = [
     "install",
     "installed",
     "keep_shard_or_postprocess_thd",
+    "response_field_on_shard",
     "route_shard_local",
     "shard_local_ppo_loss",
     "shard_local_scope",
@@ -229,7 +230,7 @@ def thd_response_layout(data, shard: ShardLocalOutput) -> ShardLayout:
     return layout.to(shard.local.device)
 
 
-def _to_shard(field: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
+def response_field_on_shard(field: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
     """A per-response field ([B, j] nested or [B, T] padded) at this rank's tokens, [1, N]; 0 off responses."""
     inside = layout.row >= 0
     row, col = layout.row.clamp(min=0), (layout.position - 1).clamp(min=0)
@@ -267,7 +268,7 @@ def shard_local_ppo_loss(
         metric_aggregation = AggregationType.MEAN
 
     names = ["response_mask", "old_log_probs", "advantages", "rollout_is_weights", "ref_log_prob"]
-    side = {k: _to_shard(data[k], layout) for k in names if k in data.keys()}
+    side = {k: response_field_on_shard(data[k], layout) for k in names if k in data.keys()}
     response_mask = side["response_mask"].bool()
     log_prob = shard.local.reshape(1, -1)
     pg_loss, pg_metrics = compute_policy_loss_cppo(

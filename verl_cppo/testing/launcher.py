@@ -47,7 +47,9 @@ __all__ = [
     "TEST_ENV",
     "Arm",
     "Run",
+    "arm_rows",
     "cppo_settings",
+    "megatron_actor_overrides",
     "run_arm",
     "run_main_ppo",
     "tiny_task_overrides",
@@ -130,16 +132,20 @@ def tiny_task_overrides(
     steps: int = 20,
     adv_estimator: str = "cppo_grpo",
     n_gpus_per_node: int = 1,
+    engine: str = "fsdp2",
 ) -> list[str]:
     """The main_ppo command line of the tiny copy task (``tiny_task.build``'s ``task``) on CPU.
 
     32 prompts x 8 samples per step, 8-token answers, 4 updates (mini-batches) per step; the FSDP2 actor in
-    fp32; verl's vLLM rollout (engine seed only: vLLM's full_determinism gives every sample of a prompt the
-    same seed, i.e. identical groups); ``n_gpus_per_node`` ranks, each a fake Ray GPU slot; no validation,
-    no checkpoints, metrics to verl's FileLogger (``run_main_ppo`` sets its path).
+    fp32 (``engine="megatron"``: verl's Megatron engine instead, ``megatron_actor_overrides``); verl's vLLM
+    rollout (engine seed only: vLLM's full_determinism gives every sample of a prompt the same seed, i.e.
+    identical groups); ``n_gpus_per_node`` ranks, each a fake Ray GPU slot; no validation, no checkpoints,
+    metrics to verl's FileLogger (``run_main_ppo`` sets its path).
     """
     if n_gpus_per_node < 1:
         raise ValueError(f"n_gpus_per_node must be >= 1, got {n_gpus_per_node}")
+    if engine not in ("fsdp2", "megatron"):
+        raise ValueError(f"engine must be 'fsdp2' or 'megatron', got {engine!r}")
     estimator = [f"algorithm.adv_estimator={adv_estimator}"]
     if adv_estimator == "grpo":
         estimator.append("algorithm.norm_adv_by_std_in_grpo=False")  # the paper's mean-centring
@@ -156,19 +162,10 @@ def tiny_task_overrides(
         "data.truncation=error",
         "data.dataloader_num_workers=0",
         f"actor_rollout_ref.model.path={task['model']}",
-        "actor_rollout_ref.model.use_remove_padding=False",
         "actor_rollout_ref.model.enable_gradient_checkpointing=False",
         "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
-        # actor: FSDP2 in fp32 (FSDP1 and bf16 autocast are GPU paths)
-        "actor_rollout_ref.actor.strategy=fsdp2",
-        "actor_rollout_ref.actor.fsdp_config.model_dtype=fp32",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp32",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32",
-        "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
+        *(megatron_actor_overrides(seed) if engine == "megatron" else _fsdp2_actor_overrides(seed)),
         "actor_rollout_ref.actor.use_torch_compile=False",
-        f"actor_rollout_ref.actor.fsdp_config.seed={seed}",
-        "actor_rollout_ref.actor.fsdp_config.full_determinism=True",
         "actor_rollout_ref.actor.ppo_mini_batch_size=8",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64",
         f"actor_rollout_ref.actor.optim.lr={lr}",
@@ -210,6 +207,47 @@ def tiny_task_overrides(
         "+ray_kwargs.ray_init.include_dashboard=False",
         f"+ray_kwargs.ray_init.num_gpus={n_gpus_per_node}",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
+    ]
+
+
+def _fsdp2_actor_overrides(seed: int) -> list[str]:
+    """The FSDP2 actor in fp32 (FSDP1 and bf16 autocast are GPU paths), padded (callers may pack)."""
+    return [
+        "actor_rollout_ref.model.use_remove_padding=False",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "actor_rollout_ref.actor.fsdp_config.model_dtype=fp32",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp32",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32",
+        "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
+        f"actor_rollout_ref.actor.fsdp_config.seed={seed}",
+        "actor_rollout_ref.actor.fsdp_config.full_determinism=True",
+    ]
+
+
+def megatron_actor_overrides(seed: int, *, tp: int = 1, cp: int = 1) -> list[str]:
+    """verl's Megatron trainer config (``model_engine=megatron``) with the engine the CPU equivalence proves:
+    ``cpu_megatron.PROVEN_ENGINE`` (mbridge, THD packing, distributed optimizer), float32, no sequence
+    parallelism, ``OVERRIDE_TRANSFORMER_CONFIG`` (no CUDA fusions, no dropout), the shard-local CPPO loss
+    (``PROVEN_EXTERNAL_LIB``; binary TV only: the driver refuses Top-K with it), TP = ``tp`` and CP = ``cp``."""
+    from verl_cppo.testing.cpu_megatron import OVERRIDE_TRANSFORMER_CONFIG, PROVEN_ENGINE, PROVEN_EXTERNAL_LIB
+
+    megatron = "actor_rollout_ref.actor.megatron"
+    engine = {
+        k: "null" if v is None else v for k, v in PROVEN_ENGINE.items() if k not in ("strategy", "use_remove_padding")
+    }
+    return [
+        "model_engine=megatron",  # verl's megatron_actor / megatron_ref / megatron_critic configs
+        "actor_rollout_ref.model.use_remove_padding=True",  # PROVEN_ENGINE's THD packing, read from the model
+        f"actor_rollout_ref.model.external_lib={PROVEN_EXTERNAL_LIB}",
+        # "++": fields of McoreEngineConfig that megatron.yaml may not list
+        *(f"++{megatron}.{k}={v}" for k, v in engine.items()),
+        f"{megatron}.dtype=float32",
+        f"{megatron}.sequence_parallel=False",
+        f"{megatron}.tensor_model_parallel_size={tp}",
+        f"{megatron}.context_parallel_size={cp}",
+        f"{megatron}.seed={seed}",
+        *(f"++{megatron}.override_transformer_config.{k}={v}" for k, v in OVERRIDE_TRANSFORMER_CONFIG.items()),
     ]
 
 
@@ -266,7 +304,7 @@ def run_main_ppo(
         f.write(" \\\n  ".join(command) + "\n")
     log_path = os.path.join(run_dir, "main_ppo.log")
     process_env = {**os.environ, **worker_env, "PYTHONUNBUFFERED": "1"}
-    say(f"[{label}] starting main_ppo: Ray, the FSDP2 actor, the vLLM server (log: {log_path})")
+    say(f"[{label}] starting main_ppo: Ray, the actor, the vLLM server (log: {log_path})")
     start = time.time()
     watcher = _Watcher(label, steps, arms_after, masked_key, say, start)
     with open(log_path, "w") as log:
@@ -320,10 +358,18 @@ def run_arm(
         arms_after=arms_after,
         masked_key=arm.masked_key,
     )
-    for row in run.rows:
+    arm_rows(run.rows, arm)
+    return run
+
+
+def arm_rows(rows: list[dict], arm: str | Arm) -> list[dict]:
+    """``rows`` (verl's metrics per step) with ``reward`` and ``masked_frac`` added (NaN where verl did not log
+    them), as ``run_arm`` returns them; also for a finished run's metrics read back with ``read_steps``."""
+    arm = ARMS[arm] if isinstance(arm, str) else arm
+    for row in rows:
         row["reward"] = row.get(REWARD_KEY, float("nan"))
         row["masked_frac"] = row.get(arm.masked_key, float("nan"))
-    return run
+    return rows
 
 
 class _Watcher:

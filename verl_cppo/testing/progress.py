@@ -18,7 +18,7 @@ __all__ = ["PHASES", "duration", "eta_seconds", "phases_in", "progress_line", "p
 PHASES = (
     (re.compile(r"Started a local Ray instance|Connected to Ray cluster"), "Ray started"),
     (re.compile(r"\(TaskRunner\w* pid=\d+\)"), "trainer driver (TaskRunner) starting"),
-    (re.compile(r"actor and ref model engine initialized"), "FSDP2 actor ready"),
+    (re.compile(r"actor and ref model engine initialized"), "actor ready (model engine built)"),
     (re.compile(r"\(vLLMHttpServer pid=\d+\)"), "vLLM server starting"),
     (re.compile(r"LLMServerManager: \["), "vLLM server up"),
     (
