@@ -46,6 +46,7 @@ import signal
 import sys
 
 from benchmarks.stability import prefix_reward, report
+from verl_cppo.config_paths import POLICY_LOSS
 from verl_cppo.testing import launcher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,11 +65,14 @@ ARMS = (
     "cppo_no_position_weight",
     "cppo_no_prefix_budget",
     "vanilla",
+    "cppo_permuted_prefix",
 )
+STUDY_LOSSES = {"cppo_permuted_prefix": "benchmarks.stability.permuted_prefix"}
+"""Arms whose loss mode this folder registers: the module joins VERL_USE_EXTERNAL_MODULES in every process."""
 SEEDS = {"cppo": range(10), "dppo_tv": range(10), "dppo_tv_matched": range(10)}
 """The default seeds per arm; arms not listed get DEFAULT_SEEDS."""
 DEFAULT_SEEDS = range(5)
-DEFAULT_ARMS = ARMS[:-1]
+DEFAULT_ARMS = ARMS[:-2]
 """The second round's arms (vanilla was measured in the first round only)."""
 
 PER_STEP_FIELDS = {
@@ -85,7 +89,11 @@ launcher adds), per step."""
 
 
 def arm_of(name: str, args: argparse.Namespace) -> launcher.Arm:
-    """The arm ``launcher.ARMS`` names; dppo_tv_matched is dppo_tv with its delta set to ``args.matched_delta``."""
+    """The arm ``launcher.ARMS`` names; dppo_tv_matched is dppo_tv with its delta set to ``args.matched_delta``;
+    a STUDY_LOSSES arm is its loss mode anchored on mu, as cppo."""
+    if name in STUDY_LOSSES:
+        cppo = launcher.ARMS["cppo"]
+        return launcher.Arm((*cppo.overrides, f"{POLICY_LOSS}.loss_mode={name}"), cppo.masked_key)
     if name != "dppo_tv_matched":
         return launcher.ARMS[name]
     delta = args.matched_delta
@@ -96,17 +104,28 @@ def arm_of(name: str, args: argparse.Namespace) -> launcher.Arm:
     return launcher.Arm((*dppo_tv.overrides, *matched), dppo_tv.masked_key)
 
 
+def arm_env(name: str) -> dict[str, str] | None:
+    """The processes' environment for a STUDY_LOSSES arm: its module imported by ``import verl`` everywhere,
+    and this repository on the path of the driver and the Ray workers (which start in other directories)."""
+    if name not in STUDY_LOSSES:
+        return None
+    modules = f"{launcher.CPU_ENV['VERL_USE_EXTERNAL_MODULES']},{STUDY_LOSSES[name]}"
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {"VERL_USE_EXTERNAL_MODULES": modules, "PYTHONPATH": path}
+
+
 def regime_overrides(args: argparse.Namespace) -> list[str]:
     """The study's regime, appended after the regression's command line (later overrides win)."""
     return [
         "data.train_batch_size=16",
-        f"data.max_response_length={RESPONSE_LENGTH}",
-        f"actor_rollout_ref.actor.loss_scale_factor={RESPONSE_LENGTH}",
+        f"data.max_response_length={args.answer_length}",
+        f"actor_rollout_ref.actor.loss_scale_factor={args.answer_length}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={args.mini_batch}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={args.mini_batch * SAMPLES_PER_PROMPT}",
         f"actor_rollout_ref.actor.ppo_epochs={args.epochs}",
         f"reward.custom_reward_function.path={os.path.join(HERE, 'prefix_reward.py')}",
         "reward.custom_reward_function.name=compute_score",
+        f"+reward.custom_reward_function.reward_kwargs.answer_length={args.answer_length}",
     ]
 
 
@@ -115,7 +134,7 @@ def run_config(args: argparse.Namespace, arm: str = "") -> dict:
     matched = {"matched_delta": args.matched_delta} if arm == "dppo_tv_matched" else {}
     return {
         **matched,
-        "answer_length": RESPONSE_LENGTH,
+        "answer_length": args.answer_length,
         "steps": args.steps,
         "lr": args.lr,
         "mini_batch": args.mini_batch,
@@ -140,6 +159,7 @@ def run_one(arm: str, seed: int, task: dict, args: argparse.Namespace) -> dict:
         steps=args.steps,
         label=f"{arm}_seed{seed}",
         timeout_s=args.run_timeout,
+        env=arm_env(arm),
     )
     rows, wall = run.rows, run.wall_s
     entry = {"seed": seed}
@@ -179,14 +199,14 @@ def record(arm: str, entry: dict, path: str) -> dict[str, list[dict]]:
     return results
 
 
-def seed_task(seed: int, run_dir: str) -> dict:
+def seed_task(seed: int, run_dir: str, answer_length: int = RESPONSE_LENGTH) -> dict:
     """The seed's model and data, built once per run directory (task.json marks a finished build)."""
     from verl_cppo.testing import tiny_task
 
     task_dir = os.path.join(run_dir, f"seed{seed}", "task")
     done = os.path.join(task_dir, "task.json")
     if not os.path.exists(done):  # vLLM's CPU attention needs head size >= 32; prompt and answer must fit
-        tiny_task.build(task_dir, seed=seed, head_dim=32, max_positions=MAX_PROMPT + RESPONSE_LENGTH)
+        tiny_task.build(task_dir, seed=seed, head_dim=32, max_positions=MAX_PROMPT + answer_length)
     with open(done) as f:
         return json.load(f)
 
@@ -211,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matched-delta", type=float, default=MATCHED_DELTA, help="dppo_tv_matched's delta")
     parser.add_argument("--mini-batch", type=int, default=2, help="prompts per mini-batch (of 16 per step)")
     parser.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch")
+    parser.add_argument("--answer-length", type=int, default=RESPONSE_LENGTH, help="words per answer (and horizon)")
     parser.add_argument("--adv-estimator", default="cppo_grpo")
     parser.add_argument("--results", default=os.path.join(HERE, "results.json"))
     parser.add_argument("--plot", default=None, help="default: reward_curves.png next to RESULTS")
@@ -247,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{arm} seed {seed}] already complete, skipped", flush=True)
                 continue
             if task is None:  # the model's initialisation and the data order follow the seed
-                task = seed_task(seed, args.run_dir)
+                task = seed_task(seed, args.run_dir, args.answer_length)
             results = record(arm, run_one(arm, seed, task, args), args.results)
 
     completed = {arm: [e for e in entries if is_complete(e, args, arm)] for arm, entries in results.items()}
