@@ -125,3 +125,57 @@ def summarize(completed: dict[str, list[dict]]) -> dict:
                 f"{drop},{grad}": paired(per_arm[arm_a], per_arm[arm_b], drop, grad) for drop, grad in SENSITIVITY
             }
     return {"arms": per_arm, "comparisons": comparisons}
+
+
+def arm_table(per_arm: dict[str, dict[int, dict]], masked: dict[str, float]) -> str:
+    """Per arm: runs, final reward mean ± sd and min, m_s at REWARD_STEPS (mean), unstable runs, onsets of
+    the unstable runs, the masked fraction over the first EARLY_STEPS steps and over the run (``masked``)."""
+    lines = [
+        "| arm | runs | final reward mean ± sd | min | "
+        + " | ".join(f"reward at step {s}" for s in REWARD_STEPS)
+        + " | unstable | onset steps (unstable runs) | masked frac, steps 1-10 / all |",
+        "|---|---|---|---|" + "---|" * len(REWARD_STEPS) + "---|---|---|",
+    ]
+    for arm, runs in per_arm.items():
+        finals = [r["final_reward"] for r in runs.values()]
+        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        at = [[r["reward_at"][s] for r in runs.values() if s in r["reward_at"]] for s in REWARD_STEPS]
+        onsets = sorted(r["onset"] for r in runs.values() if r["unstable"])
+        early = statistics.fmean(r["masked_frac_early"] for r in runs.values())
+        lines.append(
+            f"| {arm} | {len(runs)} | {statistics.fmean(finals):.3f} ± {sd:.3f} | {min(finals):.3f} | "
+            + " | ".join(f"{statistics.fmean(v):.3f}" if v else "" for v in at)
+            + f" | {len(onsets)}/{len(runs)} | {', '.join(map(str, onsets)) or '-'} | {early:.4f} / "
+            f"{masked.get(arm, float('nan')):.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison_table(comparisons: dict) -> str:
+    """The COMPARISONS at the primary thresholds."""
+    lines = [
+        "| A vs B | seeds | final reward A - B, p | onset A - B (steps), p | unstable A / B (only A, only B), p |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in comparisons.items():
+        if not c["seeds"]:
+            continue
+        lines.append(
+            f"| {name} | {len(c['seeds'])} | {c['final_reward_diff_mean']:+.3f}, {c['final_reward_p']:.3f} "
+            f"| {c['onset_diff_mean']:+.1f}, {c['onset_p']:.3f} | {c['unstable_a']} / {c['unstable_b']} "
+            f"({c['unstable_only_a']}, {c['unstable_only_b']}), {c['unstable_p']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def sensitivity_table(comparisons: dict) -> str:
+    """Unstable counts and the onset p-value of every comparison over the SENSITIVITY grid."""
+    lines = ["| A vs B | DROP | GRAD | unstable A / B | onset A - B, p | unstable p |", "|---|---|---|---|---|---|"]
+    for name, c in comparisons.items():
+        for key, s in c.get("sensitivity", {}).items():
+            drop, grad = key.split(",")
+            lines.append(
+                f"| {name} | {drop} | {grad} | {s['unstable_a']} / {s['unstable_b']} "
+                f"| {s['onset_diff_mean']:+.1f}, {s['onset_p']:.3f} | {s['unstable_p']:.3f} |"
+            )
+    return "\n".join(lines)

@@ -39,13 +39,15 @@ statistics and the paired comparisons of COMPARISONS) goes to ``summary.json`` n
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
 import signal
 import sys
 
-from benchmarks.stability import prefix_reward, report
+from benchmarks.stability import prefix_reward, report, round3
 from verl_cppo.config_paths import POLICY_LOSS
 from verl_cppo.testing import launcher
 
@@ -74,6 +76,21 @@ SEEDS = {"cppo": range(10), "dppo_tv": range(10), "dppo_tv_matched": range(10)}
 DEFAULT_SEEDS = range(5)
 DEFAULT_ARMS = ARMS[:-2]
 """The second round's arms (vanilla was measured in the first round only)."""
+
+ROUND3 = {
+    "arms": "cppo,cppo_permuted_prefix,dppo_tv_matched",
+    "seeds": ",".join(str(seed) for seed in range(10)),
+    "steps": None,
+    "lr": None,
+    "mini_batch": None,
+    "epochs": None,
+    "answer_length": None,
+    "matched_delta": None,
+    "results": os.path.join(HERE, "round3", "results.json"),
+    "run_dir": os.path.join(ROOT, "out", "stability3"),
+}
+"""``--round 3``'s defaults: the third round's arms, seeds and regime (README, "Third round"; the regime from
+its calibration runs)."""
 
 PER_STEP_FIELDS = {
     "rewards": "reward",  # launcher.REWARD_KEY
@@ -144,8 +161,28 @@ def run_config(args: argparse.Namespace, arm: str = "") -> dict:
     }
 
 
+@contextlib.contextmanager
+def held(lock_path: str | None):
+    """An exclusive flock on ``lock_path`` for the duration (none when it is None): one run per lock, so that
+    other users of the machine's Ray lock interleave between the study's runs."""
+    if lock_path is None:
+        yield
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def run_one(arm: str, seed: int, task: dict, args: argparse.Namespace) -> dict:
-    """One main_ppo run; returns its results.json entry."""
+    """One main_ppo run (under ``args.lock``); returns its results.json entry."""
+    with held(args.lock):
+        return _run_one(arm, seed, task, args)
+
+
+def _run_one(arm: str, seed: int, task: dict, args: argparse.Namespace) -> dict:
     run_dir = os.path.join(args.run_dir, f"seed{seed}", arm)
     os.makedirs(run_dir, exist_ok=True)
     overrides = launcher.tiny_task_overrides(
@@ -239,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-timeout", type=float, default=900.0, help="seconds before one run is killed")
     parser.add_argument("--override", action="append", default=[], help="one more main_ppo override (repeatable)")
     parser.add_argument("--summarize-only", action="store_true", help="no runs: rewrite summary and plot")
+    parser.add_argument("--lock", default=None, help="a file to flock around each run (e.g. the machine's Ray lock)")
+    parser.add_argument("--round", type=int, choices=(2, 3), default=2, help="3: ROUND3's arms, seeds and regime")
+    known, _ = parser.parse_known_args(argv)
+    if known.round == 3:
+        unset = sorted(key for key, value in ROUND3.items() if value is None)
+        if unset:
+            parser.error(f"--round 3: the regime is not fixed yet (ROUND3 {unset}); calibrate first (README)")
+        parser.set_defaults(**ROUND3)
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
@@ -273,12 +318,19 @@ def main(argv: list[str] | None = None) -> int:
 
     completed = {arm: [e for e in entries if is_complete(e, args, arm)] for arm, entries in results.items()}
     summary = report.summarize(completed)
+    if args.round == 3:
+        summary["round3"] = round3.summarize(completed)
     save_json(summary, os.path.join(os.path.dirname(args.results), "summary.json"))
     if summary["arms"]:
         report.plot(completed, plot_path)
         print(report.summary_table(summary["arms"]))
         print(report.per_seed_table(summary["arms"]))
         print(report.comparison_table(summary["comparisons"]))
+    if args.round == 3 and summary["arms"]:
+        masked = {arm: s["masked_frac_mean"] for arm, s in summary["arms"].items()}
+        print(round3.arm_table(summary["round3"]["arms"], masked))
+        print(round3.comparison_table(summary["round3"]["comparisons"]))
+        print(round3.sensitivity_table(summary["round3"]["comparisons"]))
     incomplete = [
         (arm, s)
         for arm in arms
