@@ -13,10 +13,10 @@ Per run, from its per-step ``rewards`` and ``grad_norm`` (results.json fields, o
   DROP = 0.2 and GRAD = 1e-3 are the primary thresholds; SENSITIVITY repeats the counts and tests over
   DROP in {0.1, 0.2, 0.3} x GRAD in {1e-4, 1e-3, 1e-2}.
 
-Paired comparisons (``stats.py``, exact, two-sided) over the seeds both arms completed: the final reward and
-the onset step (censored runs at N + 1; under the null the two arms are exchangeable within a seed, so the
-sign-flip test stays exact for any per-seed function of the pair, censoring included) by the sign-flip test,
-the event by the exact McNemar test.
+Paired comparisons (``stats.py``, exact, two-sided) over the seeds both arms completed: the final reward, m_s
+at PRIMARY_STEP and the onset step (censored runs at N + 1; under the null the two arms are exchangeable within
+a seed, so the sign-flip test stays exact for any per-seed function of the pair, censoring included) by the
+sign-flip test, the event by the exact McNemar test.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ SOLVED = 0.95
 SENSITIVITY = tuple((drop, grad) for drop in (0.1, 0.2, 0.3) for grad in (1e-4, 1e-3, 1e-2))
 REWARD_STEPS = (10, 20, 30, 40)
 """Steps at which m_s is reported (those a run reaches); the final reward is m_N."""
+PRIMARY_STEP = 20
+"""The fixed step whose m_s is a primary outcome (mid-learning: the calibration's vanilla and cppo runs were at
+0.6-0.8 there), beside the final reward and the onset."""
 EARLY_STEPS = 10
 """The steps over which dppo_tv_matched's delta is matched to cppo's masked fraction (README: calibration)."""
 
@@ -96,6 +99,7 @@ def paired(a: dict[int, dict], b: dict[int, dict], drop: float = DROP, grad: flo
         return {"seeds": []}
     key = f"onset@{drop},{grad}"
     final = [a[s]["final_reward"] - b[s]["final_reward"] for s in seeds]  # [n] A - B
+    mid = [a[s]["reward_at"][PRIMARY_STEP] - b[s]["reward_at"][PRIMARY_STEP] for s in seeds]  # [n] A - B
     onsets = [a[s][key][0] - b[s][key][0] for s in seeds]  # [n] A - B, later onset = positive
     only_a = sum(a[s][key][1] and not b[s][key][1] for s in seeds)
     only_b = sum(b[s][key][1] and not a[s][key][1] for s in seeds)
@@ -103,6 +107,8 @@ def paired(a: dict[int, dict], b: dict[int, dict], drop: float = DROP, grad: flo
         "seeds": seeds,
         "final_reward_diff_mean": statistics.fmean(final),
         "final_reward_p": stats.sign_flip_p(final),
+        f"reward_at_{PRIMARY_STEP}_diff_mean": statistics.fmean(mid),
+        f"reward_at_{PRIMARY_STEP}_p": stats.sign_flip_p(mid),
         "onset_diff_mean": statistics.fmean(onsets),
         "onset_p": stats.sign_flip_p(onsets),
         "unstable_a": sum(a[s][key][1] for s in seeds),
@@ -154,14 +160,16 @@ def arm_table(per_arm: dict[str, dict[int, dict]], masked: dict[str, float]) -> 
 def comparison_table(comparisons: dict) -> str:
     """The COMPARISONS at the primary thresholds."""
     lines = [
-        "| A vs B | seeds | final reward A - B, p | onset A - B (steps), p | unstable A / B (only A, only B), p |",
-        "|---|---|---|---|---|",
+        f"| A vs B | seeds | final reward A - B, p | reward at step {PRIMARY_STEP} A - B, p | onset A - B (steps), p "
+        "| unstable A / B (only A, only B), p |",
+        "|---|---|---|---|---|---|",
     ]
     for name, c in comparisons.items():
         if not c["seeds"]:
             continue
         lines.append(
             f"| {name} | {len(c['seeds'])} | {c['final_reward_diff_mean']:+.3f}, {c['final_reward_p']:.3f} "
+            f"| {c[f'reward_at_{PRIMARY_STEP}_diff_mean']:+.3f}, {c[f'reward_at_{PRIMARY_STEP}_p']:.3f} "
             f"| {c['onset_diff_mean']:+.1f}, {c['onset_p']:.3f} | {c['unstable_a']} / {c['unstable_b']} "
             f"({c['unstable_only_a']}, {c['unstable_only_b']}), {c['unstable_p']:.3f} |"
         )

@@ -40,15 +40,19 @@ def test_onset_takes_the_earlier_of_drop_and_freeze():
 
 
 def test_paired_comparison_uses_censored_onsets_and_exact_tests():
-    def outcome(final, step, event):
+    def outcome(final, step, event, mid=0.5):
         onset = (step, event)
-        return {"final_reward": final, **{f"onset@{d},{g}": onset for d, g in round3.SENSITIVITY}}
+        sensitivity = {f"onset@{d},{g}": onset for d, g in round3.SENSITIVITY}
+        return {"final_reward": final, "reward_at": {round3.PRIMARY_STEP: mid}, **sensitivity}
 
-    a = {0: outcome(0.8, 41, False), 1: outcome(0.7, 30, True), 2: outcome(0.9, 41, False)}
+    a = {0: outcome(0.8, 41, False, 0.6), 1: outcome(0.7, 30, True), 2: outcome(0.9, 41, False, 0.7)}
     b = {0: outcome(0.6, 20, True), 1: outcome(0.7, 25, True), 2: outcome(0.5, 10, True), 3: outcome(0.1, 5, True)}
     c = round3.paired(a, b)
     assert c["seeds"] == [0, 1, 2]
     assert c["final_reward_diff_mean"] == pytest.approx((0.2 + 0.0 + 0.4) / 3)
+    assert c["reward_at_20_diff_mean"] == pytest.approx((0.1 + 0.0 + 0.2) / 3)
+    # [0.1, 0, 0.2]: |sum| 0.3 is reached by the 2 assignments that keep 0.1 and 0.2 on one side (x2 for the 0)
+    assert c["reward_at_20_p"] == pytest.approx(4 / 8)
     assert c["onset_diff_mean"] == pytest.approx((21 + 5 + 31) / 3)
     assert c["onset_p"] == stats.sign_flip_p([21.0, 5.0, 31.0]) == pytest.approx(2 / 8)
     assert (c["unstable_a"], c["unstable_b"], c["unstable_only_a"], c["unstable_only_b"]) == (1, 3, 0, 2)
