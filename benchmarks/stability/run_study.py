@@ -85,7 +85,7 @@ ROUND3 = {
     "mini_batch": 4,
     "epochs": 2,
     "answer_length": 32,
-    "matched_delta": None,
+    "matched_delta": 0.0452,
     "results": os.path.join(HERE, "round3", "results.json"),
     "run_dir": os.path.join(ROOT, "out", "stability3"),
 }
