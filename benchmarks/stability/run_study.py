@@ -71,8 +71,9 @@ ARMS = (
 )
 STUDY_LOSSES = {"cppo_permuted_prefix": "benchmarks.stability.permuted_prefix"}
 """Arms whose loss mode this folder registers: the module joins VERL_USE_EXTERNAL_MODULES in every process."""
-SEEDS = {"cppo": range(10), "dppo_tv": range(10), "dppo_tv_matched": range(10)}
-"""The default seeds per arm; arms not listed get DEFAULT_SEEDS."""
+SEEDS = {"cppo": range(10), "dppo_tv": range(10), "dppo_tv_matched": range(10), "cppo_permuted_prefix": range(10)}
+"""The default seeds per arm; arms not listed get DEFAULT_SEEDS. The arms listed are the main ones: their runs go
+seed by seed before the others'."""
 DEFAULT_SEEDS = range(5)
 DEFAULT_ARMS = ARMS[:-2]
 """The second round's arms (vanilla was measured in the first round only)."""

@@ -140,3 +140,5 @@ def test_permuted_arm_configuration():
     ]
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT)
     assert study_module.arm_env("cppo") is None
+    # a main arm of the third round: its runs go seed by seed with cppo's and dppo_tv_matched's
+    assert all(arm in study_module.SEEDS for arm in study_module.ROUND3["arms"].split(","))
