@@ -39,8 +39,11 @@ def prefix_decayed_score(words: list[str], target: str, answer_length: int = ANS
     return credit / answer_length
 
 
-def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> float:
-    """verl custom reward function (signature of ``reward.custom_reward_function``)."""
+def compute_score(
+    data_source, solution_str, ground_truth, extra_info=None, answer_length: int = ANSWER_LENGTH, **kwargs
+) -> float:
+    """verl custom reward function (signature of ``reward.custom_reward_function``); ``answer_length`` comes
+    from ``reward.custom_reward_function.reward_kwargs`` (the study passes its answer length)."""
     if data_source != DATA_SOURCE:
         raise ValueError(f"prefix_reward scores data_source {DATA_SOURCE!r}, got {data_source!r}")
-    return prefix_decayed_score(solution_str.split(), ground_truth)
+    return prefix_decayed_score(solution_str.split(), ground_truth, answer_length)

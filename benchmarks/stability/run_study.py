@@ -39,13 +39,16 @@ statistics and the paired comparisons of COMPARISONS) goes to ``summary.json`` n
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
 import signal
 import sys
 
-from benchmarks.stability import prefix_reward, report
+from benchmarks.stability import prefix_reward, report, round3
+from verl_cppo.config_paths import POLICY_LOSS
 from verl_cppo.testing import launcher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,12 +67,31 @@ ARMS = (
     "cppo_no_position_weight",
     "cppo_no_prefix_budget",
     "vanilla",
+    "cppo_permuted_prefix",
 )
-SEEDS = {"cppo": range(10), "dppo_tv": range(10), "dppo_tv_matched": range(10)}
-"""The default seeds per arm; arms not listed get DEFAULT_SEEDS."""
+STUDY_LOSSES = {"cppo_permuted_prefix": "benchmarks.stability.permuted_prefix"}
+"""Arms whose loss mode this folder registers: the module joins VERL_USE_EXTERNAL_MODULES in every process."""
+SEEDS = {"cppo": range(10), "dppo_tv": range(10), "dppo_tv_matched": range(10), "cppo_permuted_prefix": range(10)}
+"""The default seeds per arm; arms not listed get DEFAULT_SEEDS. The arms listed are the main ones: their runs go
+seed by seed before the others'."""
 DEFAULT_SEEDS = range(5)
-DEFAULT_ARMS = ARMS[:-1]
+DEFAULT_ARMS = ARMS[:-2]
 """The second round's arms (vanilla was measured in the first round only)."""
+
+ROUND3 = {
+    "arms": "cppo,cppo_permuted_prefix,dppo_tv_matched",
+    "seeds": ",".join(str(seed) for seed in range(10)),
+    "steps": 50,
+    "lr": 1e-3,
+    "mini_batch": 4,
+    "epochs": 2,
+    "answer_length": 32,
+    "matched_delta": 0.0452,
+    "results": os.path.join(HERE, "round3", "results.json"),
+    "run_dir": os.path.join(ROOT, "out", "stability3"),
+}
+"""``--round 3``'s defaults: the third round's arms, seeds and regime (README, "Third round"; the regime from
+its calibration runs)."""
 
 PER_STEP_FIELDS = {
     "rewards": "reward",  # launcher.REWARD_KEY
@@ -85,7 +107,11 @@ launcher adds), per step."""
 
 
 def arm_of(name: str, args: argparse.Namespace) -> launcher.Arm:
-    """The arm ``launcher.ARMS`` names; dppo_tv_matched is dppo_tv with its delta set to ``args.matched_delta``."""
+    """The arm ``launcher.ARMS`` names; dppo_tv_matched is dppo_tv with its delta set to ``args.matched_delta``;
+    a STUDY_LOSSES arm is its loss mode anchored on mu, as cppo."""
+    if name in STUDY_LOSSES:
+        cppo = launcher.ARMS["cppo"]
+        return launcher.Arm((*cppo.overrides, f"{POLICY_LOSS}.loss_mode={name}"), cppo.masked_key)
     if name != "dppo_tv_matched":
         return launcher.ARMS[name]
     delta = args.matched_delta
@@ -96,17 +122,28 @@ def arm_of(name: str, args: argparse.Namespace) -> launcher.Arm:
     return launcher.Arm((*dppo_tv.overrides, *matched), dppo_tv.masked_key)
 
 
+def arm_env(name: str) -> dict[str, str] | None:
+    """The processes' environment for a STUDY_LOSSES arm: its module imported by ``import verl`` everywhere,
+    and this repository on the path of the driver and the Ray workers (which start in other directories)."""
+    if name not in STUDY_LOSSES:
+        return None
+    modules = f"{launcher.CPU_ENV['VERL_USE_EXTERNAL_MODULES']},{STUDY_LOSSES[name]}"
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {"VERL_USE_EXTERNAL_MODULES": modules, "PYTHONPATH": path}
+
+
 def regime_overrides(args: argparse.Namespace) -> list[str]:
     """The study's regime, appended after the regression's command line (later overrides win)."""
     return [
         "data.train_batch_size=16",
-        f"data.max_response_length={RESPONSE_LENGTH}",
-        f"actor_rollout_ref.actor.loss_scale_factor={RESPONSE_LENGTH}",
+        f"data.max_response_length={args.answer_length}",
+        f"actor_rollout_ref.actor.loss_scale_factor={args.answer_length}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={args.mini_batch}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={args.mini_batch * SAMPLES_PER_PROMPT}",
         f"actor_rollout_ref.actor.ppo_epochs={args.epochs}",
         f"reward.custom_reward_function.path={os.path.join(HERE, 'prefix_reward.py')}",
         "reward.custom_reward_function.name=compute_score",
+        f"+reward.custom_reward_function.reward_kwargs.answer_length={args.answer_length}",
     ]
 
 
@@ -115,7 +152,7 @@ def run_config(args: argparse.Namespace, arm: str = "") -> dict:
     matched = {"matched_delta": args.matched_delta} if arm == "dppo_tv_matched" else {}
     return {
         **matched,
-        "answer_length": RESPONSE_LENGTH,
+        "answer_length": args.answer_length,
         "steps": args.steps,
         "lr": args.lr,
         "mini_batch": args.mini_batch,
@@ -125,8 +162,28 @@ def run_config(args: argparse.Namespace, arm: str = "") -> dict:
     }
 
 
+@contextlib.contextmanager
+def held(lock_path: str | None):
+    """An exclusive flock on ``lock_path`` for the duration (none when it is None): one run per lock, so that
+    other users of the machine's Ray lock interleave between the study's runs."""
+    if lock_path is None:
+        yield
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def run_one(arm: str, seed: int, task: dict, args: argparse.Namespace) -> dict:
-    """One main_ppo run; returns its results.json entry."""
+    """One main_ppo run (under ``args.lock``); returns its results.json entry."""
+    with held(args.lock):
+        return _run_one(arm, seed, task, args)
+
+
+def _run_one(arm: str, seed: int, task: dict, args: argparse.Namespace) -> dict:
     run_dir = os.path.join(args.run_dir, f"seed{seed}", arm)
     os.makedirs(run_dir, exist_ok=True)
     overrides = launcher.tiny_task_overrides(
@@ -140,6 +197,7 @@ def run_one(arm: str, seed: int, task: dict, args: argparse.Namespace) -> dict:
         steps=args.steps,
         label=f"{arm}_seed{seed}",
         timeout_s=args.run_timeout,
+        env=arm_env(arm),
     )
     rows, wall = run.rows, run.wall_s
     entry = {"seed": seed}
@@ -179,14 +237,14 @@ def record(arm: str, entry: dict, path: str) -> dict[str, list[dict]]:
     return results
 
 
-def seed_task(seed: int, run_dir: str) -> dict:
+def seed_task(seed: int, run_dir: str, answer_length: int = RESPONSE_LENGTH) -> dict:
     """The seed's model and data, built once per run directory (task.json marks a finished build)."""
     from verl_cppo.testing import tiny_task
 
     task_dir = os.path.join(run_dir, f"seed{seed}", "task")
     done = os.path.join(task_dir, "task.json")
     if not os.path.exists(done):  # vLLM's CPU attention needs head size >= 32; prompt and answer must fit
-        tiny_task.build(task_dir, seed=seed, head_dim=32, max_positions=MAX_PROMPT + RESPONSE_LENGTH)
+        tiny_task.build(task_dir, seed=seed, head_dim=32, max_positions=MAX_PROMPT + answer_length)
     with open(done) as f:
         return json.load(f)
 
@@ -211,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matched-delta", type=float, default=MATCHED_DELTA, help="dppo_tv_matched's delta")
     parser.add_argument("--mini-batch", type=int, default=2, help="prompts per mini-batch (of 16 per step)")
     parser.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch")
+    parser.add_argument("--answer-length", type=int, default=RESPONSE_LENGTH, help="words per answer (and horizon)")
     parser.add_argument("--adv-estimator", default="cppo_grpo")
     parser.add_argument("--results", default=os.path.join(HERE, "results.json"))
     parser.add_argument("--plot", default=None, help="default: reward_curves.png next to RESULTS")
@@ -218,6 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-timeout", type=float, default=900.0, help="seconds before one run is killed")
     parser.add_argument("--override", action="append", default=[], help="one more main_ppo override (repeatable)")
     parser.add_argument("--summarize-only", action="store_true", help="no runs: rewrite summary and plot")
+    parser.add_argument("--lock", default=None, help="a file to flock around each run (e.g. the machine's Ray lock)")
+    parser.add_argument("--round", type=int, choices=(2, 3), default=2, help="3: ROUND3's arms, seeds and regime")
+    known, _ = parser.parse_known_args(argv)
+    if known.round == 3:
+        unset = sorted(key for key, value in ROUND3.items() if value is None)
+        if unset:
+            parser.error(f"--round 3: the regime is not fixed yet (ROUND3 {unset}); calibrate first (README)")
+        parser.set_defaults(**ROUND3)
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
@@ -247,17 +314,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{arm} seed {seed}] already complete, skipped", flush=True)
                 continue
             if task is None:  # the model's initialisation and the data order follow the seed
-                task = seed_task(seed, args.run_dir)
+                task = seed_task(seed, args.run_dir, args.answer_length)
             results = record(arm, run_one(arm, seed, task, args), args.results)
 
     completed = {arm: [e for e in entries if is_complete(e, args, arm)] for arm, entries in results.items()}
     summary = report.summarize(completed)
+    if args.round == 3:
+        summary["round3"] = round3.summarize(completed)
     save_json(summary, os.path.join(os.path.dirname(args.results), "summary.json"))
     if summary["arms"]:
         report.plot(completed, plot_path)
         print(report.summary_table(summary["arms"]))
         print(report.per_seed_table(summary["arms"]))
         print(report.comparison_table(summary["comparisons"]))
+    if args.round == 3 and summary["arms"]:
+        masked = {arm: s["masked_frac_mean"] for arm, s in summary["arms"].items()}
+        print(round3.arm_table(summary["round3"]["arms"], masked))
+        print(round3.comparison_table(summary["round3"]["comparisons"]))
+        print(round3.sensitivity_table(summary["round3"]["comparisons"]))
     incomplete = [
         (arm, s)
         for arm in arms

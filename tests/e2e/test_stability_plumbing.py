@@ -1,10 +1,10 @@
 """The stability study's plumbing, end to end: benchmarks/stability/run_study.py on 1 arm x 1 seed x 2 steps.
 
 The first invocation runs ``main_ppo`` once (the real trainer on CPU with verl's vLLM rollout on vLLM's CPU
-build, the study's regime and prefix reward, a
-CPPO ablation arm, so the ``policy_loss._target_`` and ``cppo.*`` overrides are exercised too) and must write a
-``results.json`` of the documented shape, ``summary.json`` and the plot. The second, identical invocation must
-resume: it skips the completed run (no new ``main_ppo`` log, results unchanged) and returns quickly. The
+build, the study's regime and prefix reward, and the study's own loss mode ``cppo_permuted_prefix``, so its
+module is registered in every process through ``VERL_USE_EXTERNAL_MODULES`` and passes the driver's checks)
+and must write a ``results.json`` of the documented shape, ``summary.json`` and the plot. The second, identical
+invocation must resume: it skips the completed run (no new ``main_ppo`` log, results unchanged) and returns quickly. The
 statistics the README's verdict rests on (drawdown, collapse, lock-in, completeness) are checked on hand-made curves.
 """
 
@@ -23,7 +23,7 @@ from benchmarks.stability import run_study as study_module
 from tests.support import REPO_ROOT
 from verl_cppo.testing.launcher import TEST_ENV
 
-ARM = "cppo_no_position_weight"
+ARM = "cppo_permuted_prefix"
 STEPS = 2
 PER_STEP_FIELDS = ("rewards", "masked_frac", "grad_norm", "rollout_train_kl")
 
@@ -61,6 +61,9 @@ def test_one_run_writes_results_and_a_second_invocation_resumes(tmp_path):
         assert len(values) == STEPS and all(isinstance(v, float) and math.isfinite(v) for v in values), field
     assert all(0.0 <= r <= 1.0 for r in entry["rewards"])
     assert all(0.0 <= m <= 1.0 for m in entry["masked_frac"])
+    assert all(0.0 <= s <= 1.0 for s in entry["masked_by_budget_share"])  # the CPPO metrics came from our loss
+    command = (tmp_path / "runs" / "seed0" / ARM / "command.txt").read_text()
+    assert f"policy_loss.loss_mode={ARM}" in command and "benchmarks.stability.permuted_prefix" in command
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["arms"][ARM]["runs"] == 1 and summary["arms"][ARM]["seeds"] == [0]
     assert (tmp_path / "reward_curves.png").stat().st_size > 0
@@ -99,7 +102,14 @@ def test_drawdown_collapse_and_completeness_on_hand_made_curves():
     assert not report.run_stats(solved)["locked_in"]
 
     args = argparse.Namespace(
-        steps=6, lr=5e-3, mini_batch=2, epochs=2, adv_estimator="cppo_grpo", override=[], matched_delta=0.1
+        steps=6,
+        lr=5e-3,
+        mini_batch=2,
+        epochs=2,
+        adv_estimator="cppo_grpo",
+        override=[],
+        matched_delta=0.1,
+        answer_length=64,
     )
     done = {**rising, "exit_code": 0, "steps_done": 6, "config": study.run_config(args)}
     assert study.is_complete(done, args)
@@ -111,3 +121,24 @@ def test_drawdown_collapse_and_completeness_on_hand_made_curves():
     assert study.is_complete(matched, args, "dppo_tv_matched")
     other_delta = argparse.Namespace(**{**vars(args), "matched_delta": 0.2})
     assert not study.is_complete(matched, other_delta, "dppo_tv_matched")
+    shorter = argparse.Namespace(**{**vars(args), "answer_length": 32})
+    assert not study.is_complete(done, shorter)
+
+
+def test_permuted_arm_configuration():
+    """The study's own loss mode: cppo's anchoring with its loss_mode, its module loaded in every process."""
+    args = argparse.Namespace(matched_delta=0.1)
+    arm = study_module.arm_of("cppo_permuted_prefix", args)
+    cppo = study_module.arm_of("cppo", args)
+    assert arm.masked_key == cppo.masked_key
+    assert arm.overrides[: len(cppo.overrides)] == cppo.overrides
+    assert arm.overrides[-1] == "actor_rollout_ref.actor.policy_loss.loss_mode=cppo_permuted_prefix"
+    env = study_module.arm_env("cppo_permuted_prefix")
+    assert env["VERL_USE_EXTERNAL_MODULES"].split(",") == [
+        "verl_cppo.testing.register",
+        "benchmarks.stability.permuted_prefix",
+    ]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT)
+    assert study_module.arm_env("cppo") is None
+    # a main arm of the third round: its runs go seed by seed with cppo's and dppo_tv_matched's
+    assert all(arm in study_module.SEEDS for arm in study_module.ROUND3["arms"].split(","))
