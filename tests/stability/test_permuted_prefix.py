@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
@@ -24,6 +23,7 @@ from tests.support.reference import (
     RefParams,
     _weight,
     random_case,
+    ref_delta_b,
     ref_divergence,
     reference_aggregate,
 )
@@ -51,11 +51,7 @@ def reference_permuted(old, new, adv, mask, p: RefParams, orders):
         length = max((t + 1 for t in range(width) if valid[t]), default=0)
         horizon = p.position_horizon if p.position_horizon is not None else length
         divs = [ref_divergence(p.divergence, new[b][t], old[b][t]) if valid[t] else 0.0 for t in range(width)]
-        if p.delta_b_quantile is None or not any(valid):
-            db = p.delta_b
-        else:
-            q = float(np.quantile(np.array([d for d, v in zip(divs, valid) if v]), p.delta_b_quantile))
-            db = min(max(p.delta_b_scale * q, p.delta_b), p.delta_b_max_mult * p.delta_b)
+        db = ref_delta_b(p, divs, valid)
         masked, by_budget, coef = [False] * width, [False] * width, [0.0] * width
         s_prev = w_prev = 0.0
         for t in orders[b]:  # the visiting order

@@ -72,6 +72,14 @@ def _is_valid(mask_t, *values) -> bool:
     return bool(mask_t) and all(math.isfinite(v) for v in values)
 
 
+def ref_delta_b(p: RefParams, divs: list[float], valid: list[bool]) -> float:
+    """The response's budget delta_b: fixed, or the clamped quantile of its valid tokens' divergences."""
+    if p.delta_b_quantile is None or not any(valid):
+        return p.delta_b
+    q = float(np.quantile(np.array([d for d, v in zip(divs, valid) if v]), p.delta_b_quantile))
+    return min(max(p.delta_b_scale * q, p.delta_b), p.delta_b_max_mult * p.delta_b)
+
+
 def reference_cppo(
     old_log_prob,
     log_prob,
@@ -108,11 +116,7 @@ def reference_cppo(
             divs = [min(float(divergences[b][t]), 1.0e4) if valid[t] else 0.0 for t in range(width)]
         else:
             divs = [ref_divergence(p.divergence, new[b][t], old[b][t]) if valid[t] else 0.0 for t in range(width)]
-        if p.delta_b_quantile is None or not any(valid):
-            db = p.delta_b
-        else:
-            q = float(np.quantile(np.array([d for d, v in zip(divs, valid) if v]), p.delta_b_quantile))
-            db = min(max(p.delta_b_scale * q, p.delta_b), p.delta_b_max_mult * p.delta_b)
+        db = ref_delta_b(p, divs, valid)
         s_prev = w_prev = 0.0
         row_w, row_m, row_bb, row_c = [], [], [], []
         for t in range(width):
