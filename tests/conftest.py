@@ -42,3 +42,18 @@ def _no_recorded_launch():
 
     yield
     HydraConfig.instance().cfg = None
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_topk_env():
+    """The driver exports VERL_CPPO_TOPK to its own process for a Top-K launch; a test that runs the driver in the
+    pytest process must not hand it to later tests' main_ppo children (their Ray workers would apply the Top-K
+    diffs to a binary launch). ``monkeypatch.delenv(..., raising=False)`` of an unset variable restores nothing."""
+    from verl_cppo.topk.setup import ENV_TOPK
+
+    before = os.environ.get(ENV_TOPK)
+    yield
+    if before is None:
+        os.environ.pop(ENV_TOPK, None)
+    else:
+        os.environ[ENV_TOPK] = before

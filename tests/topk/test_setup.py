@@ -115,3 +115,13 @@ def test_binary_divergence_exports_nothing():
     cfg = compose_trainer("dp", [CPPO, BYPASS])
     assert propagate_topk(cfg) == 0 and ENV_TOPK not in os.environ
     assert ENV_TOPK not in (OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars") or {})
+
+
+def test_a_binary_launch_drops_a_top_k_left_in_the_environment(monkeypatch, caplog):
+    """A VERL_CPPO_TOPK left by an earlier Top-K launch in the same process would reach the Ray workers."""
+    monkeypatch.setenv(ENV_TOPK, "4")
+    cfg = compose_trainer("dp", [CPPO, BYPASS])
+    with caplog.at_level("WARNING", logger="verl_cppo.topk.setup"):
+        assert propagate_topk(cfg) == 0
+    assert ENV_TOPK not in os.environ
+    assert f"{ENV_TOPK}=4 removed" in caplog.text

@@ -69,9 +69,16 @@ def export_to_ray_job(config: Any, name: str, value: str) -> None:
 
 
 def propagate_topk(config: Any) -> int:
-    """Export VERL_CPPO_TOPK=K to this process and to the Ray job's runtime env (no-op without Top-K)."""
+    """Export VERL_CPPO_TOPK=K to this process and to the Ray job's runtime env. Without Top-K, a VERL_CPPO_TOPK
+    left in this process (a shell, or an earlier launch from the same Python process) is removed: Ray workers
+    inherit the driver's environment and would patch a binary launch's rollout and actor for Top-K."""
     k = configured_topk(config)
     if k == 0:
+        stale = os.environ.pop(ENV_TOPK, None)
+        if stale is not None:
+            logger.warning(
+                "verl-cppo: %s=%s removed from the environment: this launch has no Top-K divergence", ENV_TOPK, stale
+            )
         return 0
     export_to_ray_job(config, ENV_TOPK, str(k))
     logger.info("verl-cppo: Top-K divergence with K=%d; %s=%d exported to the Ray job's runtime env", k, ENV_TOPK, k)
